@@ -1,0 +1,335 @@
+r"""A causal language model as a Pyro distribution over completions.
+
+The value is the completion only, a LongTensor ``(*batch_shape, T)`` with
+``T = max_new_tokens``. A completion ends at its first EOS (every later
+position holds ``pad_token_id``) or is truncated at ``T`` tokens, so the
+support is finite: every sequence of at most ``T`` tokens.
+
+.. math::
+
+    p_0(x \mid c) = \prod_{t=1}^{\tau(x)} p_0(x_t \mid c, x_{<t}),
+    \qquad \tau(x) = \min(\{t : x_t = \mathrm{EOS}\} \cup \{T\}).
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions import TorchDistribution
+from torch.distributions import constraints
+
+from pyro_lm.lm.causal_lm import CausalLM
+from pyro_lm.lm.decoding import sample_tokens
+
+__all__ = ["LMDistribution", "SequenceConstraint", "after_first_eos"]
+
+#: Logit elements one chunk of :meth:`LMDistribution.log_prob` may hold (float32: 256 MiB).
+LOG_PROB_BUDGET = 2**26
+
+
+def after_first_eos(x: torch.Tensor, eos: int) -> torch.Tensor:
+    """Bool mask ``(..., T)``: positions strictly after the first EOS."""
+    is_eos = (x == eos).long()
+    return (is_eos.cumsum(-1) - is_eos) > 0
+
+
+class SequenceConstraint(constraints.Constraint):
+    """Support of :class:`LMDistribution`: token ids in ``[0, vocab_size)``,
+    shape ``(..., T)``, ``pad_token_id`` at every position after the first EOS."""
+
+    is_discrete = True
+    event_dim = 1
+
+    def __init__(self, vocab_size: int, max_new_tokens: int, eos: int, pad: int):
+        self.vocab_size = vocab_size
+        self.max_new_tokens = max_new_tokens
+        self.eos = eos
+        self.pad = pad
+        super().__init__()
+
+    def check(self, value: torch.Tensor) -> torch.Tensor:
+        if value.shape[-1:] != (self.max_new_tokens,):
+            return torch.zeros(value.shape[:-1], dtype=torch.bool, device=value.device)
+        in_range = ((value >= 0) & (value < self.vocab_size)).all(-1)
+        tail = after_first_eos(value, self.eos)
+        padded = ((value == self.pad) | ~tail).all(-1)
+        return in_range & padded
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(vocab_size={self.vocab_size}, "
+                f"max_new_tokens={self.max_new_tokens}, eos={self.eos}, pad={self.pad})")
+
+
+class LMDistribution(TorchDistribution):
+    r"""The completions of a causal LM given prompts, as a distribution.
+
+    :param lm: a :class:`~pyro_lm.CausalLM`.
+    :param prompts: a string (``batch_shape == ()``), a list of ``B`` strings
+        (``batch_shape == (B,)``), or token ids: a LongTensor ``(L,)`` or
+        ``(B, L)``, left-padded with ``attention_mask``. Prompts of different
+        lengths may share a batch.
+    :param int max_new_tokens: ``T``, the completion length.
+    :param torch.Tensor attention_mask: ``(B, L)`` for tensor prompts (default:
+        all ones).
+    :param int chunk_size: sequences per forward pass in :meth:`log_prob`
+        (default: as many as fit a budget of :data:`LOG_PROB_BUDGET` logits).
+    :param int max_enumerate: largest support :meth:`enumerate_support` builds.
+
+    ``log_prob`` sums float32 token log-probs up to and including the first
+    EOS; it is pure and differentiable in the LM's parameters. ``sample`` draws
+    all sequences in one batched incremental decode with a KV cache and no
+    gradient; ``has_rsample`` is ``False`` (use score-function estimators).
+    The LM is always evaluated with dropout off.
+    """
+
+    arg_constraints = {}
+    has_enumerate_support = True
+    has_rsample = False
+
+    def __init__(self, lm: CausalLM, prompts, max_new_tokens: int, attention_mask=None,
+                 chunk_size: int | None = None, max_enumerate: int = 100_000,
+                 validate_args=None):
+        if not isinstance(lm, CausalLM):
+            raise TypeError(
+                f"lm: expected a pyro_lm.CausalLM, got {type(lm).__name__}; wrap a transformers "
+                "model with pyro_lm.CausalLM(model, tokenizer) or CausalLM.from_pretrained(path)")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+        self.lm = lm
+        self.max_new_tokens = max_new_tokens
+        self.chunk_size = chunk_size
+        self.max_enumerate = max_enumerate
+        ids, mask, prompt_batch = self._prepare_prompts(lm, prompts, attention_mask)
+        limit = lm.max_length
+        if limit is not None and ids.shape[-1] + max_new_tokens > limit:
+            raise ValueError(
+                f"max_new_tokens: prompt length {ids.shape[-1]} + max_new_tokens "
+                f"{max_new_tokens} exceeds the model's context of {limit} positions; "
+                "shorten the prompts or lower max_new_tokens")
+        self.prompt_ids, self.prompt_mask = ids, mask
+        self._prompt_batch_shape = prompt_batch
+        super().__init__(prompt_batch, torch.Size((max_new_tokens,)), validate_args=validate_args)
+
+    # ------------------------------------------------------------------ prompts
+    @staticmethod
+    def _prepare_prompts(lm: CausalLM, prompts, attention_mask):
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and all(isinstance(p, str) for p in prompts)):
+            if attention_mask is not None:
+                raise ValueError("attention_mask: only meaningful with tensor prompts")
+            ids, mask = lm.encode(prompts)
+            batch = torch.Size() if isinstance(prompts, str) else torch.Size((len(prompts),))
+            return ids, mask, batch
+        if isinstance(prompts, (list, tuple)):
+            if not prompts:
+                raise ValueError("prompts: got an empty list; pass at least one prompt")
+            raise TypeError("prompts: a list must hold only strings; pass token ids as a "
+                            "LongTensor (B, L) with an attention_mask")
+        if not isinstance(prompts, torch.Tensor):
+            raise TypeError(f"prompts: expected str, list of str or LongTensor, got "
+                            f"{type(prompts).__name__}")
+        if prompts.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+            raise TypeError(f"prompts: token ids must be an integer tensor, got {prompts.dtype}")
+        if prompts.dim() not in (1, 2):
+            raise ValueError(f"prompts: expected shape (L,) or (B, L), got {tuple(prompts.shape)}")
+        batch = torch.Size() if prompts.dim() == 1 else torch.Size(prompts.shape[:1])
+        ids = prompts.long().reshape(-1, prompts.shape[-1]).to(lm.device)
+        if ids.shape[-1] == 0 or ids.shape[0] == 0:
+            raise ValueError(
+                f"prompts: empty prompt tensor of shape {tuple(prompts.shape)}; each prompt needs "
+                "at least one token, e.g. [[lm.bos_token_id]] for unconditional generation")
+        if attention_mask is None:
+            mask = torch.ones_like(ids)
+        else:
+            mask = attention_mask.long().reshape(-1, attention_mask.shape[-1]).to(lm.device)
+            if mask.shape != ids.shape:
+                raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} does not "
+                                 f"match prompts {tuple(prompts.shape)}")
+            if ((mask != 0) & (mask != 1)).any():
+                raise ValueError("attention_mask: values must be 0 or 1")
+            if (mask[:, 1:] < mask[:, :-1]).any():
+                raise ValueError("attention_mask: prompts must be left-padded (zeros, then ones "
+                                 "in each row); re-pad them on the left")
+            if (mask.sum(-1) == 0).any():
+                rows = (mask.sum(-1) == 0).nonzero().flatten().tolist()
+                raise ValueError(f"prompts: rows {rows} are empty (attention_mask all zero); "
+                                 "each prompt needs at least one token")
+        real = ids.masked_select(mask.bool())
+        if ((real < 0) | (real >= lm.vocab_size)).any():
+            bad = real[(real < 0) | (real >= lm.vocab_size)][:5].tolist()
+            raise ValueError(f"prompts: token ids {bad} are out of range [0, {lm.vocab_size}) "
+                             "for this LM; were they made by another tokenizer?")
+        return ids, mask, batch
+
+    def _prompt_index(self, shape: torch.Size) -> torch.Tensor:
+        """Index into the prompt rows for every element of ``shape`` (a shape
+        ``self.batch_shape`` broadcasts to), flattened."""
+        base = torch.arange(self.prompt_ids.shape[0], device=self.prompt_ids.device)
+        base = base.reshape(self._prompt_batch_shape)
+        return base.expand(shape).reshape(-1)
+
+    def prompts_for(self, shape: torch.Size = torch.Size()):
+        """Prompt ids and mask, one row per element of ``shape + batch_shape``.
+
+        :returns: ``(input_ids, attention_mask)``, each ``(N, L)``.
+        """
+        index = self._prompt_index(torch.Size(shape) + self.batch_shape)
+        return self.prompt_ids.index_select(0, index), self.prompt_mask.index_select(0, index)
+
+    def with_lm(self, lm: CausalLM) -> LMDistribution:
+        """The same prompts, length and batch shape under another LM (e.g. a guide).
+
+        :raises ValueError: if ``lm`` does not share this LM's tokenizer.
+        """
+        self.lm.check_compatible(lm, "lm")
+        new = self._get_checked_instance(LMDistribution, None)
+        new.__dict__.update(self.__dict__)
+        new.lm = lm
+        return new
+
+    # ------------------------------------------------------------------ pyro API
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(LMDistribution, _instance)
+        batch_shape = torch.Size(batch_shape)
+        torch.broadcast_shapes(batch_shape, self._prompt_batch_shape)  # raises if incompatible
+        for name in ("lm", "max_new_tokens", "chunk_size", "max_enumerate", "prompt_ids",
+                     "prompt_mask", "_prompt_batch_shape"):
+            setattr(new, name, getattr(self, name))
+        super(LMDistribution, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @constraints.dependent_property(is_discrete=True, event_dim=1)
+    def support(self):
+        return SequenceConstraint(self.lm.vocab_size, self.max_new_tokens,
+                                  self.lm.eos_token_id, self.lm.pad_token_id)
+
+    def _validate_sample(self, value: torch.Tensor) -> None:
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.long:
+            raise TypeError(f"value: expected a LongTensor of token ids, got "
+                            f"{getattr(value, 'dtype', type(value).__name__)}")
+        if value.shape[-1:] != self.event_shape:
+            raise ValueError(f"value: last dimension must be max_new_tokens="
+                             f"{self.max_new_tokens}, got shape {tuple(value.shape)}")
+        try:
+            torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        except RuntimeError:
+            raise ValueError(f"value: batch shape {tuple(value.shape[:-1])} does not broadcast "
+                             f"with the distribution's batch_shape {tuple(self.batch_shape)}"
+                             ) from None
+        vocab = self.lm.vocab_size
+        if ((value < 0) | (value >= vocab)).any():
+            bad = value[(value < 0) | (value >= vocab)][:5].tolist()
+            raise ValueError(f"value: token ids {bad} out of range [0, {vocab})")
+        tail = after_first_eos(value, self.lm.eos_token_id)
+        if (tail & (value != self.lm.pad_token_id)).any():
+            raise ValueError(f"value: every position after the first EOS "
+                             f"({self.lm.eos_token_id}) must hold pad_token_id "
+                             f"({self.lm.pad_token_id}); use LMDistribution.canonicalize(value)")
+
+    def canonicalize(self, value: torch.Tensor) -> torch.Tensor:
+        """Replace every token after the first EOS by ``pad_token_id``."""
+        tail = after_first_eos(value, self.lm.eos_token_id)
+        return value.masked_fill(tail, self.lm.pad_token_id)
+
+    # --------------------------------------------------------------- sampling
+    def sample_with_log_prob(self, sample_shape=torch.Size()):
+        """Sample and return the log-probabilities computed while decoding.
+
+        :returns: ``(x, log_prob)`` with ``x`` of shape
+            ``sample_shape + batch_shape + (T,)`` and ``log_prob`` of shape
+            ``sample_shape + batch_shape`` (float32, no gradient).
+        """
+        shape = self._extended_shape(sample_shape)[:-1]
+        ids, mask = self.prompts_for(torch.Size(sample_shape))
+        x, log_prob = sample_tokens(self.lm, ids, mask, self.max_new_tokens)
+        return x.reshape(shape + self.event_shape), log_prob.reshape(shape)
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.sample_with_log_prob(sample_shape)[0]
+
+    # ------------------------------------------------------------- log density
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        x = value.expand(shape + self.event_shape).reshape(-1, self.max_new_tokens)
+        index = self._prompt_index(shape)
+        if x.shape[0] == 0:
+            return torch.zeros(shape, dtype=torch.float32, device=value.device)
+        lengths = self.prompt_ids.shape[-1] + self.max_new_tokens
+        chunk = self.chunk_size or max(1, LOG_PROB_BUDGET // (lengths * self.lm.vocab_size))
+        parts = [self._log_prob_rows(x[i:i + chunk], index[i:i + chunk])
+                 for i in range(0, x.shape[0], chunk)]
+        return torch.cat(parts).reshape(shape)
+
+    def _log_prob_rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ids = self.prompt_ids.index_select(0, index)
+        mask = self.prompt_mask.index_select(0, index)
+        t = self.max_new_tokens
+        x = x.to(ids.device)
+        inputs = torch.cat([ids, x[:, :-1]], dim=-1)
+        full_mask = torch.cat([mask, torch.ones_like(x[:, :-1])], dim=-1)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        logits, _ = self.lm(inputs, full_mask, positions, logits_to_keep=t)
+        logits = logits[:, -t:].float()
+        token_logp = logits.log_softmax(-1).gather(-1, x[..., None]).squeeze(-1)
+        keep = ~after_first_eos(x, self.lm.eos_token_id)
+        return (token_logp * keep).sum(-1)
+
+    # ------------------------------------------------------------- enumeration
+    def support_size(self) -> int:
+        """Number of sequences of at most ``T`` tokens: ``sum_{k<T} (V-1)^k + (V-1)^T``."""
+        v, t = self.lm.vocab_size - 1, self.max_new_tokens
+        return sum(v**k for k in range(t)) + v**t
+
+    def enumerate_support(self, expand: bool = True) -> torch.Tensor:
+        """Every completion, in canonical form.
+
+        :returns: ``(n, *batch_shape, T)`` if ``expand`` else ``(n, 1, ..., 1, T)``.
+        :raises ValueError: if ``n`` exceeds ``max_enumerate``.
+        """
+        n = self.support_size()
+        if n > self.max_enumerate:
+            raise ValueError(
+                f"enumerate_support: the support has {n} sequences (vocab_size="
+                f"{self.lm.vocab_size}, max_new_tokens={self.max_new_tokens}), above "
+                f"max_enumerate={self.max_enumerate}; enumerate only tiny vocabularies and "
+                "lengths, or pass a larger max_enumerate to LMDistribution")
+        eos, pad, t = self.lm.eos_token_id, self.lm.pad_token_id, self.max_new_tokens
+        device = self.prompt_ids.device
+        tokens = torch.tensor([v for v in range(self.lm.vocab_size) if v != eos],
+                              dtype=torch.long, device=device)
+        rows = []
+        for k in range(t + 1):
+            if tokens.numel() == 0 and k > 0:
+                break
+            body = _cartesian(tokens, k, device)  # (m, k)
+            m = body.shape[0]
+            if k < t:
+                tail = torch.full((m, t - k), pad, dtype=torch.long, device=device)
+                tail[:, 0] = eos
+                rows.append(torch.cat([body, tail], dim=-1))
+            else:
+                rows.append(body)
+        support = torch.cat(rows)
+        assert support.shape[0] == n, (support.shape, n)
+        support = support.reshape((n,) + (1,) * len(self.batch_shape) + (t,))
+        if expand:
+            support = support.expand((n,) + self.batch_shape + (t,))
+        return support
+
+    def __repr__(self) -> str:
+        return (f"LMDistribution(lm={self.lm!r}, batch_shape={tuple(self.batch_shape)}, "
+                f"max_new_tokens={self.max_new_tokens})")
+
+
+def _cartesian(tokens: torch.Tensor, k: int, device) -> torch.Tensor:
+    """All ``len(tokens)**k`` sequences of length ``k`` over ``tokens``, ``(m, k)``."""
+    if k == 0:
+        return torch.zeros((1, 0), dtype=torch.long, device=device)
+    grids = torch.meshgrid(*([tokens] * k), indexing="ij")
+    return torch.stack([g.reshape(-1) for g in grids], dim=-1)
+

@@ -1,0 +1,62 @@
+r"""Prefix evaluation: how rewards see partially generated completions.
+
+Token-level SMC evaluates the model's factors on prefixes ``x[:t]``. The value
+keeps its full shape ``(..., T)``; positions ``>= t`` are not generated yet
+and hold ``pad_token_id``. Inside :func:`prefix_context` rewards ask
+:func:`generated_mask` which positions are real, and :func:`is_complete`
+which sequences are final (they emitted EOS, or ``t == T``). Outside it every
+value is a full completion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+
+__all__ = ["prefix_context", "prefix_length", "generated_mask", "is_complete", "counted_mask"]
+
+_PREFIX_LENGTH: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "pyro_lm_prefix_length", default=None)
+
+
+@contextlib.contextmanager
+def prefix_context(length: int):
+    """Within this context, LM values are prefixes of ``length`` generated tokens."""
+    if length < 0:
+        raise ValueError(f"length: expected a non-negative int, got {length}")
+    token = _PREFIX_LENGTH.set(int(length))
+    try:
+        yield
+    finally:
+        _PREFIX_LENGTH.reset(token)
+
+
+def prefix_length() -> int | None:
+    """The current prefix length, or ``None`` outside :func:`prefix_context`."""
+    return _PREFIX_LENGTH.get()
+
+
+def generated_mask(x: torch.Tensor) -> torch.Tensor:
+    """Bool ``(..., T)``: positions already generated (all ``True`` outside a prefix context)."""
+    t = _PREFIX_LENGTH.get()
+    if t is None:
+        return torch.ones_like(x, dtype=torch.bool)
+    return (torch.arange(x.shape[-1], device=x.device) < t).expand_as(x)
+
+
+def counted_mask(x: torch.Tensor, eos: int) -> torch.Tensor:
+    """Bool ``(..., T)``: generated positions before the first EOS (content tokens)."""
+    generated = generated_mask(x)
+    is_eos = (x == eos) & generated
+    before = is_eos.long().cumsum(-1) == 0
+    return generated & before
+
+
+def is_complete(x: torch.Tensor, eos: int) -> torch.Tensor:
+    """Bool ``(...)``: sequences whose value is final."""
+    t = _PREFIX_LENGTH.get()
+    if t is None or t >= x.shape[-1]:
+        return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+    return ((x == eos) & generated_mask(x)).any(-1)

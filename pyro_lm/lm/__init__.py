@@ -1,0 +1,8 @@
+"""Language models: the :class:`CausalLM` adapter, incremental decoding, toy LMs."""
+
+from pyro_lm.lm.causal_lm import CausalLM, eval_mode
+from pyro_lm.lm.decoding import IncrementalDecoder, sample_tokens
+from pyro_lm.lm.toy import toy_lm, toy_tokenizer
+
+__all__ = ["CausalLM", "IncrementalDecoder", "sample_tokens", "eval_mode", "toy_lm",
+           "toy_tokenizer"]

@@ -1,0 +1,79 @@
+"""Rewards from a transformers sequence classifier."""
+
+from __future__ import annotations
+
+import torch
+
+from pyro_lm.distributions.prefix import is_complete
+from pyro_lm.lm.causal_lm import eval_mode
+from pyro_lm.rewards.base import Reward, _special_ids, decode_counted
+
+__all__ = ["Classifier"]
+
+
+class Classifier(Reward):
+    r"""The log-probability of a label under a sequence classifier:
+
+    .. math:: r(x) = \log p_\phi(y = \text{label} \mid \mathrm{text}(x)).
+
+    The completion is decoded with the LM's tokenizer and re-encoded with the
+    classifier's, so the two models need not share a vocabulary.
+
+    :param model: a transformers ``*ForSequenceClassification`` model.
+    :param classifier_tokenizer: its tokenizer.
+    :param label: an int class index or a label name from ``model.config.label2id``.
+    :param lm_tokenizer: the LM's tokenizer (or a :class:`~pyro_lm.CausalLM`),
+        used to decode ``x``.
+    :param str on_prefix: ``"evaluate"`` scores incomplete prefixes as text
+        (a heuristic twist for SMC), ``"zero"`` gives them 0.
+    :param int batch_size: sequences per classifier forward pass.
+    :param str prefix_text: text prepended to each completion before
+        classification (e.g. the prompt).
+    """
+
+    def __init__(self, model, classifier_tokenizer, label, lm_tokenizer,
+                 on_prefix: str = "evaluate", batch_size: int = 64, max_length: int = 512,
+                 prefix_text: str = "", name: str | None = None):
+        super().__init__(name or f"Classifier({label!r})")
+        if isinstance(label, str):
+            label2id = getattr(model.config, "label2id", {}) or {}
+            if label not in label2id:
+                raise ValueError(f"label: {label!r} is not one of the classifier's labels "
+                                 f"{sorted(label2id)}")
+            label = label2id[label]
+        num_labels = int(getattr(model.config, "num_labels", 0) or 0)
+        if not isinstance(label, int) or not 0 <= label < max(num_labels, 1):
+            raise ValueError(f"label: expected a class index in [0, {num_labels}), got {label!r}")
+        if on_prefix not in ("evaluate", "zero"):
+            raise ValueError(f"on_prefix: expected 'evaluate' or 'zero', got {on_prefix!r}")
+        self.model = model
+        self.classifier_tokenizer = classifier_tokenizer
+        if classifier_tokenizer.pad_token is None:
+            raise ValueError("classifier_tokenizer: needs a pad token to batch texts; set "
+                             "classifier_tokenizer.pad_token (e.g. to its eos_token)")
+        self.label = label
+        self.lm_tokenizer, self.eos, _ = _special_ids(lm_tokenizer)
+        self.on_prefix = on_prefix
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.prefix_text = prefix_text
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        texts = [self.prefix_text + t for t in decode_counted(self.lm_tokenizer, x, self.eos)]
+        out = []
+        with torch.no_grad(), eval_mode(self.model):
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.classifier_tokenizer(texts[i:i + self.batch_size], return_tensors="pt",
+                                                padding=True, truncation=True,
+                                                max_length=self.max_length)
+                enc = {k: v.to(self.device) for k, v in enc.items()}
+                logits = self.model(**enc).logits.float()
+                out.append(logits.log_softmax(-1)[:, self.label])
+        r = torch.cat(out).to(x.device) if out else torch.zeros(0, device=x.device)
+        if self.on_prefix == "zero":
+            r = torch.where(is_complete(x, self.eos), r, torch.zeros_like(r))
+        return r
