@@ -6,7 +6,7 @@ The pretrained LM is a prior :math:`p_0(x)`, a reward enters as the log-factor
 
 from pathlib import Path
 
-from pyro_lm import distributions, exact, infer, lm, rewards
+from pyro_lm import data, diagnostics, distributions, exact, infer, lm, programs, rewards
 from pyro_lm.distributions import LMDistribution
 from pyro_lm.lm import CausalLM
 
@@ -22,5 +22,5 @@ def bundled_model_path(name: str = "tinylm") -> Path:
     return path
 
 
-__all__ = ["CausalLM", "LMDistribution", "bundled_model_path", "distributions", "exact",
-           "infer", "lm", "rewards", "__version__"]
+__all__ = ["CausalLM", "LMDistribution", "bundled_model_path", "data", "diagnostics",
+           "distributions", "exact", "infer", "lm", "programs", "rewards", "__version__"]

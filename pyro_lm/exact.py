@@ -164,7 +164,7 @@ def enumerate_model(model, *args, site: str | None = None, **kwargs) -> ExactPos
     trace.compute_log_prob()
     log_prior = trace.nodes[site]["log_prob"]
     log_joint = torch.zeros_like(log_prior)
-    for name, node in trace.nodes.items():
+    for node in trace.nodes.values():
         if node["type"] == "sample" and not site_is_subsample(node):
             log_joint = log_joint + node["log_prob"]
     if torch.isnan(log_joint).any():

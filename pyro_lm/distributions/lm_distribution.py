@@ -135,11 +135,11 @@ class LMDistribution(TorchDistribution):
         if prompts.dim() not in (1, 2):
             raise ValueError(f"prompts: expected shape (L,) or (B, L), got {tuple(prompts.shape)}")
         batch = torch.Size() if prompts.dim() == 1 else torch.Size(prompts.shape[:1])
-        ids = prompts.long().reshape(-1, prompts.shape[-1]).to(lm.device)
-        if ids.shape[-1] == 0 or ids.shape[0] == 0:
+        if prompts.numel() == 0:
             raise ValueError(
                 f"prompts: empty prompt tensor of shape {tuple(prompts.shape)}; each prompt needs "
                 "at least one token, e.g. [[lm.bos_token_id]] for unconditional generation")
+        ids = prompts.long().reshape(-1, prompts.shape[-1]).to(lm.device)
         if attention_mask is None:
             mask = torch.ones_like(ids)
         else:
@@ -170,7 +170,7 @@ class LMDistribution(TorchDistribution):
         base = base.reshape(self._prompt_batch_shape)
         return base.expand(shape).reshape(-1)
 
-    def prompts_for(self, shape: torch.Size = torch.Size()):
+    def prompts_for(self, shape=()):
         """Prompt ids and mask, one row per element of ``shape + batch_shape``.
 
         :returns: ``(input_ids, attention_mask)``, each ``(N, L)``.
@@ -235,19 +235,19 @@ class LMDistribution(TorchDistribution):
         return value.masked_fill(tail, self.lm.pad_token_id)
 
     # --------------------------------------------------------------- sampling
-    def sample_with_log_prob(self, sample_shape=torch.Size()):
+    def sample_with_log_prob(self, sample_shape=()):
         """Sample and return the log-probabilities computed while decoding.
 
         :returns: ``(x, log_prob)`` with ``x`` of shape
             ``sample_shape + batch_shape + (T,)`` and ``log_prob`` of shape
             ``sample_shape + batch_shape`` (float32, no gradient).
         """
-        shape = self._extended_shape(sample_shape)[:-1]
+        shape = self._extended_shape(torch.Size(sample_shape))[:-1]
         ids, mask = self.prompts_for(torch.Size(sample_shape))
         x, log_prob = sample_tokens(self.lm, ids, mask, self.max_new_tokens)
         return x.reshape(shape + self.event_shape), log_prob.reshape(shape)
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         return self.sample_with_log_prob(sample_shape)[0]
 
     # ------------------------------------------------------------- log density

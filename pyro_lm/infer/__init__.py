@@ -2,6 +2,16 @@
 :math:`p^*(x) \\propto p_0(x) \\exp(r(x)/\\beta)`."""
 
 from pyro_lm.infer.autoguide import AutoLMGuide, trace_lm_sites
+from pyro_lm.infer.dpg import DPG
+from pyro_lm.infer.elbo import SequenceELBO
+from pyro_lm.infer.fit import fit
+from pyro_lm.infer.imh import IMH
+from pyro_lm.infer.importance import Importance
+from pyro_lm.infer.moments import MomentConstraint, MomentFit, fit_moments
 from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
+from pyro_lm.infer.qrs import QRS, pick_log_bound
+from pyro_lm.infer.smc import SMC
 
-__all__ = ["AutoLMGuide", "trace_lm_sites", "WeightedPosterior", "check_log_weights"]
+__all__ = ["AutoLMGuide", "trace_lm_sites", "WeightedPosterior", "check_log_weights",
+           "SequenceELBO", "fit", "DPG", "QRS", "pick_log_bound", "IMH",
+           "MomentConstraint", "MomentFit", "fit_moments", "Importance", "SMC"]

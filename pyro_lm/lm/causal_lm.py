@@ -146,8 +146,15 @@ class CausalLM(nn.Module):
         shell = copy.deepcopy(self.model, memo)
         for p in shell.parameters():
             p.requires_grad_(False)
-        model = peft.get_peft_model(shell, lora)
-        return CausalLM(model, self.tokenizer, add_bos=self.add_bos, trainable=True)
+        import warnings
+
+        with warnings.catch_warnings():  # peft asks transformers a deprecated attribute
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                    category=FutureWarning)
+            model = peft.get_peft_model(shell, lora)
+        # eval mode like the prior it copies (the LM is always run as a distribution, without
+        # dropout); in training mode pyro.module would warn about every frozen base weight
+        return CausalLM(model, self.tokenizer, add_bos=self.add_bos, trainable=True).eval()
 
     # --------------------------------------------------------------- properties
     @property
@@ -217,12 +224,12 @@ class CausalLM(nn.Module):
 
     # ----------------------------------------------------------------- encoding
     def _tokenizer_adds_bos(self) -> bool:
-        bos = self.tokenizer.bos_token_id
         try:
-            ids = self.tokenizer("a")["input_ids"]
-        except Exception:  # noqa: BLE001 - exotic tokenizers: assume they do not
+            with_special = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+            without = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        except (TypeError, ValueError, KeyError):  # exotic tokenizers: assume they do not
             return False
-        return bool(ids) and ids[0] == bos
+        return len(with_special) > len(without) and with_special[0] == self.tokenizer.bos_token_id
 
     def encode(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode prompts, left-padded.
@@ -286,7 +293,10 @@ class CausalLM(nn.Module):
             kwargs[self._cache_arg] = cache
         if logits_to_keep and self._has_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
-        with eval_mode(self.model):
+        if self.model.training:
+            with eval_mode(self.model):
+                out = self.model(**kwargs)
+        else:
             out = self.model(**kwargs)
         if not use_cache:
             return out.logits, None

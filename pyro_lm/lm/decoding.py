@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from pyro_lm.lm.causal_lm import eval_mode
+
 __all__ = ["IncrementalDecoder", "sample_tokens"]
 
 
@@ -38,6 +40,10 @@ class IncrementalDecoder:
         logits, self.cache = lm(input_ids, attention_mask if self.padded else None, positions,
                                 use_cache=True, logits_to_keep=1)
         self.logits = logits[:, -1].float()  # (N, V)
+        # Rows that have ended are fed this token: any id but the config's pad id, so that
+        # transformers does not take them for unmasked padding (their outputs are unused).
+        config_pad = getattr(getattr(lm.model, "config", None), "pad_token_id", None)
+        self.filler_token = 1 if config_pad == 0 else 0
 
     def log_probs(self) -> torch.Tensor:
         """Next-token log-probabilities ``(N, V)`` in float32."""
@@ -81,13 +87,12 @@ def sample_tokens(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     log_prob = torch.zeros(n, dtype=torch.float32, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     pad_t = torch.tensor(pad, dtype=torch.long, device=device)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(lm.model):
         decoder = IncrementalDecoder(lm, input_ids, attention_mask, max_new_tokens)
         for t in range(max_new_tokens):
             logits = decoder.logits
-            # Gumbel-max: argmax(logits - log E), E ~ Exp(1), is a draw from softmax(logits)
-            noise = torch.empty_like(logits).exponential_().log_()
-            token = (logits - noise).argmax(-1)
+            # Gumbel-max: argmax(logits - log E), E = -log U ~ Exp(1), draws from softmax(logits)
+            token = (logits - torch.rand_like(logits).log_().neg_().log_()).argmax(-1)
             step_logp = logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(-1)
             log_prob += step_logp.masked_fill(done, 0.0)
             token = torch.where(done, pad_t, token)
@@ -97,5 +102,5 @@ def sample_tokens(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 break
             if (t + 1) % sync_every == 0 and bool(done.all()):
                 break
-            decoder.advance(token)
+            decoder.advance(token.masked_fill(done, decoder.filler_token))
     return x, log_prob

@@ -33,8 +33,8 @@ def decode_counted(tokenizer, x: torch.Tensor, eos: int) -> list[str]:
     keep = counted_mask(x, eos)
     rows = x.tolist()
     masks = keep.tolist()
-    return [tokenizer.decode([t for t, k in zip(r, m) if k], skip_special_tokens=True)
-            for r, m in zip(rows, masks)]
+    return [tokenizer.decode([t for t, k in zip(r, m, strict=True) if k], skip_special_tokens=True)
+            for r, m in zip(rows, masks, strict=True)]
 
 
 class Reward:

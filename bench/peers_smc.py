@@ -1,0 +1,308 @@
+"""Time per SMC run: pyro_lm SMC against hfppl (LLaMPPL), genlm-control and a hand-written
+batched SMC loop.
+
+    .venv-peers/bin/python bench/peers_smc.py [--quick] [--threads 2] [--repeats 9]
+
+The shared task of ``/work/shared/PEERS.md``: a random tiny GPT-2
+(``toy_lm(vocab_size=64, n_layer=2, n_embd=64, n_head=2, init_std=0.02)``, BOS/EOS
+id 0), one BOS prompt, N = 64 particles, 20 new tokens proposed from the prior, the
+prefix reward ``count of token 7 / beta`` (beta = 0.1) as potential, resampling when
+ESS < N/2. Each contender gets its own copy of the same weights; calls alternate
+(warm-up first) and medians are reported.
+
+* ``floor``: :func:`floors.smc_floor` (KV cache reordered in place, systematic).
+* ``pyro_lm``: ``SMC(model, num_particles=N).run(prompts)`` on the Pyro model
+  ``x ~ LMDistribution(prior, prompts, 20); factor(Lexicon({"t7": 1}) (x) / beta)``.
+* ``hfppl`` 0.1.2: ``smc_standard(model, N)`` on an ``hfppl.Model`` whose ``step``
+  samples ``context.next_token()`` and scores ``[token == 7] / beta``, over its
+  HF backend (genlm_backend 0.0.2 ``AsyncTransformer``).
+* ``genlm-control`` 0.4.1: ``direct_token_sampler(PromptedLLM).smc(N, 0.5,
+  max_tokens=21, critic=Count7, terminate_when=len >= 20)``: 20 tokens, then EOS
+  appended with no weight correction (truncation, as the others), over genlm-backend
+  0.3.1 ``AsyncTransformer``.
+
+Both peers batch concurrent LM calls, waiting up to a timeout for a full batch:
+each is run with ``batch_size=N, timeout=0`` and with its defaults
+(``batch_size=20, timeout=0.02`` s). Their prefix caches are cleared before every
+run, so no run reuses another's forward passes. Offline, their byte-vocabulary
+builders (which reload the tokenizer by name from the hub) are replaced by one
+reading the in-memory tokenizer's tokens.
+
+The peers live in their own virtual environment (their dependencies must not leak
+into ``.venv``); see bench/README.md. Under an interpreter without them, their rows
+say so and the rest still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import interleaved, machine, table, write_section  # noqa: E402
+from floors import smc_floor  # noqa: E402
+
+from pyro_lm.lm import toy_lm  # noqa: E402
+
+TOKEN = 7  # reward = count of this token
+INSTALL = ("python3 -m venv .venv-peers && .venv-peers/bin/pip install -c constraints.txt "
+           "torch==2.13.0 && .venv-peers/bin/pip install -c constraints.txt -e . "
+           "genlm-control==0.4.1 && .venv-peers/bin/pip install --no-deps hfppl==0.1.2 && "
+           ".venv-peers/bin/pip install --no-deps --target .venv-peers/hfppl-backend "
+           "genlm-backend==0.0.2 && echo $PWD/.venv-peers/hfppl-backend > "
+           ".venv-peers/lib/python3.11/site-packages/hfppl-backend.pth")
+
+
+def make_lm():
+    return toy_lm(vocab_size=64, n_layer=2, n_embd=64, n_head=2, init_std=0.02)
+
+
+def weighted_count(counts, log_w) -> float:
+    """Self-normalised estimate of E[count of token 7] under the target."""
+    counts = torch.as_tensor(counts, dtype=torch.float64).reshape(-1)
+    log_w = torch.as_tensor(log_w, dtype=torch.float64).reshape(-1)
+    return float((log_w.softmax(0) * counts).sum())
+
+
+# ------------------------------------------------------------------ contenders
+def floor_run(args):
+    lm = make_lm()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+
+    def run():
+        return smc_floor(lm.model, prompt, args.particles, args.max_new_tokens, args.beta,
+                         lambda token, alive: (token == TOKEN) & alive, eos=lm.eos_token_id)
+
+    def summary(out):
+        x, log_w, log_z = out
+        return float(log_z), weighted_count((x == TOKEN).sum(-1), log_w)
+
+    return run, summary
+
+
+def pyro_lm_run(args):
+    import pyro
+
+    import pyro_lm
+    from pyro_lm.infer import SMC  # ImportError while not written yet
+    from pyro_lm.rewards import Lexicon
+
+    prior = make_lm()
+    reward = Lexicon(prior.tokenizer, {f"t{TOKEN}": 1.0})
+    prompts = torch.zeros(1, 1, dtype=torch.long)
+    t, beta = args.max_new_tokens, args.beta
+
+    def model(prompts):
+        with pyro.plate("prompts", prompts.shape[0]):
+            x = pyro.sample("x", pyro_lm.LMDistribution(prior, prompts, t))
+            pyro.factor("reward", reward(x) / beta)
+        return x
+
+    smc = SMC(model, num_particles=args.particles)
+
+    def summary(post):
+        x = post.samples["x"]
+        return float(post.log_normalizer().sum()), weighted_count((x == TOKEN).sum(-1),
+                                                                   post.log_weights)
+
+    return (lambda: smc.run(prompts)), summary
+
+
+def offline_vocab(token_cls=None):
+    """Byte/str vocabularies read from the in-memory tokenizer (the peers' builders
+    reload the tokenizer by name from the hub)."""
+
+    def decode_vocab(tokenizer, *args, **kwargs):
+        strs = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        raw = [s.encode() for s in strs]
+        return ([token_cls(i, b) for i, b in enumerate(raw)] if token_cls else raw), strs
+
+    return decode_vocab
+
+
+def hfppl_run(args, batch_size, timeout):
+    import genlm_backend.llm.base as backend_base
+
+    backend_base.decode_vocab = offline_vocab()
+    import hfppl
+    from genlm_backend.llm import AsyncTransformer
+
+    lm = make_lm()
+    backend = AsyncTransformer(lm.model, lm.tokenizer, batch_size=batch_size, timeout=timeout)
+    clm = hfppl.CachedCausalLM(backend)
+    t, beta = args.max_new_tokens, args.beta
+
+    class CountModel(hfppl.Model):
+        def __init__(self):
+            super().__init__()
+            self.context = hfppl.LMContext(clm, lm.tokenizer.bos_token)  # BOS prompt
+            self.t = 0
+
+        async def step(self):
+            token = await self.sample(self.context.next_token())
+            self.score(float(token.token_id == TOKEN) / beta)
+            self.t += 1
+            if self.t == t or token.token_id == lm.eos_token_id:
+                self.finish()
+
+    def run():
+        clm.clear_cache()
+        return asyncio.run(hfppl.smc_standard(CountModel(), args.particles, ess_threshold=0.5))
+
+    def summary(particles):
+        log_w = torch.tensor([p.weight for p in particles], dtype=torch.float64)
+        counts = [p.context.tokens[1:].count(TOKEN) for p in particles]
+        return (float(log_w.logsumexp(0)) - math.log(len(particles)),
+                weighted_count(counts, log_w))
+
+    return run, summary
+
+
+def genlm_run(args, batch_size, timeout):
+    import genlm.backend.llm.base as backend_base
+    from genlm.backend.tokenization.token import Token
+
+    backend_base.decode_vocab = offline_vocab(Token)
+    from genlm.backend.llm import AsyncTransformer
+    from genlm.control import Potential, PromptedLLM, direct_token_sampler
+
+    lm = make_lm()
+    backend = AsyncTransformer(lm.model, lm.tokenizer, batch_size=batch_size, timeout=timeout)
+    llm = PromptedLLM(backend, prompt_ids=[lm.bos_token_id])
+    sampler = direct_token_sampler(llm)
+    beta, t = args.beta, args.max_new_tokens
+
+    def count(context):
+        return sum(getattr(tok, "token_id", None) == TOKEN for tok in context)
+
+    class Count7(Potential):
+        async def prefix(self, context):
+            return count(context) / beta
+
+        async def complete(self, context):
+            return count(context) / beta
+
+    critic = Count7(llm.vocab)
+
+    def run():
+        backend.clear_cache()
+        return asyncio.run(sampler.smc(n_particles=args.particles, ess_threshold=0.5,
+                                       max_tokens=t + 1, critic=critic,
+                                       terminate_when=lambda context: len(context) >= t))
+
+    def summary(seqs):
+        return float(seqs.log_ml), weighted_count([count(c) for c in seqs.contexts],
+                                                  seqs.log_weights)
+
+    return run, summary
+
+
+# ------------------------------------------------------------------------ main
+def main(args):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    n = args.particles
+    contenders = {
+        "floor": (lambda: floor_run(args), "hand-written batched SMC (bench/floors.py)"),
+        "pyro_lm": (lambda: pyro_lm_run(args), f"SMC(model, num_particles={n}).run(prompts)"),
+        "hfppl, timeout 0": (lambda: hfppl_run(args, n, 0.0),
+                             f"hfppl 0.1.2 smc_standard, batch_size {n}, timeout 0"),
+        "hfppl, default": (lambda: hfppl_run(args, 20, 0.02),
+                           "hfppl 0.1.2 smc_standard, defaults: batch_size 20, timeout 20 ms"),
+        "genlm-control, timeout 0": (lambda: genlm_run(args, n, 0.0),
+                                     f"genlm-control 0.4.1 SMC, batch_size {n}, timeout 0"),
+        "genlm-control, default": (lambda: genlm_run(args, 20, 0.02),
+                                   "genlm-control 0.4.1 SMC, defaults: batch_size 20, "
+                                   "timeout 20 ms"),
+    }
+    fns, summaries, notes = {}, {}, {}
+    for name, (build, note) in contenders.items():
+        try:
+            fns[name], summaries[name] = build()
+            notes[name] = note
+        except ImportError as e:
+            notes[name] = f"not run: {type(e).__name__}: {e} (interpreter {sys.executable})"
+    med = interleaved(fns, repeats=args.repeats, warmup=args.warmup)
+    floor = med["floor"]
+    rows = []
+    for name in contenders:
+        if name in med:
+            log_z, mean_count = summaries[name](fns[name]())
+            rows.append([name, f"{1e3 * med[name]:.1f}", f"{med[name] / floor:.2f}",
+                         f"{log_z:.1f}", f"{mean_count:.1f}", notes[name]])
+        else:
+            rows.append([name, "—", "—", "—", "—", notes[name]])
+    lines = []
+    peers = [med[k] for k in med if k.startswith(("hfppl", "genlm"))]
+    peers0 = [med[k] for k in ("hfppl, timeout 0", "genlm-control, timeout 0") if k in med]
+    if "pyro_lm" in med and peers:
+        best = min(peers0 or peers)
+        speedup = best / med["pyro_lm"]
+        lines.append(f"- pyro_lm SMC is **{speedup:.1f}×** faster than the faster peer at its "
+                     f"best setting (timeout 0) (target ≥ 4×: "
+                     f"{'met' if speedup >= 4 else 'NOT met'}).")
+    if "pyro_lm" in med:
+        lines.append(f"- pyro_lm SMC is {med['pyro_lm'] / floor:.2f}× the hand-written loop.")
+    missing = [k for k in contenders if k not in med]
+    if missing:
+        lines.append(f"- Not run here: {', '.join(missing)}. Install the peers with `{INSTALL}` "
+                     "and run the command with `.venv-peers/bin/python`.")
+    cmd = (f"{'.venv-peers/bin/python' if '.venv-peers' in sys.executable else 'python'} "
+           f"bench/peers_smc.py --threads {args.threads} --repeats {args.repeats}")
+    body = (
+        "## SMC against hfppl and genlm-control (peers, cpu)\n\n"
+        f"Machine: {machine()}.\n"
+        f"Command (every row): `{cmd}`\n\n"
+        f"Task: random tiny GPT-2 (2 layers, 64 wide, vocab 64), one BOS prompt, {n} "
+        f"particles, {args.max_new_tokens} new tokens from the prior, potential = count of "
+        f"token {TOKEN} in the prefix / {args.beta}, resampling at ESS < N/2. Median of "
+        f"{args.repeats} interleaved runs after {args.warmup} warm-up rounds. The last two "
+        "columns come from one more run of each (a sanity check that all target the same "
+        "posterior, not a timing): the log Z estimate and the weighted mean count of "
+        f"token {TOKEN}.\n\n"
+        + table(["contender", "ms / run", "÷ floor", "log Ẑ", "E[count]", "what is timed"],
+                rows)
+        + "\n\n" + "\n".join(lines) + "\n\n"
+        "Differences that matter: the peers run each particle as a Python coroutine and "
+        "batch their LM calls asynchronously; they recompute nothing for resampled "
+        "duplicates (prefix cache) but rebuild padded KV batches every step, and they "
+        "resample multinomially (pyro_lm and the floor: systematic). With their default "
+        "20 ms timeout, short batches wait the full timeout. genlm-control's default "
+        "(no `terminate_when`) instead forces EOS at `max_tokens` and weights by p(EOS); "
+        "here `terminate_when` truncates at 20 tokens like the others.")
+    if not args.quick:
+        write_section("peers-smc", body)
+    print(body)
+    return med
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--particles", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="few repeats, no RESULTS.md update")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup = 2, 1
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

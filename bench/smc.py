@@ -1,0 +1,155 @@
+"""Token-level SMC: time against plain sampling and a hand-written torch SMC loop, and
+final ESS against importance sampling at equal particles.
+
+    python bench/smc.py [--quick] [--device cuda]
+
+The peers' task: a random GPT-2 (vocab 64, 2 layers, 64 wide), one BOS prompt, 20 new
+tokens, reward = count of token 7 in the completion (prefix-decomposable), beta 0.1,
+64 particles. Calls alternate between contenders; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import pyro
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import interleaved, machine, table, write_section  # noqa: E402
+
+import pyro_lm  # noqa: E402
+from pyro_lm.distributions.prefix import counted_mask  # noqa: E402
+from pyro_lm.infer import SMC, Importance  # noqa: E402
+from pyro_lm.lm import toy_lm  # noqa: E402
+from pyro_lm.rewards import Callable  # noqa: E402
+
+TOKEN, BETA = 7, 0.1
+
+
+def count_token(x):
+    """Occurrences of TOKEN among the generated content tokens (prefix-aware)."""
+    return ((x == TOKEN) & counted_mask(x, 0)).sum(-1).float()
+
+
+@torch.no_grad()
+def torch_smc(lm, prompt, num_particles: int, max_new_tokens: int, ess_threshold=0.5):
+    """The floor: token-level SMC written directly against the transformers model
+    (KV cache, Gumbel sampling, incremental reward, systematic resampling)."""
+    model, eos = lm.model, lm.eos_token_id
+    n, device = num_particles, prompt.device
+    ids = prompt.expand(n, -1)
+    out = model(input_ids=ids, use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1].float()
+    x = torch.full((n, max_new_tokens), lm.pad_token_id, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    log_w = torch.zeros(n, device=device)
+    log_z = torch.zeros((), device=device)
+    pos = torch.full((n, 1), ids.shape[1], dtype=torch.long, device=device)
+    for t in range(max_new_tokens):
+        token = (logits - torch.empty_like(logits).exponential_().log_()).argmax(-1)
+        token = torch.where(done, torch.full_like(token, lm.pad_token_id), token)
+        x[:, t] = token
+        log_w += ((token == TOKEN) & ~done).float() / BETA
+        done = done | (token == eos)
+        if t + 1 == max_new_tokens:
+            break
+        ess = log_w.logsumexp(0).mul(2).sub((2 * log_w).logsumexp(0)).exp()
+        if bool(ess < ess_threshold * n):
+            log_mean = log_w.logsumexp(0) - math.log(n)
+            w = torch.softmax(log_w, 0).cumsum(0)
+            u = (torch.rand((), device=device) + torch.arange(n, device=device)) / n
+            idx = torch.searchsorted(w, u, right=True).clamp(max=n - 1)
+            cache.reorder_cache(idx)
+            x, done, token = x[idx], done[idx], token[idx]
+            log_z += log_mean
+            log_w = torch.zeros_like(log_w)
+        out = model(input_ids=token[:, None], past_key_values=cache, position_ids=pos,
+                    use_cache=True)
+        cache, logits, pos = out.past_key_values, out.logits[:, -1].float(), pos + 1
+    return x, log_w, log_z + log_w.logsumexp(0) - math.log(n)
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    pyro.set_rng_seed(0)
+    lm = toy_lm(vocab_size=64, n_layer=2, n_embd=64, n_head=2, init_std=0.02, device=device)
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    t, n = args.max_new_tokens, args.num_particles
+    reward = Callable(count_token, name="count7")
+
+    def model(prompt):
+        x = pyro.sample("x", pyro_lm.LMDistribution(lm, prompt, t))
+        pyro.factor("reward", reward(x) / BETA)
+
+    dist = pyro_lm.LMDistribution(lm, prompt[0], t)
+    smc = SMC(model, num_particles=n)
+    importance = Importance(model, num_samples=n)
+    med = interleaved({"sample": lambda: dist.sample((n,)),
+                       "smc": lambda: smc.run(prompt[0]),
+                       "torch_smc": lambda: torch_smc(lm, prompt, n, t),
+                       "importance": lambda: importance.run(prompt[0])},
+                      repeats=args.repeats, device=device)
+    print({k: f"{v * 1e3:.1f} ms" for k, v in med.items()}, flush=True)
+
+    ess_smc, ess_is, z_smc, z_is = [], [], [], []
+    for _ in range(args.ess_runs):
+        post = smc.run(prompt[0])
+        ess_smc.append(float(post.ess()))
+        z_smc.append(float(post.log_normalizer()))
+        post = importance.run(prompt[0])
+        ess_is.append(float(post.ess()))
+        z_is.append(float(post.log_normalizer()))
+    ess_smc_med, ess_is_med = statistics.median(ess_smc), statistics.median(ess_is)
+    rows = [
+        ["plain sampling (LMDistribution.sample)", f"{med['sample'] * 1e3:.1f}", "1.00", "", ""],
+        ["pyro_lm SMC", f"{med['smc'] * 1e3:.1f}", f"{med['smc'] / med['sample']:.2f}",
+         f"{ess_smc_med:.1f}", f"{statistics.median(z_smc):.2f}"],
+        ["hand-written torch SMC (floor)", f"{med['torch_smc'] * 1e3:.1f}",
+         f"{med['torch_smc'] / med['sample']:.2f}", "", ""],
+        ["pyro_lm Importance (prior)", f"{med['importance'] * 1e3:.1f}",
+         f"{med['importance'] / med['sample']:.2f}", f"{ess_is_med:.1f}",
+         f"{statistics.median(z_is):.2f}"],
+    ]
+    body = (f"## Token-level SMC ({n} particles, {t} new tokens, {device.type})\n\n"
+            f"Machine: {machine()}.\n"
+            f"Load average during the run: {os.getloadavg()[0]:.1f} (machine shared).\n"
+            f"Command: `python bench/smc.py --device {args.device} --threads {args.threads}`\n\n"
+            "Task: toy GPT-2 (vocab 64, 2 layers, 64 wide, init_std 0.02), BOS prompt, "
+            f"reward = count of token {TOKEN}, beta {BETA}. Times are medians of "
+            f"{args.repeats} interleaved calls; ESS and log Z are medians over "
+            f"{args.ess_runs} runs (final weights).\n\n"
+            + table(["method", "ms / run", "÷ plain sampling", "final ESS", "log Z"], rows)
+            + f"\n\nSMC ÷ torch floor: {med['smc'] / med['torch_smc']:.2f}. "
+            f"Final ESS, SMC ÷ importance sampling: {ess_smc_med / ess_is_med:.1f}×.")
+    if not args.quick:
+        write_section("smc", body)
+    print(body)
+    return med, ess_smc_med, ess_is_med
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-particles", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--ess-runs", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="few repeats, no RESULTS.md update")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.ess_runs = 2, 3
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,446 @@
+r"""Distributional policy gradients: fit a guide by forward-KL (or f-divergence) matching.
+
+The target of a model is :math:`p^*(x) = \tilde p(x) / Z` with
+:math:`\tilde p(x) = p_0(x) \exp(\sum_k f_k(x))` (prior LM times factors).
+Instead of maximising the ELBO (reverse KL, i.e. KL-regularised RL), DPG
+minimises the *forward* KL from the target to the guide :math:`q_\theta`,
+
+.. math::
+
+    \mathrm{KL}(p^* \| q_\theta) = E_{p^*}[\log p^*(x) - \log q_\theta(x)], \qquad
+    \nabla_\theta \mathrm{KL}(p^* \| q_\theta) = -E_{p^*}[\nabla_\theta \log q_\theta(x)],
+
+which is mass-covering: it cannot collapse onto the reward's mode. The
+expectation under :math:`p^*` is estimated by self-normalised importance
+sampling from a proposal :math:`\pi` (by default the guide itself, detached:
+*on-policy* DPG): with :math:`x_k \sim \pi`, :math:`w_k = \tilde p(x_k)/\pi(x_k)`,
+:math:`\bar w_k = w_k / \sum_j w_j` and :math:`\bar\rho_k` the self-normalised
+weights of :math:`q_\theta/\pi` (:math:`1/K` on-policy),
+
+.. math::
+
+    \widehat{\nabla} = -\sum_k (\bar w_k - \bar\rho_k)\, \nabla_\theta \log q_\theta(x_k),
+
+where subtracting :math:`\bar\rho_k` is the baseline of Korbak et al. (2022)
+(:math:`E_q[\nabla \log q] = 0`). All ``K`` particles of all prompts are drawn
+in one batched decode; the guide is run once with gradients, the model once,
+vectorised, under ``poutine.condition``.
+
+**f-divergences** (Go et al., 2023). Write :math:`D_f(p^*\|q) = E_q[f(u)]`
+with :math:`u = p^*(x)/q(x)` and :math:`f` convex, :math:`f(1) = 0`. Then
+
+.. math::
+
+    \nabla_\theta D_f = \sum_x \nabla q\,[f(u) - u f'(u)]
+    = E_q\big[g(u)\, \nabla_\theta \log q_\theta(x)\big], \qquad g(u) = f(u) - u f'(u).
+
+* ``"kl"``: :math:`f(u) = u \log u` (forward :math:`\mathrm{KL}(p^*\|q)`),
+  :math:`g(u) = -u`;
+* ``"rkl"``: :math:`f(u) = -\log u` (reverse :math:`\mathrm{KL}(q\|p^*)`, the ELBO's),
+  :math:`g(u) = 1 - \log u`;
+* ``"js"``: :math:`f(u) = \tfrac12[u \log\tfrac{2u}{1+u} + \log\tfrac{2}{1+u}]`
+  (Jensen-Shannon), :math:`g(u) = \tfrac12 \log\tfrac{2}{1+u}`;
+* ``"tv"``: :math:`f(u) = \tfrac12 |u - 1|` (total variation),
+  :math:`g(u) = -\tfrac12\, \mathrm{sign}(u - 1)`.
+
+Constants in :math:`g` drop out (:math:`E_q[\nabla \log q] = 0`).
+For ``"kl"`` the gradient is the self-normalised estimator above. For the
+others :math:`u_k = \tilde p(x_k) / (\hat Z q(x_k))` uses the running
+estimate :math:`\hat Z` below, and the gradient
+:math:`\sum_k \bar\rho_k (g(u_k) - b_k) \nabla \log q(x_k)` uses a
+leave-one-out baseline :math:`b_k` on-policy (an unbiased estimator up to
+the error of :math:`\hat Z`), the :math:`\bar\rho`-weighted mean off-policy.
+
+**Partition function.** :math:`\hat Z` is the *cumulative mean* of every
+importance weight seen so far (unbiased for :math:`Z` whatever the proposal
+was at each step), or an exponential moving average with ``z_decay``; it is
+kept per prompt and reset when the batch shape changes or by
+:meth:`DPG.reset`. It enters the loss value
+:math:`\widehat{\mathrm{KL}} = \sum_k \bar w_k \log(\tilde p(x_k)/q(x_k)) - \log \hat Z`
+and the f-divergence gradients, not the forward-KL gradient.
+
+This module also holds the proposal machinery shared by
+:class:`~pyro_lm.infer.QRS`, :class:`~pyro_lm.infer.IMH` and
+:mod:`~pyro_lm.infer.moments`: :func:`lm_structure`, :func:`sample_lm_sites`,
+:func:`vectorized_log_joint` and :func:`propose`.
+
+References
+
+[1] Tetiana Parshakova, Jean-Marc Andreoli, Marc Dymetman (2019),
+    "Distributional Reinforcement Learning for Energy-Based Sequential Models".
+[2] Muhammad Khalifa, Hady Elsahar, Marc Dymetman (2021),
+    "A Distributional Approach to Controlled Text Generation", ICLR.
+[3] Tomasz Korbak, Hady Elsahar, German Kruszewski, Marc Dymetman (2022),
+    "On Reinforcement Learning and Distribution Matching for Fine-Tuning
+    Language Models with no Catastrophic Forgetting", NeurIPS.
+[4] Dongyoung Go, Tomasz Korbak, German Kruszewski, Jos Rozen, Nahyeon Ryu,
+    Marc Dymetman (2023), "Aligning Language Models with Preferences through
+    f-divergence Minimization", ICML.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pyro
+import pyro.poutine as poutine
+import torch
+import torch.nn.functional as F
+from pyro.infer import ELBO
+from pyro.poutine.util import site_is_subsample
+
+from pyro_lm.exact import unwrap
+from pyro_lm.infer.autoguide import AutoLMGuide, _SkipLMSampling
+from pyro_lm.infer.posterior import check_log_weights
+from pyro_lm.lm.causal_lm import CausalLM
+
+__all__ = ["DPG", "DIVERGENCES", "LMStructure", "Proposal", "lm_structure", "propose",
+           "sample_lm_sites", "vectorized_log_joint"]
+
+#: Divergences :class:`DPG` minimises, see the module docstring.
+DIVERGENCES = ("kl", "rkl", "js", "tv")
+
+_PARTICLES = "_pyro_lm_particles"
+
+
+# --------------------------------------------------------------------------- model structure
+@dataclass
+class LMStructure:
+    """What a model looks like, read without decoding anything.
+
+    :ivar list sites: ``(name, site)`` of each LM site (``site["fn"]`` plate-expanded).
+    :ivar int max_plate_nesting: the model's deepest plate dimension.
+    """
+
+    sites: list
+    max_plate_nesting: int
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        """The batch shape shared by the LM sites (an error if they differ)."""
+        shapes = {tuple(site["fn"].batch_shape) for _, site in self.sites}
+        if len(shapes) != 1:
+            raise ValueError(f"model: LM sites have different batch shapes {sorted(shapes)}; "
+                             "this sampler needs them to share one")
+        return torch.Size(shapes.pop())
+
+
+def lm_structure(model, *args, **kwargs) -> LMStructure:
+    """Trace ``model`` with placeholder LM values (no decoding) and read its LM sites and plates.
+
+    :raises ValueError: if the model has no LM site, or latent sites that are not LM sites.
+    """
+    with poutine.block():
+        trace = poutine.trace(_SkipLMSampling()(model)).get_trace(*args, **kwargs)
+    sites, others, dims = [], [], [0]
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        dims += [-f.dim for f in site["cond_indep_stack"] if f.vectorized]
+        if site["infer"].get("_pyro_lm_placeholder"):
+            sites.append((name, site))
+        elif not site["is_observed"]:
+            others.append(name)
+    if not sites:
+        raise ValueError("model: it has no LM sample site (a pyro.sample of an LMDistribution)")
+    if others:
+        raise ValueError(f"model: latent sites {others} are not LM sites; condition them "
+                         "(pyro.condition) or marginalise them before fitting the LM sites")
+    return LMStructure(sites, max(dims))
+
+
+def _site_dist(site, lm: CausalLM | None):
+    """The site's (plate-expanded) LM distribution, under ``lm`` if given."""
+    fn = site["fn"]
+    dist = unwrap(fn)
+    if lm is not None:
+        dist = dist.with_lm(lm)
+    return dist.expand(fn.batch_shape)
+
+
+def sample_lm_sites(structure: LMStructure, lm: CausalLM | None, num_samples: int):
+    """Draw ``num_samples`` completions of every LM site (no gradient).
+
+    :param lm: the proposal LM, or ``None`` for each site's prior.
+    :returns: ``(values, log_probs)``: dicts site → ``(num_samples, *batch, T)`` and
+        site → ``(num_samples, *batch)`` (log-probs computed while decoding).
+    """
+    values, log_probs = {}, {}
+    with torch.no_grad():
+        for name, site in structure.sites:
+            values[name], log_probs[name] = _site_dist(site, lm).sample_with_log_prob(
+                torch.Size((num_samples,)))
+    return values, log_probs
+
+
+def _align(t: torch.Tensor, num: int, n: int) -> torch.Tensor:
+    """``t`` right-aligned to ``(num, d_{-n}, ..., d_{-1})``, broadcast along the particle dim."""
+    t = t.reshape((1,) * (n + 1 - t.dim()) + tuple(t.shape))
+    return t.expand((num,) + tuple(t.shape[1:]))
+
+
+def _reduce(t: torch.Tensor, n: int, common: frozenset) -> torch.Tensor:
+    """Sum the plate dims of an aligned tensor that are not shared by every site."""
+    dims = [d for d in range(-n, 0) if d not in common and t.shape[d] != 1]
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+def vectorized_log_joint(model, structure: LMStructure, values: dict, *args, **kwargs):
+    r"""Run ``model`` once on ``values`` (leading particle dim ``K``), vectorised.
+
+    The model runs under ``poutine.condition`` inside an outer plate of size ``K``
+    (one dimension left of its own plates), without gradients.
+
+    :returns: ``(log_prior, log_factors, common)``: :math:`\sum \log p_0` over the LM
+        sites and the sum of every other site's log-density (the factors), both
+        ``(K, d_{-n}, ..., d_{-1})`` with ``n = max_plate_nesting``. Dimensions of
+        plates that every site shares (``common``, a set of negative dims) index
+        independent problems (e.g. prompts); the others are summed and kept as size 1.
+    """
+    n = structure.max_plate_nesting
+    num = next(iter(values.values())).shape[0]
+    data = {}
+    for name, site in structure.sites:
+        x = values[name]
+        batch = tuple(site["fn"].batch_shape)
+        data[name] = x.reshape((num,) + (1,) * (n - len(batch)) + batch + x.shape[-1:])
+    with torch.no_grad(), poutine.block():
+        with pyro.plate(_PARTICLES, num, dim=-(n + 1)):
+            trace = poutine.trace(poutine.condition(model, data=data)).get_trace(*args, **kwargs)
+        trace.compute_log_prob()
+    nodes = [(name, site) for name, site in trace.nodes.items()
+             if site["type"] == "sample" and not site_is_subsample(site)]
+    common = frozenset.intersection(*[
+        frozenset(f.dim for f in site["cond_indep_stack"] if f.vectorized and f.name != _PARTICLES)
+        for _, site in nodes])
+    log_prior = log_factors = None
+    for name, site in nodes:
+        lp = _reduce(_align(site["log_prob"], num, n), n, common)
+        if name in values:
+            log_prior = lp if log_prior is None else log_prior + lp
+        else:
+            log_factors = lp if log_factors is None else log_factors + lp
+    if log_factors is None:
+        log_factors = torch.zeros_like(log_prior)
+    shape = torch.broadcast_shapes(log_prior.shape, log_factors.shape)
+    return log_prior.expand(shape), log_factors.expand(shape), common
+
+
+def _proposal_lm(proposal, name: str = "proposal") -> CausalLM | None:
+    if proposal is None or isinstance(proposal, CausalLM):
+        return proposal
+    if isinstance(proposal, AutoLMGuide):
+        return proposal.lm
+    raise TypeError(f"{name}: expected an AutoLMGuide, a CausalLM or None (the prior), got "
+                    f"{type(proposal).__name__}")
+
+
+@dataclass
+class Proposal:
+    r"""Completions drawn from a proposal :math:`\pi` and weighed against a model.
+
+    Shapes: ``N`` samples, ``batch`` the LM sites' batch shape.
+
+    :ivar dict values: site → ``(N, *batch, T)``.
+    :ivar torch.Tensor log_weights: :math:`\log \tilde p(x) - \log \pi(x)`, ``(N, *batch)``.
+    :ivar torch.Tensor log_prior: :math:`\log p_0(x)`, ``(N, *batch)``.
+    :ivar torch.Tensor log_factors: the model's total log-factor, ``(N, *batch)``.
+    :ivar torch.Tensor log_proposal: :math:`\log \pi(x)`, ``(N, *batch)``.
+    :ivar dict lms: site → prior LM (to decode).
+    """
+
+    values: dict
+    log_weights: torch.Tensor
+    log_prior: torch.Tensor
+    log_factors: torch.Tensor
+    log_proposal: torch.Tensor
+    lms: dict
+
+
+def propose(model, proposal, num_samples: int, *args, structure: LMStructure | None = None,
+            **kwargs) -> Proposal:
+    r"""Draw ``num_samples`` completions from ``proposal`` and weigh them by :math:`\tilde p/\pi`.
+
+    :param model: a model with one or more LM sites sharing one batch shape.
+    :param proposal: an :class:`~pyro_lm.infer.AutoLMGuide`, a :class:`~pyro_lm.CausalLM`,
+        or ``None`` to propose from the prior (then :math:`\log w` is the total log-factor).
+    :param int num_samples: samples per prompt, drawn in one batched decode.
+    """
+    structure = structure or lm_structure(model, *args, **kwargs)
+    batch = structure.batch_shape
+    lm = _proposal_lm(proposal)
+    values, log_probs = sample_lm_sites(structure, lm, num_samples)
+    log_prior, log_factors, _ = vectorized_log_joint(model, structure, values, *args, **kwargs)
+    n = structure.max_plate_nesting
+    aligned = (num_samples,) + (1,) * (n - len(batch)) + tuple(batch)
+    shape = (num_samples,) + tuple(batch)
+    log_prior = log_prior.expand(aligned).reshape(shape)
+    log_factors = log_factors.expand(aligned).reshape(shape)
+    log_proposal = log_prior if lm is None else sum(log_probs.values())
+    log_weights = log_prior + log_factors - log_proposal
+    lms = {name: unwrap(site["fn"]).lm for name, site in structure.sites}
+    return Proposal(values, log_weights, log_prior, log_factors, log_proposal, lms)
+
+
+# --------------------------------------------------------------------------- the loss
+def _g(divergence: str, log_u: torch.Tensor) -> torch.Tensor:
+    """:math:`g(u) = f(u) - u f'(u)` up to an additive constant (see the module docstring)."""
+    if divergence == "rkl":
+        return -log_u
+    if divergence == "js":
+        return -0.5 * F.softplus(log_u)
+    return -0.5 * torch.sign(log_u)  # tv
+
+
+def _f(divergence: str, log_u: torch.Tensor) -> torch.Tensor:
+    """:math:`f(u)` of each divergence, computed from :math:`\\log u`."""
+    if divergence == "rkl":
+        return -log_u
+    if divergence == "js":
+        log1pu = F.softplus(log_u)
+        return 0.5 * (log_u.exp() * (math.log(2) + log_u - log1pu) + math.log(2) - log1pu)
+    if divergence == "tv":
+        return 0.5 * (log_u.exp() - 1).abs()
+    return log_u.exp() * log_u  # kl
+
+
+class DPG(ELBO):
+    r"""Distributional policy gradient loss: forward-KL or f-divergence distribution matching.
+
+    Use as ``loss=`` of :class:`pyro.infer.SVI` with guide
+    ``AutoLMGuide(model, policy)``; only the guide LM is trained. See the
+    module docstring for the estimators.
+
+    :param int num_particles: ``K >= 2`` samples per prompt per step, drawn in one
+        batched decode.
+    :param str divergence: ``"kl"`` (forward :math:`\mathrm{KL}(p^*\|q)`, default),
+        ``"rkl"`` (:math:`\mathrm{KL}(q\|p^*)`), ``"js"`` (Jensen-Shannon) or ``"tv"``
+        (total variation).
+    :param proposal: ``"guide"`` (on-policy, default), ``"prior"`` (the model's prior
+        LM), or a fixed :class:`~pyro_lm.CausalLM` (off-policy DPG).
+    :param float z_decay: ``None`` (default) tracks :math:`\hat Z` by the cumulative mean
+        of all weights; a float in ``(0, 1)`` by an exponential moving average
+        :math:`\hat Z \leftarrow \gamma \hat Z + (1 - \gamma) \hat Z_\text{batch}`.
+    :param int max_plate_nesting: the model's plate depth (default: read from the model).
+
+    After each call :attr:`metrics` holds floats: ``loss`` (the divergence estimate),
+    ``kl_pq`` (:math:`\widehat{\mathrm{KL}}(p^*\|q)`), ``log_Z`` (running
+    :math:`\log\hat Z`) and ``log_Z_batch`` (this batch's), both summed over
+    prompts, ``ess`` (Kish ESS of the self-normalised weights, mean over prompts),
+    ``reward`` (mean total log-factor :math:`\sum_k f_k(x)`, i.e. :math:`r/\beta`,
+    of the proposal's samples, mean over prompts) and ``kl_q_prior``
+    (:math:`\widehat{\mathrm{KL}}(q\|p_0)`, summed over prompts).
+    """
+
+    def __init__(self, num_particles: int = 8, divergence: str = "kl", proposal="guide",
+                 z_decay: float | None = None, max_plate_nesting: float = float("inf")):
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int) \
+                or num_particles < 2:
+            raise ValueError(f"num_particles: DPG needs an int >= 2 (self-normalised weights "
+                             f"of a single particle are all 1), got {num_particles!r}")
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {divergence!r}")
+        if not (isinstance(proposal, CausalLM) or proposal in ("guide", "prior")):
+            raise ValueError(f"proposal: expected 'guide', 'prior' or a pyro_lm.CausalLM, got "
+                             f"{proposal!r}")
+        if z_decay is not None and not 0 < z_decay < 1:
+            raise ValueError(f"z_decay: expected None (cumulative mean) or a float in (0, 1), "
+                             f"got {z_decay!r}")
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+        self.divergence = divergence
+        self.proposal = proposal
+        self.z_decay = z_decay
+        self.metrics = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the running estimate of :math:`Z` (e.g. when the prompts change)."""
+        self._log_z = None  # running log Z-hat, per prompt
+        self._count = 0
+
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("DPG draws all particles in one batched decode; call "
+                                  "loss or loss_and_grads")
+
+    def _update_log_z(self, log_w: torch.Tensor) -> torch.Tensor:
+        num = log_w.shape[0]
+        batch_log_z = torch.logsumexp(log_w, 0) - math.log(num)
+        if self._log_z is None or self._log_z.shape != batch_log_z.shape:
+            self._log_z, self._count = batch_log_z, num
+        elif self.z_decay is None:
+            total = self._count + num
+            self._log_z = torch.logaddexp(self._log_z + math.log(self._count / total),
+                                          batch_log_z + math.log(num / total))
+            self._count = total
+        else:
+            self._log_z = torch.logaddexp(self._log_z + math.log(self.z_decay),
+                                          batch_log_z + math.log1p(-self.z_decay))
+            self._count += num
+        return batch_log_z
+
+    def _loss(self, model, guide, args, kwargs, backward: bool) -> float:
+        if not isinstance(guide, AutoLMGuide):
+            raise TypeError(f"guide: DPG trains an AutoLMGuide(model, lm), got "
+                            f"{type(guide).__name__}")
+        structure = lm_structure(model, *args, **kwargs)
+        if self.max_plate_nesting != float("inf"):
+            structure.max_plate_nesting = max(structure.max_plate_nesting,
+                                              int(self.max_plate_nesting))
+        pyro.module(guide.name, guide.lm)  # so SVI sees (and steps) the guide's parameters
+        num, n = self.num_particles, structure.max_plate_nesting
+        if isinstance(self.proposal, CausalLM):
+            prop_lm = self.proposal
+        else:
+            prop_lm = guide.lm if self.proposal == "guide" else None
+        values, sample_log_probs = sample_lm_sites(structure, prop_lm, num)
+        log_prior, log_factors, common = vectorized_log_joint(model, structure, values,
+                                                              *args, **kwargs)
+        with torch.set_grad_enabled(backward):
+            log_q = sum(_reduce(_align(_site_dist(site, guide.lm).log_prob(values[name]), num, n),
+                                n, common) for name, site in structure.sites)
+        log_q_d = log_q.detach()
+        log_p = log_prior + log_factors
+        if isinstance(self.proposal, CausalLM):
+            log_pi = sum(_reduce(_align(lp, num, n), n, common)
+                         for lp in sample_log_probs.values())
+        else:
+            log_pi = log_q_d if self.proposal == "guide" else log_prior
+        log_w = log_p - log_pi
+        check_log_weights(log_w, "log_weights")
+        batch_log_z = self._update_log_z(log_w)
+        log_z = self._log_z
+        w_bar = torch.softmax(log_w, 0)
+        rho_bar = torch.softmax(log_q_d - log_pi, 0)
+        log_r = log_p - log_q_d  # log p~/q
+        finite = torch.where(w_bar > 0, log_r, torch.zeros_like(log_r))
+        kl_pq = (w_bar * finite).sum(0) - log_z
+        log_u = log_r - log_z
+        if self.divergence == "kl":
+            loss = kl_pq
+            coef = -(w_bar - rho_bar)
+        else:
+            loss = (rho_bar * _f(self.divergence, log_u)).sum(0)
+            g = _g(self.divergence, log_u)
+            if isinstance(self.proposal, str) and self.proposal == "guide":  # leave-one-out
+                coef = (g - g.mean(0, keepdim=True)) / (num - 1)
+            else:
+                coef = rho_bar * (g - (rho_bar * g).sum(0, keepdim=True))
+            coef = torch.nan_to_num(coef, nan=0.0, posinf=0.0, neginf=0.0)
+        if backward and log_q.requires_grad:
+            (coef.detach() * log_q).sum().backward()
+        ess = 1.0 / (w_bar**2).sum(0)
+        kl_q_prior = (rho_bar * (log_q_d - log_prior)).sum(0)
+        stats = torch.stack([loss.sum(), kl_pq.sum(), log_z.sum(), batch_log_z.sum(),
+                             ess.mean(), log_factors.mean(), kl_q_prior.sum()]).tolist()
+        self.metrics = dict(zip(("loss", "kl_pq", "log_Z", "log_Z_batch", "ess", "reward",
+                                 "kl_q_prior"), stats, strict=True))
+        return self.metrics["loss"]
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """An estimate of the chosen divergence (no gradient; updates :math:`\\hat Z`)."""
+        return self._loss(model, guide, args, kwargs, backward=False)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """The divergence estimate; accumulates its gradient in the guide's parameters."""
+        return self._loss(model, guide, args, kwargs, backward=True)

@@ -1,0 +1,76 @@
+r"""Resampling schemes for particle populations, batched over independent populations.
+
+Given log-weights of shape ``(N, *batch)`` (``N`` particles for each batch
+element), a scheme returns ancestor indices of the same shape: particle ``i``
+of batch element ``b`` is replaced by particle ``index[i, b]`` of that element.
+
+*Systematic* resampling uses one uniform per population,
+
+.. math::
+
+    U_i = \frac{i + U}{N},\quad U \sim \mathcal U[0, 1), \qquad
+    a_i = \min\{j : \textstyle\sum_{k \le j} \bar w_k > U_i\},
+
+which keeps :math:`E[\#\{i: a_i = j\}] = N \bar w_j` with lower variance than
+*multinomial* resampling.
+
+References:
+
+[1] G. Kitagawa, "Monte Carlo filter and smoother for non-Gaussian nonlinear state
+space models", JCGS, 1996.
+[2] R. Douc, O. Cappé, E. Moulines, "Comparison of resampling schemes for particle
+filtering", ISPA, 2005.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["RESAMPLERS", "multinomial_resample", "resample", "systematic_resample"]
+
+
+def _normalized(log_weights: torch.Tensor) -> torch.Tensor:
+    """``(B, N)`` normalised weights; a population whose weights are all zero is uniform
+    (the caller reports it: resampling cannot revive it)."""
+    n = log_weights.shape[0]
+    flat = log_weights.reshape(n, -1).T
+    dead = torch.isneginf(flat).all(-1, keepdim=True)
+    flat = torch.where(dead, torch.zeros_like(flat), flat)
+    return torch.softmax(flat.float(), dim=-1)
+
+
+def systematic_resample(log_weights: torch.Tensor, generator=None) -> torch.Tensor:
+    """Systematic resampling of each population; see the module docstring.
+
+    :param torch.Tensor log_weights: ``(N, *batch)``.
+    :returns: LongTensor ``(N, *batch)`` of ancestor indices in ``[0, N)``.
+    """
+    n = log_weights.shape[0]
+    w = _normalized(log_weights)
+    cdf = w.cumsum(-1)
+    cdf[:, -1] = 1.0  # rounding: the last bin always closes at 1
+    u = torch.rand((w.shape[0], 1), device=w.device, generator=generator)
+    u = (u + torch.arange(n, device=w.device, dtype=w.dtype)) / n
+    index = torch.searchsorted(cdf, u, right=True).clamp_(max=n - 1)
+    return index.T.reshape(log_weights.shape)
+
+
+def multinomial_resample(log_weights: torch.Tensor, generator=None) -> torch.Tensor:
+    """Multinomial resampling: ``N`` independent draws per population.
+
+    :param torch.Tensor log_weights: ``(N, *batch)``.
+    :returns: LongTensor ``(N, *batch)`` of ancestor indices in ``[0, N)``.
+    """
+    n = log_weights.shape[0]
+    index = torch.multinomial(_normalized(log_weights), n, replacement=True, generator=generator)
+    return index.T.reshape(log_weights.shape)
+
+
+RESAMPLERS = {"systematic": systematic_resample, "multinomial": multinomial_resample}
+
+
+def resample(log_weights: torch.Tensor, scheme: str = "systematic", generator=None):
+    """Ancestor indices ``(N, *batch)`` by the named ``scheme``."""
+    if scheme not in RESAMPLERS:
+        raise ValueError(f"resampling: expected one of {sorted(RESAMPLERS)}, got {scheme!r}")
+    return RESAMPLERS[scheme](log_weights, generator=generator)

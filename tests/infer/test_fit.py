@@ -1,0 +1,190 @@
+"""fit: metric history, progress bar, atomic checkpoints and bit-exact resumption."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pyro
+import pytest
+import torch
+
+from pyro_lm.infer import fit
+
+fit_module = importlib.import_module("pyro_lm.infer.fit")  # the module, not the function
+
+# A small training script: the test imports it, and runs it in a new process to resume.
+SCRIPT = '''
+import sys
+
+import pyro
+import torch
+
+from pyro_lm import LMDistribution
+from pyro_lm.infer import AutoLMGuide, SequenceELBO, fit
+from pyro_lm.lm import toy_lm
+from pyro_lm.rewards import Lexicon
+
+PROMPTS = torch.tensor([[0], [2]])
+
+
+def build():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    pyro.enable_validation(True)
+    prior = toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=1, init_std=0.2)
+    reward = Lexicon(prior.tokenizer, {"t1": 1.0})
+
+    def model(prompts):
+        with pyro.plate("prompts", prompts.shape[0]):
+            x = pyro.sample("x", LMDistribution(prior, prompts, 3))
+            pyro.factor("reward", reward(x) / 0.5)
+
+    policy = prior.trainable_copy()
+    guide = AutoLMGuide(model, policy)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}),
+                         SequenceELBO(num_particles=4))
+    return svi, policy
+
+
+def run(num_steps, checkpoint=None, every=None, progress=False):
+    svi, policy = build()
+    history = fit(svi, PROMPTS, num_steps=num_steps, checkpoint=checkpoint, every=every,
+                  progress=progress)
+    return history, {k: v.detach().clone() for k, v in policy.state_dict().items()}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(sys.argv[4]))
+    history, params = run(int(sys.argv[1]), sys.argv[2])
+    torch.save({"history": history, "params": params}, sys.argv[3])
+'''
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny LMs: one intra-op thread avoids OpenMP contention on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "train_script.py"
+    path.write_text(SCRIPT)
+    spec = importlib.util.spec_from_file_location("train_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.path = path
+    return module
+
+
+def losses(history):
+    return [(h["step"], h["loss"], h["kl"], h["reward"]) for h in history]
+
+
+def test_history_has_one_record_per_step_with_the_loss_metrics(script):
+    history, _ = script.run(3)
+    assert [h["step"] for h in history] == [0, 1, 2]
+    for h in history:
+        assert {"step", "loss", "time", "elbo", "reward", "kl", "ess", "log_factor"} <= set(h)
+        assert h["loss"] == pytest.approx(-h["elbo"])
+    times = [h["time"] for h in history]
+    assert times == sorted(times) and times[0] > 0
+
+
+def test_progress_bar_shows_reward_and_kl(script, capsys):
+    script.run(2, progress=True)
+    err = capsys.readouterr().err
+    assert "2/2" in err and "reward=" in err and "kl=" in err
+
+
+def test_resume_in_a_new_process_is_bitwise_exact(script, tmp_path):
+    threads = torch.get_num_threads()
+    straight_history, straight = script.run(6)
+    checkpoint = tmp_path / "run.ckpt"
+    half_history, half = script.run(3, checkpoint=checkpoint)
+    assert checkpoint.exists()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # no temp file left
+    out = tmp_path / "resumed.pt"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run([sys.executable, str(script.path), "6", str(checkpoint), str(out),
+                    str(threads)], check=True, timeout=300, env=env)
+    resumed = torch.load(out, weights_only=False)
+    assert losses(resumed["history"]) == losses(straight_history)
+    assert losses(resumed["history"][:3]) == losses(half_history)
+    assert straight.keys() == resumed["params"].keys()
+    for name, value in straight.items():
+        assert torch.equal(value, resumed["params"][name]), name
+    # the last three steps did train: the parameters moved after the checkpoint
+    assert any(not torch.equal(half[k], straight[k]) for k in straight)
+
+
+def test_checkpoint_every_and_at_the_end(script, tmp_path, monkeypatch):
+    saved = []
+    real = fit_module.save_checkpoint
+
+    def spy(path, svi, step, history):
+        saved.append((step, len(history)))
+        real(path, svi, step, history)
+
+    monkeypatch.setattr(fit_module, "save_checkpoint", spy)
+    script.run(5, checkpoint=tmp_path / "c.ckpt", every=2)
+    assert saved == [(2, 2), (4, 4), (5, 5)]
+    # a finished run resumed with the same num_steps does nothing and returns the history
+    saved.clear()
+    history, _ = script.run(5, checkpoint=tmp_path / "c.ckpt", every=2)
+    assert len(history) == 5 and saved == []
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_intact(script, tmp_path, monkeypatch):
+    checkpoint = tmp_path / "c.ckpt"
+    script.run(2, checkpoint=checkpoint)
+    before = checkpoint.read_bytes()
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit_module.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        script.run(4, checkpoint=checkpoint)
+    assert checkpoint.read_bytes() == before
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_bad_num_steps_and_every_are_clear_errors(script):
+    svi, _ = script.build()
+    with pytest.raises(ValueError, match="num_steps"):
+        fit(svi, script.PROMPTS, num_steps=-1)
+    with pytest.raises(ValueError, match="num_steps"):
+        fit(svi, script.PROMPTS, num_steps=2.5)
+    with pytest.raises(ValueError, match="every"):
+        fit(svi, script.PROMPTS, num_steps=2, every=0)
+    assert fit(svi, script.PROMPTS, num_steps=0, progress=False) == []
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", "pickle"])
+def test_corrupt_checkpoint_is_a_clear_error(script, tmp_path, content):
+    checkpoint = tmp_path / "bad.ckpt"
+    if content == "pickle":  # a readable file of the wrong kind
+        torch.save({"weights": torch.zeros(2)}, checkpoint)
+    else:
+        checkpoint.write_bytes(content)
+    svi, _ = script.build()
+    with pytest.raises(ValueError, match="checkpoint"):
+        fit(svi, script.PROMPTS, num_steps=2, checkpoint=checkpoint, progress=False)
+
+
+def test_checkpoint_of_another_guide_is_a_clear_error(script, tmp_path):
+    checkpoint = tmp_path / "c.ckpt"
+    script.run(1, checkpoint=checkpoint)
+    state = fit_module.load_checkpoint(checkpoint)
+    name = next(iter(state["params"]["params"]))
+    state["params"]["params"][name] = torch.zeros(7)
+    torch.save(state, checkpoint)
+    with pytest.raises(ValueError, match="another guide"):
+        script.run(2, checkpoint=checkpoint)
+    pyro.clear_param_store()

@@ -1,0 +1,253 @@
+"""Token-level SMC against exact enumeration (vocab 4, T 3).
+
+Unbiasedness of :math:`\\hat Z` is checked on many independent SMC runs at once:
+a plate of ``R`` identical prompts is ``R`` independent particle systems
+(resampling is per prompt).
+"""
+
+import math
+
+import pyro
+import pytest
+import torch
+from scipy import stats
+
+import pyro_lm
+from pyro_lm.distributions.prefix import counted_mask, is_complete
+from pyro_lm.exact import enumerate_model
+from pyro_lm.infer import SMC, AutoLMGuide
+from pyro_lm.infer.resampling import multinomial_resample, systematic_resample
+from pyro_lm.lm import toy_lm
+from pyro_lm.rewards import Callable, Lexicon
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*not registered in the param store")
+
+T = 3
+BETA = 1.0
+
+
+def make_model(lm, batched=True):
+    reward = Lexicon(lm.tokenizer, {"t1": 1.0, "t3": -1.0})
+
+    def model(prompts):
+        if not batched:
+            x = pyro.sample("x", pyro_lm.LMDistribution(lm, prompts, T))
+            pyro.factor("reward", reward(x) / BETA)
+            return x
+        with pyro.plate("prompts", len(prompts)):
+            x = pyro.sample("x", pyro_lm.LMDistribution(lm, prompts, T))
+            pyro.factor("reward", reward(x) / BETA)
+        return x
+
+    return model
+
+
+@pytest.fixture
+def prior(device):
+    return toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=1, init_std=0.5, device=device)
+
+
+@pytest.fixture
+def guide_lm(device):
+    return toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=2, init_std=0.1, device=device)
+
+
+def assert_unbiased(post, exact_log_z):
+    """Mean of Z_hat / Z over independent replicates (the batch) within 4 SE of 1."""
+    ratio = (post.log_normalizer() - exact_log_z.to(post.log_weights.device)).exp().reshape(-1)
+    se = ratio.std() / math.sqrt(ratio.numel())
+    assert abs(ratio.mean() - 1) < 4 * se, (ratio.mean(), se)
+
+
+def optimal_twist(exact):
+    """psi_t(x_{<=t}) = log E_{p0}[exp(f(x)) | x_{<=t}], from the enumerated support."""
+    support, log_joint, log_prior = exact.support, exact.log_joint, exact.log_prior
+
+    def twist(x, t):
+        # x: (N, *batch, T); support: (n, *batch, T)
+        match = (x[:, None, ..., :t] == support[None, ..., :t]).all(-1)  # (N, n, *batch)
+        minus_inf = torch.tensor(-math.inf, device=x.device)
+        joint = torch.where(match, log_joint, minus_inf).logsumexp(1)
+        prefix = torch.where(match, log_prior, minus_inf).logsumexp(1)
+        return joint - prefix
+
+    return twist
+
+
+@pytest.mark.parametrize("use_guide", [False, True])
+def test_z_unbiased(prior, guide_lm, use_guide):
+    model = make_model(prior)
+    prompts = ["t1", "t2 t3"] * 150  # 300 independent SMC runs, prompts of two lengths
+    exact = enumerate_model(model, prompts[:2])
+    guide = AutoLMGuide(model, guide_lm) if use_guide else None
+    post = SMC(model, guide, num_particles=16).run(prompts)
+    assert post.log_weights.shape == (16, 300)
+    assert post.samples["x"].shape == (16, 300, T)
+    assert post.history["resampled"].any(), "the test should exercise resampling"
+    log_z = post.log_normalizer().reshape(150, 2)
+    for j in range(2):
+        ratio = (log_z[:, j] - exact.log_Z[j].to(log_z.device)).exp()
+        se = ratio.std() / math.sqrt(150)
+        assert abs(ratio.mean() - 1) < 4 * se, (j, ratio.mean(), se)
+
+
+@pytest.mark.parametrize("resampling", ["systematic", "multinomial"])
+def test_always_resampling_unbiased(tiny_lm, resampling):
+    model = make_model(tiny_lm)
+    prompts = torch.zeros(300, 1, dtype=torch.long)
+    exact = enumerate_model(model, prompts[:1])
+    post = SMC(model, num_particles=16, ess_threshold=1.0, resampling=resampling).run(prompts)
+    assert post.history["resampled"][:-1].float().mean() > 0.5
+    assert not post.history["resampled"][-1].any()  # never after the last token
+    assert_unbiased(post, exact.log_Z)
+
+
+def test_weights_telescope_exactly(prior, guide_lm):
+    """Without resampling, any twist cancels: log w = log p0(x) + f(x) - log q(x) exactly."""
+    model = make_model(prior)
+    prompts = ["t1", "t2 t3"]
+
+    def twist(x, t):
+        return 0.7 * ((x == 1) & counted_mask(x, 0)).sum(-1).float() - 0.3 * t
+
+    guide = AutoLMGuide(model, guide_lm)
+    post = SMC(model, guide, num_particles=64, ess_threshold=0.0, twist=twist).run(prompts)
+    x = post.samples["x"]
+    dist = pyro_lm.LMDistribution(prior, prompts, T)
+    reward = Lexicon(prior.tokenizer, {"t1": 1.0, "t3": -1.0})
+    expected = dist.log_prob(x) + reward(x) / BETA - dist.with_lm(guide_lm).log_prob(x)
+    torch.testing.assert_close(post.log_weights, expected, atol=1e-4, rtol=1e-4)
+    assert not post.history["resampled"].any()
+
+
+def test_optimal_twist_unbiased(prior):
+    """The optimal twist psi_t = log E[exp f | x_<=t] (from enumeration): Z_hat unbiased."""
+    model = make_model(prior)
+    prompts = torch.zeros(300, 1, dtype=torch.long, device=prior.device)
+    exact = enumerate_model(model, prompts)
+    post = SMC(model, num_particles=16, twist=optimal_twist(exact)).run(prompts)
+    assert_unbiased(post, exact.log_Z)
+    # at t = 0 the optimal potential is log Z itself
+    torch.testing.assert_close(optimal_twist(exact)(post.samples["x"], 0), exact.log_Z.expand(
+        16, 300), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("use_guide", [False, True])
+def test_crude_twist_unbiased(tiny_lm, use_guide):
+    """Any twist (here a noisy guess) leaves the final weights exact."""
+    model = make_model(tiny_lm)
+    prompts = torch.zeros(300, 1, dtype=torch.long)
+    exact = enumerate_model(model, prompts[:1])
+
+    def twist(x, t):
+        return 0.7 * ((x == 1) & counted_mask(x, 0)).sum(-1).float() - 0.3 * t
+
+    guide = AutoLMGuide(model, toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=2,
+                                      init_std=0.1)) if use_guide else None
+    post = SMC(model, guide, num_particles=16, twist=twist).run(prompts)
+    assert_unbiased(post, exact.log_Z)
+
+
+def test_resampled_population_matches_posterior(tiny_lm):
+    """Chi-square goodness of fit of post.resample draws to the exact p* (p = 1e-3)."""
+    model = make_model(tiny_lm, batched=False)
+    exact = enumerate_model(model, "t2")
+    post = SMC(model, num_particles=20000).run("t2")
+    draws = post.resample(2000)["x"]
+    counts = exact.sample_counts(draws).double()
+    expected = exact.probs.double() * draws.shape[0]
+    big = expected >= 5  # pool the rare sequences into one bin
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    chi2 = ((obs - exp) ** 2 / exp).sum().item()
+    assert stats.chi2.sf(chi2, df=len(obs) - 1) > 1e-3, chi2
+
+
+def test_minus_inf_everywhere_raises(tiny_lm):
+    def model(prompt):
+        x = pyro.sample("x", pyro_lm.LMDistribution(tiny_lm, prompt, T))
+        pyro.factor("impossible", torch.full(x.shape[:-1], -math.inf))
+
+    with pytest.raises(ValueError, match="weight zero") as info:
+        SMC(model, num_particles=8).run("t1")
+    assert "nan" not in str(info.value).lower()
+
+
+def test_hard_constraint_at_end(tiny_lm):
+    """-inf on completed sequences without token t1: weights target the constrained p*."""
+    def has_t1(x):
+        ok = ((x == 1) & counted_mask(x, 0)).any(-1) | ~is_complete(x, 0)
+        return torch.where(ok, 0.0, -math.inf)
+
+    reward = Callable(has_t1)
+
+    def model(prompts):
+        with pyro.plate("prompts", prompts.shape[0]):
+            x = pyro.sample("x", pyro_lm.LMDistribution(tiny_lm, prompts, T))
+            pyro.factor("constraint", reward(x))
+
+    prompts = torch.zeros(300, 1, dtype=torch.long)
+    exact = enumerate_model(model, prompts[:1])
+    post = SMC(model, num_particles=16).run(prompts)
+    x = post.samples["x"]
+    alive = torch.isfinite(post.log_weights)
+    assert ((x == 1).any(-1) | ~alive).all()
+    assert_unbiased(post, exact.log_Z)
+
+
+def test_single_prompt_shapes_and_history(tiny_lm):
+    model = make_model(tiny_lm, batched=False)
+    post = SMC(model, num_particles=8, ess_threshold=0.9).run("t1")
+    assert post.log_weights.shape == (8,)
+    assert post.samples["x"].shape == (8, T)
+    steps = post.history["ess"].shape[0]
+    assert 1 <= steps <= T
+    assert post.history["resampled"].dtype == torch.bool
+    assert post.history["resampled"].shape == (steps,)
+    torch.testing.assert_close(post.history["log_Z"][-1], post.log_normalizer())
+    assert isinstance(post.text()[0], str)
+
+
+def test_resamplers_keep_expected_counts():
+    torch.manual_seed(0)
+    log_w = torch.tensor([[0.0, -math.inf], [math.log(3.0), 0.0], [-math.inf, 0.0],
+                          [0.0, -math.inf]])  # (N=4, B=2)
+    for fn in (systematic_resample, multinomial_resample):
+        idx = fn(log_w)
+        assert idx.shape == (4, 2)
+        assert not (idx[:, 0] == 2).any() and not (idx[:, 1] == 0).any()
+        assert not (idx[:, 1] == 3).any()
+    # systematic: counts within one of N * w
+    idx = systematic_resample(log_w)
+    assert (idx[:, 0] == 1).sum() in (2, 3) and (idx[:, 1] == 1).sum() in (2, 3)
+
+
+@pytest.mark.parametrize("kwargs, exc, name", [
+    ({"num_particles": 0}, ValueError, "num_particles"),
+    ({"ess_threshold": 1.5}, ValueError, "ess_threshold"),
+    ({"ess_threshold": -0.1}, ValueError, "ess_threshold"),
+    ({"resampling": "stratified-ish"}, ValueError, "resampling"),
+    ({"twist": 3.0}, TypeError, "twist"),
+    ({"guide": lambda p: None}, TypeError, "guide"),
+])
+def test_bad_arguments(tiny_lm, kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        SMC(make_model(tiny_lm), **kwargs)
+
+
+def test_bad_models(tiny_lm):
+    with pytest.raises(ValueError, match="prompts"):
+        SMC(make_model(tiny_lm), num_particles=4).run([])
+
+    def two_sites(prompt):
+        pyro.sample("x", pyro_lm.LMDistribution(tiny_lm, prompt, T))
+        pyro.sample("y", pyro_lm.LMDistribution(tiny_lm, prompt, T))
+
+    with pytest.raises(ValueError, match="exactly one LM site"):
+        SMC(two_sites, num_particles=4).run("t1")
+
+    def bad_twist(x, t):
+        return torch.zeros(3)
+
+    with pytest.raises(ValueError, match="twist"):
+        SMC(make_model(tiny_lm, batched=False), num_particles=4, twist=bad_twist).run("t1")

@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import torch
+
+import pyro_lm
+from pyro_lm.distributions import prefix_context
+from pyro_lm.lm import toy_lm
+from pyro_lm.rewards import Callable, Classifier, Lexicon, Regex
+
+
+@pytest.mark.parametrize("mode", ["tokens", "text"])
+def test_lexicon_counts_content_up_to_eos(tiny_lm, device, mode):
+    r = Lexicon(tiny_lm.tokenizer, {"t1": 1.0, "t2": -0.5}, mode=mode)
+    x = torch.tensor([[1, 1, 2, 0, 0], [2, 0, 0, 0, 0], [3, 3, 3, 3, 1]], device=device)
+    out = r(x)
+    assert out.device.type == device.type and out.dtype == torch.float32
+    assert out.tolist() == [1.5, -0.5, 1.0]
+    assert r(x.expand(2, 3, 5)).shape == (2, 3)
+
+
+def test_lexicon_on_prefixes_counts_only_generated_positions(tiny_lm):
+    r = Lexicon(tiny_lm.tokenizer, {"t1": 1.0})
+    x = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])  # positions >= t are pad (= EOS here)
+    with prefix_context(1):
+        assert r(x).tolist() == [1.0, 1.0]
+    with prefix_context(2):
+        assert r(x).tolist() == [2.0, 1.0]
+    assert r(x).tolist() == [2.0, 1.0]
+
+
+def test_lexicon_multi_token_words_and_forbidden_words():
+    lm = toy_lm(vocab_size=5, seed=0)
+    r = Lexicon(lm.tokenizer, {"t1": -math.inf, "t2": 2.0})
+    x = torch.tensor([[2, 3, 0], [1, 2, 0], [0, 1, 1]])
+    assert r(x).tolist() == [2.0, -math.inf, 0.0]
+
+
+def test_lexicon_rejects_unknown_words(tiny_lm):
+    with pytest.raises(ValueError, match="weights: words .*cannot be written"):
+        Lexicon(tiny_lm.tokenizer, {"zzz": 1.0})
+    with pytest.raises(ValueError, match="weights: the lexicon is empty"):
+        Lexicon(tiny_lm.tokenizer, {})
+
+
+def test_regex_on_full_completions_and_prefixes(tiny_lm):
+    r = Regex(tiny_lm.tokenizer, r"t1 t2", match=1.0, no_match=-math.inf)
+    x = torch.tensor([[1, 2, 0], [2, 1, 0], [3, 3, 3]])
+    assert r(x).tolist() == [1.0, -math.inf, -math.inf]
+    with prefix_context(1):  # incomplete: no information yet
+        assert r(x).tolist() == [0.0, 0.0, 0.0]
+    monotone = Regex(tiny_lm.tokenizer, r"t1", monotone=True)
+    with prefix_context(1):
+        assert monotone(x).tolist() == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="pattern: .* is not a valid regular expression"):
+        Regex(tiny_lm.tokenizer, "(")
+
+
+def test_callable_nan_is_an_error_naming_the_reward(tiny_lm):
+    r = Callable(lambda x: torch.full(x.shape[:-1], float("nan")), name="my_reward")
+    with pytest.raises(ValueError, match="reward 'my_reward' returned NaN"):
+        r(torch.zeros(2, 3, dtype=torch.long))
+    inf = Callable(lambda x: torch.full(x.shape[:-1], -math.inf))
+    assert torch.isneginf(inf(torch.zeros(2, 3, dtype=torch.long))).all()
+    bad = Callable(lambda x: torch.zeros(5))
+    with pytest.raises(ValueError, match="returned shape"):
+        bad(torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_classifier_reward_is_log_prob_of_label(tiny_lm, device):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=4, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                        num_labels=2, pad_token_id=0, id2label={0: "neg", 1: "pos"},
+                        label2id={"neg": 0, "pos": 1})
+    clf = GPT2ForSequenceClassification(config).to(device).eval()
+    tok = pyro_lm.lm.toy_tokenizer(4)
+    r = Classifier(clf, tok, "pos", tiny_lm.tokenizer)
+    x = torch.tensor([[1, 2, 0], [3, 0, 0]], device=device)
+    out = r(x)
+    assert out.shape == (2,) and (out <= 0).all() and torch.isfinite(out).all()
+    enc = tok(["t1 t2"], return_tensors="pt")
+    with torch.no_grad():
+        ref = clf(**{k: v.to(device) for k, v in enc.items()}).logits.log_softmax(-1)[0, 1]
+    assert torch.allclose(out[0], ref, atol=1e-5)
+    other = Classifier(clf, tok, 0, tiny_lm.tokenizer)
+    assert torch.allclose(out.exp() + other(x).exp(), torch.ones(2, device=device), atol=1e-5)
+    with pytest.raises(ValueError, match="label: 'meh' is not one of"):
+        Classifier(clf, tok, "meh", tiny_lm.tokenizer)
