@@ -93,20 +93,7 @@ def toy_task(args):
     return lm, prompt, x, [judge(t) for t in lm.decode(x)], judge
 
 
-def importance(model, lm, reward, prompts, max_new_tokens, beta, num_samples):
-    """pyro_lm.infer.Importance (prior proposal) where available, else the same by hand:
-    x ~ p0, log w = r(x) / beta."""
-    try:
-        from pyro_lm.infer.importance import Importance
-    except ImportError:
-        dist = pyro_lm.LMDistribution(lm, prompts, max_new_tokens=max_new_tokens)
-        x = dist.sample((num_samples,))
-        return pyro_lm.infer.WeightedPosterior({"x": x}, reward(x) / beta, lms={"x": lm})
-    return Importance(model, num_samples=num_samples).run(prompts)
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def main(args) -> dict:
     pyro.set_rng_seed(args.seed)
     try:
         lm, prompt, x_train, labels, judge = bundled_task(args)
@@ -145,8 +132,7 @@ def main(argv=None) -> dict:
             pyro.factor("reward", clf(x) / args.beta)
             return x
 
-    post = importance(model, lm, clf, [prompt], args.max_new_tokens, args.beta,
-                      args.num_particles)
+    post = pyro_lm.infer.Importance(model, num_samples=args.num_particles).run([prompt])
     positive = torch.tensor([[judge(t) for t in row] for row in post.text("x")],
                             dtype=torch.float64)  # (N, 1)
     w = post.normalized_weights().double().cpu()
@@ -165,4 +151,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

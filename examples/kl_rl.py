@@ -118,6 +118,7 @@ def collapse(args, device) -> dict:
 
 
 def main(args):
+    pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     device = torch.device(args.device)
     return {"equivalence": equivalence(args, device), "collapse": collapse(args, device)}

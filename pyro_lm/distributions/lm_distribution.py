@@ -13,6 +13,9 @@ support is finite: every sequence of at most ``T`` tokens.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
@@ -20,10 +23,44 @@ from torch.distributions import constraints
 from pyro_lm.lm.causal_lm import CausalLM
 from pyro_lm.lm.decoding import sample_tokens
 
-__all__ = ["LMDistribution", "SequenceConstraint", "after_first_eos"]
+__all__ = ["LMDistribution", "SequenceConstraint", "after_first_eos", "prompt_cache"]
 
 #: Logit elements one chunk of :meth:`LMDistribution.log_prob` may hold (float32: 256 MiB).
 LOG_PROB_BUDGET = 2**26
+
+
+_PROMPT_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "pyro_lm_prompt_cache", default=None)
+
+
+@contextlib.contextmanager
+def prompt_cache():
+    """Within this context, :class:`LMDistribution` reuses the prepared (tokenised and
+    checked) prompts of arguments it has already seen: the same tensor objects, unmodified
+    since, or equal strings, with the same LM. Inference that re-runs a model many times
+    on the same arguments (token-level SMC evaluates it once per token) uses it."""
+    token = _PROMPT_CACHE.set({})
+    try:
+        yield
+    finally:
+        _PROMPT_CACHE.reset(token)
+
+
+def _prompt_key(lm, prompts, attention_mask):
+    """A cache key that identifies the prompts' content, or ``None`` (do not cache)."""
+    if isinstance(prompts, str):
+        key = prompts
+    elif isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts):
+        key = tuple(prompts)
+    elif isinstance(prompts, torch.Tensor) and not prompts.is_inference():
+        key = (id(prompts), prompts._version)  # inference tensors have no version counter
+    else:
+        return None
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.is_inference():
+            return None
+        key = (key, id(attention_mask), attention_mask._version)
+    return id(lm), key
 
 
 def after_first_eos(x: torch.Tensor, eos: int) -> torch.Tensor:
@@ -101,7 +138,15 @@ class LMDistribution(TorchDistribution):
         self.max_new_tokens = max_new_tokens
         self.chunk_size = chunk_size
         self.max_enumerate = max_enumerate
-        ids, mask, prompt_batch = self._prepare_prompts(lm, prompts, attention_mask)
+        cache, key = _PROMPT_CACHE.get(), None
+        if cache is not None:
+            key = _prompt_key(lm, prompts, attention_mask)
+        if key is not None and key in cache:
+            ids, mask, prompt_batch = cache[key][-1]
+        else:
+            ids, mask, prompt_batch = self._prepare_prompts(lm, prompts, attention_mask)
+            if key is not None:  # holding the objects keeps their ids unique
+                cache[key] = (lm, prompts, attention_mask, (ids, mask, prompt_batch))
         limit = lm.max_length
         if limit is not None and ids.shape[-1] + max_new_tokens > limit:
             raise ValueError(
@@ -156,9 +201,10 @@ class LMDistribution(TorchDistribution):
                 rows = (mask.sum(-1) == 0).nonzero().flatten().tolist()
                 raise ValueError(f"prompts: rows {rows} are empty (attention_mask all zero); "
                                  "each prompt needs at least one token")
-        real = ids.masked_select(mask.bool())
-        if ((real < 0) | (real >= lm.vocab_size)).any():
-            bad = real[(real < 0) | (real >= lm.vocab_size)][:5].tolist()
+        real = ids if attention_mask is None else ids.masked_select(mask.bool())
+        vocab_size = lm.vocab_size
+        if ((real < 0) | (real >= vocab_size)).any():
+            bad = real[(real < 0) | (real >= vocab_size)][:5].tolist()
             raise ValueError(f"prompts: token ids {bad} are out of range [0, {lm.vocab_size}) "
                              "for this LM; were they made by another tokenizer?")
         return ids, mask, batch

@@ -53,8 +53,8 @@ import pyro
 import torch
 
 from pyro_lm.distributions.lm_distribution import LMDistribution
-from pyro_lm.infer.dpg import propose
 from pyro_lm.infer.posterior import check_log_weights
+from pyro_lm.infer.proposal import propose
 from pyro_lm.rewards.base import Reward
 
 __all__ = ["MomentConstraint", "MomentFit", "fit_moments"]

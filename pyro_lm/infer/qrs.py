@@ -38,8 +38,8 @@ import math
 
 import torch
 
-from pyro_lm.infer.dpg import lm_structure, propose
 from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
+from pyro_lm.infer.proposal import lm_structure, propose
 
 __all__ = ["QRS", "pick_log_bound"]
 

@@ -33,26 +33,27 @@ def _normalized(log_weights: torch.Tensor) -> torch.Tensor:
     """``(B, N)`` normalised weights; a population whose weights are all zero is uniform
     (the caller reports it: resampling cannot revive it)."""
     n = log_weights.shape[0]
-    flat = log_weights.reshape(n, -1).T
-    dead = torch.isneginf(flat).all(-1, keepdim=True)
-    flat = torch.where(dead, torch.zeros_like(flat), flat)
-    return torch.softmax(flat.float(), dim=-1)
+    w = torch.softmax(log_weights.reshape(n, -1).T.float(), dim=-1)
+    return w.nan_to_num_(nan=1.0 / n)  # all -inf: softmax is NaN
 
 
 def systematic_resample(log_weights: torch.Tensor, generator=None) -> torch.Tensor:
     """Systematic resampling of each population; see the module docstring.
 
     :param torch.Tensor log_weights: ``(N, *batch)``.
-    :returns: LongTensor ``(N, *batch)`` of ancestor indices in ``[0, N)``.
+    :returns: LongTensor ``(N, *batch)`` of ancestor indices in ``[0, N)``; a particle of
+        weight zero is never an ancestor unless its whole population has weight zero.
     """
     n = log_weights.shape[0]
-    w = _normalized(log_weights)
+    w = _normalized(log_weights)  # (B, N)
     cdf = w.cumsum(-1)
-    cdf[:, -1] = 1.0  # rounding: the last bin always closes at 1
-    u = torch.rand((w.shape[0], 1), device=w.device, generator=generator)
-    u = (u + torch.arange(n, device=w.device, dtype=w.dtype)) / n
-    index = torch.searchsorted(cdf, u, right=True).clamp_(max=n - 1)
-    return index.T.reshape(log_weights.shape)
+    total = cdf[:, -1:].contiguous()  # 1 up to rounding
+    u = torch.rand((w.shape[0], 1), device=w.device, dtype=w.dtype, generator=generator)
+    u = (torch.arange(n, device=w.device, dtype=w.dtype) + u).mul_(total / n)
+    # ancestor i has cdf[i-1] <= U_i < cdf[i], a bin of positive weight; rounding may put U_i
+    # at or past the total: then the last particle of positive weight closes the range
+    index = torch.searchsorted(cdf, u, right=True)
+    return torch.minimum(index, torch.searchsorted(cdf, total)).T.reshape(log_weights.shape)
 
 
 def multinomial_resample(log_weights: torch.Tensor, generator=None) -> torch.Tensor:

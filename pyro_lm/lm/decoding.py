@@ -58,19 +58,25 @@ class IncrementalDecoder:
         self.next_position = self.next_position + 1
         self.logits = logits[:, -1].float()
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep sequence ``index[i]`` in row ``i`` (after resampling)."""
+    def reorder(self, index: torch.Tensor, logits: bool = True) -> None:
+        """Keep sequence ``index[i]`` in row ``i`` (after resampling).
+
+        :param bool logits: also reorder :attr:`logits`; pass ``False`` when
+            :meth:`advance` comes next and replaces them.
+        """
         self.cache.reorder_cache(index)
-        self.mask = self.mask.index_select(0, index)
-        self.next_position = self.next_position.index_select(0, index)
-        self.logits = self.logits.index_select(0, index)
+        if self.padded:  # without padding every row has the same mask and positions
+            self.mask = self.mask.index_select(0, index)
+            self.next_position = self.next_position.index_select(0, index)
+        if logits:
+            self.logits = self.logits.index_select(0, index)
 
 
 def sample_tokens(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   max_new_tokens: int, sync_every: int | None = None):
     """Draw one completion per prompt row by ancestral sampling.
 
-    Runs without gradients. Stops early once every sequence has emitted EOS;
+    Runs without gradients (in inference mode; the outputs are ordinary tensors). Stops early once every sequence has emitted EOS;
     that check costs a host sync, made every ``sync_every`` steps (default 1
     on CPU, 8 on accelerators).
 
@@ -87,7 +93,9 @@ def sample_tokens(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     log_prob = torch.zeros(n, dtype=torch.float32, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     pad_t = torch.tensor(pad, dtype=torch.long, device=device)
-    with torch.no_grad(), eval_mode(lm.model):
+    # inference mode is cheaper than no_grad; the results are cloned out of it below so that
+    # they can be used where autograd saves tensors (e.g. as indices in a log_prob with grad)
+    with torch.inference_mode(), eval_mode(lm.model):
         decoder = IncrementalDecoder(lm, input_ids, attention_mask, max_new_tokens)
         for t in range(max_new_tokens):
             logits = decoder.logits
@@ -103,4 +111,4 @@ def sample_tokens(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             if (t + 1) % sync_every == 0 and bool(done.all()):
                 break
             decoder.advance(token.masked_fill(done, decoder.filler_token))
-    return x, log_prob
+    return x.clone(), log_prob.clone()

@@ -29,11 +29,15 @@ class Classifier(Reward):
     :param int batch_size: sequences per classifier forward pass.
     :param str prefix_text: text prepended to each completion before
         classification (e.g. the prompt).
+    :param str empty_text: what an empty completion (EOS first) is classified
+        as; default the classifier tokenizer's BOS, EOS or pad token, so that it
+        is never zero tokens long.
     """
 
     def __init__(self, model, classifier_tokenizer, label, lm_tokenizer,
                  on_prefix: str = "evaluate", batch_size: int = 64, max_length: int = 512,
-                 prefix_text: str = "", name: str | None = None):
+                 prefix_text: str = "", empty_text: str | None = None,
+                 name: str | None = None):
         super().__init__(name or f"Classifier({label!r})")
         if isinstance(label, str):
             label2id = getattr(model.config, "label2id", {}) or {}
@@ -57,6 +61,10 @@ class Classifier(Reward):
         self.batch_size = batch_size
         self.max_length = max_length
         self.prefix_text = prefix_text
+        if empty_text is None:
+            tok = classifier_tokenizer
+            empty_text = tok.bos_token or tok.eos_token or tok.pad_token
+        self.empty_text = empty_text
 
     @property
     def device(self) -> torch.device:
@@ -64,6 +72,7 @@ class Classifier(Reward):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         texts = [self.prefix_text + t for t in decode_counted(self.lm_tokenizer, x, self.eos)]
+        texts = [t if t.strip() else self.empty_text for t in texts]
         out = []
         with torch.no_grad(), eval_mode(self.model):
             for i in range(0, len(texts), self.batch_size):

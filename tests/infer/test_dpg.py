@@ -16,15 +16,6 @@ T = 3
 BETA = 0.5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_problem(device, num_prompts=2):
     """Prior toy LM (vocab 4), reward = number of token-1's, beta 0.5, batched prompts."""
     prior = toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=1, init_std=0.5, device=device)

@@ -19,16 +19,6 @@ BETA = 0.5
 T = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These LMs are tiny: one intra-op thread avoids OpenMP contention on a busy machine
-    (several times faster here) without changing any result."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(prior, prompts, beta=BETA, reward=None):
     reward = reward or Lexicon(prior.tokenizer, {"t1": 1.0, "t3": -1.0})
 

@@ -61,15 +61,6 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny LMs: one intra-op thread avoids OpenMP contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def script(tmp_path):
     path = tmp_path / "train_script.py"

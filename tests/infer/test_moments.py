@@ -14,14 +14,6 @@ from pyro_lm.lm import toy_lm
 T = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def has_token_1(x):
     return (x == 1).any(-1)
 

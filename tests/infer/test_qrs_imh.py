@@ -1,5 +1,6 @@
 """QRS and IMH: sample frequencies against the exact posterior (chi-square at p = 1e-3)."""
 
+import contextlib
 import math
 
 import pyro
@@ -16,33 +17,18 @@ T = 3
 P_VALUE = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_problem(device, prompts=None, scale=0.5):
     """Prior toy LM (vocab 4, T 3), factor = scale * number of token-1's."""
     prior = toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=1, init_std=0.5, device=device)
 
     def model(prompts):
-        with pyro.plate("prompts", prompts.shape[0]) if prompts.dim() == 2 else _null():
+        batched = prompts.dim() == 2
+        with pyro.plate("prompts", prompts.shape[0]) if batched else contextlib.nullcontext():
             x = pyro.sample("x", pyro_lm.LMDistribution(prior, prompts, T))
             pyro.factor("reward", scale * (x == 1).sum(-1).float())
 
     prompts = torch.tensor([0], device=device) if prompts is None else prompts.to(device)
     return prior, model, prompts
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def chi2_pvalue(exact, samples):

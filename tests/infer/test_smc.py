@@ -251,3 +251,177 @@ def test_bad_models(tiny_lm):
 
     with pytest.raises(ValueError, match="twist"):
         SMC(make_model(tiny_lm, batched=False), num_particles=4, twist=bad_twist).run("t1")
+
+
+# ----------------------------------------------------------------------------- lookahead
+@pytest.mark.parametrize("lookahead", ["full", 2])
+@pytest.mark.parametrize("use_guide", [False, True])
+def test_lookahead_z_unbiased(prior, guide_lm, lookahead, use_guide):
+    """The lookahead proposal (exact weights for any k): Z_hat unbiased, with resampling."""
+    model = make_model(prior)
+    prompts = ["t1", "t2 t3"] * 150
+    exact = enumerate_model(model, prompts[:2])
+    guide = AutoLMGuide(model, guide_lm) if use_guide else None
+    # lookahead weights vary less: resample whenever the ESS is below 0.9 N
+    post = SMC(model, guide, num_particles=16, ess_threshold=0.9,
+               lookahead=lookahead).run(prompts)
+    assert post.history["resampled"].any(), "the test should exercise resampling"
+    log_z = post.log_normalizer().reshape(150, 2)
+    for j in range(2):
+        ratio = (log_z[:, j] - exact.log_Z[j].to(log_z.device)).exp()
+        se = ratio.std() / math.sqrt(150)
+        assert abs(ratio.mean() - 1) < 4 * se, (j, ratio.mean(), se)
+
+
+@pytest.mark.parametrize("lookahead", ["full", 2])
+def test_lookahead_resampled_population_matches_posterior(tiny_lm, lookahead):
+    """Chi-square goodness of fit of resampled lookahead-SMC draws to p* (p = 1e-3)."""
+    model = make_model(tiny_lm, batched=False)
+    exact = enumerate_model(model, "t2")
+    post = SMC(model, num_particles=20000, lookahead=lookahead).run("t2")
+    draws = post.resample(2000)["x"]
+    counts = exact.sample_counts(draws).double()
+    expected = exact.probs.double() * draws.shape[0]
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    chi2 = ((obs - exp) ** 2 / exp).sum().item()
+    assert stats.chi2.sf(chi2, df=len(obs) - 1) > 1e-3, chi2
+
+
+def test_full_lookahead_one_token_weights_are_log_z(prior):
+    """T = 1, prior proposal, "full": r = p* exactly, so every log-weight is log Z."""
+    reward = Lexicon(prior.tokenizer, {"t1": 1.0, "t3": -1.0})
+
+    def model(prompts):
+        with pyro.plate("prompts", len(prompts)):
+            x = pyro.sample("x", pyro_lm.LMDistribution(prior, prompts, 1))
+            pyro.factor("reward", reward(x) / BETA)
+
+    prompts = ["t1", "t2 t3"]
+    exact = enumerate_model(model, prompts)
+    post = SMC(model, num_particles=32, lookahead="full").run(prompts)
+    expected = exact.log_Z.to(post.log_weights.device).expand(32, 2)
+    torch.testing.assert_close(post.log_weights, expected, atol=1e-5, rtol=0)
+
+
+def test_full_lookahead_with_optimal_twist_is_perfect(prior):
+    """With the optimal twist psi_t = log E[exp f | x_<=t] the lookahead proposal is
+    p*(x_t | x_<t): every increment after the first is 0 and every log-weight is log Z."""
+    model = make_model(prior)
+    prompts = torch.zeros(4, 1, dtype=torch.long, device=prior.device)
+    exact = enumerate_model(model, prompts)
+    post = SMC(model, num_particles=64, twist=optimal_twist(exact), lookahead="full").run(prompts)
+    expected = exact.log_Z.to(post.log_weights.device).expand(64, 4)
+    torch.testing.assert_close(post.log_weights, expected, atol=1e-4, rtol=0)
+    assert not post.history["resampled"].any()  # equal weights: ESS = N
+    # the samples follow p* (4 identical prompts: 256 draws of one posterior)
+    one = enumerate_model(make_model(prior, batched=False), prompts[0])
+    counts = one.sample_counts(post.samples["x"].reshape(-1, T)).double()
+    expected = one.probs.double() * counts.sum()
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    chi2 = ((obs - exp) ** 2 / exp).sum().item()
+    assert stats.chi2.sf(chi2, df=len(obs) - 1) > 1e-3, chi2
+
+
+@pytest.mark.parametrize("lookahead", ["full", 2])
+def test_lookahead_hard_constraint(tiny_lm, lookahead):
+    """A forbidden word (weight -inf, monotone in the prefix): "full" never proposes it;
+    with k = 2 a forbidden token outside the top-k may be drawn and kills its particle
+    (weight -inf, never NaN). Z_hat stays unbiased for the constrained Z."""
+    reward = Lexicon(tiny_lm.tokenizer, {"t3": -math.inf, "t1": 1.0})
+
+    def model(prompts):
+        with pyro.plate("prompts", prompts.shape[0]):
+            x = pyro.sample("x", pyro_lm.LMDistribution(tiny_lm, prompts, T))
+            pyro.factor("constraint", reward(x))
+
+    prompts = torch.zeros(300, 1, dtype=torch.long)
+    exact = enumerate_model(model, prompts[:1])
+    post = SMC(model, num_particles=16, lookahead=lookahead).run(prompts)
+    x, log_w = post.samples["x"], post.log_weights
+    assert not torch.isnan(log_w).any()
+    has_t3 = ((x == 3) & counted_mask(x, 0)).any(-1)
+    assert torch.isneginf(log_w[has_t3]).all()
+    if lookahead == 2:
+        assert has_t3.any(), "the test should exercise a forbidden token outside the top-k"
+    else:
+        assert not has_t3.any() and torch.isfinite(log_w).all()
+    assert_unbiased(post, exact.log_Z)
+
+
+@pytest.mark.parametrize("lookahead", [None, "full", 2])
+def test_minus_inf_everywhere_raises_with_lookahead(tiny_lm, lookahead):
+    def model(prompt):
+        x = pyro.sample("x", pyro_lm.LMDistribution(tiny_lm, prompt, T))
+        pyro.factor("impossible", torch.full(x.shape[:-1], -math.inf))
+
+    with pytest.raises(ValueError, match="weight zero") as info:
+        SMC(model, num_particles=8, lookahead=lookahead).run("t1")
+    assert "nan" not in str(info.value).lower()
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "partial", 1.5])
+def test_bad_lookahead(tiny_lm, bad):
+    with pytest.raises(ValueError, match="lookahead"):
+        SMC(make_model(tiny_lm), lookahead=bad)
+
+
+def test_outputs_work_with_autograd(tiny_lm):
+    """The loop runs in inference mode; what it returns must be ordinary tensors."""
+    model = make_model(tiny_lm, batched=False)
+    post = SMC(model, num_particles=8).run("t1")
+    tensors = [post.samples["x"], post.log_weights, post.log_normalizer(),
+               *post.history.values()]
+    assert not any(v.is_inference() for v in tensors)
+    policy = tiny_lm.trainable_copy()
+    loss = -pyro_lm.LMDistribution(policy, "t1", T).log_prob(post.samples["x"]).mean()
+    loss.backward()
+    assert any(p.grad is not None for p in policy.parameters())
+
+
+def test_systematic_never_picks_zero_weight_at_the_edge(monkeypatch):
+    """Weights whose float32 cumsum ends below 1, the uniform at its largest value: the
+    last pointer lies past the total; the dead last particle must not be picked."""
+    log_w = torch.tensor([1.0372735, -2.6250439, 0.3839901, 1.0855427, -math.inf])[:, None]
+    assert torch.softmax(log_w[:, 0], 0).cumsum(0)[-1] < 1  # the rounding this test needs
+    largest = 1.0 - 2.0**-24  # torch.rand's largest float32 value
+
+    def rand(size, **kwargs):
+        return torch.full(size, largest, dtype=kwargs.get("dtype"), device=kwargs.get("device"))
+
+    monkeypatch.setattr(torch, "rand", rand)
+    index = systematic_resample(log_w)
+    assert (index < 4).all(), index.flatten()
+
+
+def test_prompt_cache_reuses_only_unchanged_prompts(tiny_lm):
+    from pyro_lm.distributions.lm_distribution import prompt_cache
+
+    prompts = torch.tensor([[1, 2]])
+    with prompt_cache():
+        first = pyro_lm.LMDistribution(tiny_lm, prompts, T)
+        again = pyro_lm.LMDistribution(tiny_lm, prompts, T)
+        assert again.prompt_ids is first.prompt_ids  # prepared once
+        prompts[0, 1] = 3  # changed in place: prepared again
+        changed = pyro_lm.LMDistribution(tiny_lm, prompts, T)
+        assert changed.prompt_ids.tolist() == [[1, 3]]
+        text = [pyro_lm.LMDistribution(tiny_lm, ["t1", "t2"], T) for _ in range(2)]
+        assert text[1].prompt_ids is text[0].prompt_ids
+    outside = pyro_lm.LMDistribution(tiny_lm, ["t1", "t2"], T)
+    assert outside.prompt_ids is not text[0].prompt_ids
+    torch.testing.assert_close(outside.prompt_ids, text[0].prompt_ids)
+
+
+def test_model_building_prompt_tensors_inside(tiny_lm):
+    """A model that makes its prompt tensor itself (an inference tensor inside SMC's loop)."""
+    def model(n):
+        prompts = torch.ones(n, 1, dtype=torch.long)
+        with pyro.plate("prompts", n):
+            x = pyro.sample("x", pyro_lm.LMDistribution(tiny_lm, prompts, T))
+            pyro.factor("reward", (x == 1).sum(-1).float())
+
+    post = SMC(model, num_particles=4, lookahead="full").run(3)
+    assert post.log_weights.shape == (4, 3)

@@ -17,15 +17,6 @@ peft = pytest.importorskip("peft")
 LORA = dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny LMs: one intra-op thread avoids OpenMP contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("as_dict", [False, True])
 def test_lora_guide_shares_the_base_weights(as_dict):
     prior = toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=1, init_std=0.2)

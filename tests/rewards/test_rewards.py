@@ -84,6 +84,8 @@ def test_classifier_reward_is_log_prob_of_label(tiny_lm, device):
     with torch.no_grad():
         ref = clf(**{k: v.to(device) for k, v in enc.items()}).logits.log_softmax(-1)[0, 1]
     assert torch.allclose(out[0], ref, atol=1e-5)
+    empty = r(torch.zeros(2, 3, dtype=torch.long, device=device))  # EOS first: empty texts
+    assert empty.shape == (2,) and torch.isfinite(empty).all()
     other = Classifier(clf, tok, 0, tiny_lm.tokenizer)
     assert torch.allclose(out.exp() + other(x).exp(), torch.ones(2, device=device), atol=1e-5)
     with pytest.raises(ValueError, match="label: 'meh' is not one of"):
