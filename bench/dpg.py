@@ -175,7 +175,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="seconds; leaves RESULTS.md alone")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--particles", type=int, default=32)

@@ -26,7 +26,7 @@ def _seed_and_validate():
     pyro.clear_param_store()
 
 
-@pytest.fixture(params=DEVICES)
+@pytest.fixture(scope="session", params=DEVICES)
 def device(request):
     """Every device this machine has; CUDA cases skip when absent."""
     return torch.device(request.param)

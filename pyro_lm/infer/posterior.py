@@ -18,17 +18,24 @@ import torch
 __all__ = ["WeightedPosterior", "check_log_weights"]
 
 
-def check_log_weights(log_weights: torch.Tensor, name: str = "log_weights") -> None:
-    """Raise a clear error if any weight is NaN or every weight of a prompt is ``-inf``."""
+def check_log_weights(log_weights: torch.Tensor, name: str = "log_weights",
+                      nan_cause: str = "a reward or log-probability returned NaN",
+                      fix: str = "Draw more samples, use a guide closer to the posterior (or "
+                                 "SMC), or relax the -inf factors") -> None:
+    """Raise a clear error if any weight is NaN or every weight of a prompt is ``-inf``.
+
+    :param str name: what the error names (the argument or the algorithm).
+    :param str nan_cause: the likely cause of a NaN, for the message.
+    :param str fix: how to fix all-``-inf`` weights, for the message.
+    """
     if torch.isnan(log_weights).any():
-        raise ValueError(f"{name}: NaN log-weights; a reward or log-probability returned NaN")
+        raise ValueError(f"{name}: NaN log-weights; {nan_cause}")
     dead = torch.isneginf(log_weights).all(0)
     if dead.any():
         which = dead.reshape(-1).nonzero().flatten()[:8].tolist()
         raise ValueError(
-            f"{name}: every sample has weight zero (log-weight -inf) for batch element(s) "
-            f"{which}: no sample satisfied the model's hard constraints. Draw more samples, use "
-            "a guide closer to the posterior (or SMC), or relax the -inf factors")
+            f"{name}: all {log_weights.shape[0]} samples have weight zero (log-weight -inf) "
+            f"for batch element(s) {which}: none satisfied the model's hard constraints. {fix}")
 
 
 class WeightedPosterior:

@@ -53,7 +53,7 @@ from pyro_lm.distributions.lm_distribution import prompt_cache
 from pyro_lm.distributions.prefix import prefix_context
 from pyro_lm.exact import unwrap
 from pyro_lm.infer.importance import _check_count, model_structure, reduce_to_batch
-from pyro_lm.infer.posterior import WeightedPosterior
+from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
 from pyro_lm.infer.resampling import RESAMPLERS
 from pyro_lm.lm.decoding import IncrementalDecoder
 
@@ -418,17 +418,10 @@ class SMC:
     def _posterior(self, view, log_w, batch, hist, lm):
         n = self.num_particles
         log_w = log_w.view((n,) + tuple(batch))
-        if torch.isnan(log_w).any():
-            raise ValueError("SMC: NaN log-weights; the twist or a factor returned NaN "
-                             "(or +inf) on some prefix")
-        dead = torch.isneginf(log_w).all(0)
-        if dead.any():
-            which = dead.reshape(-1).nonzero().flatten()[:8].tolist()
-            raise ValueError(
-                f"SMC: all {n} particles have weight zero (log-weight -inf) for batch "
-                f"element(s) {which}: no particle satisfied the model's hard constraints. Use "
-                "more particles, a guide closer to the posterior, or a twist that steers "
-                "prefixes away from the -inf region")
+        check_log_weights(
+            log_w, "SMC", nan_cause="the twist or a factor returned NaN (or +inf) on some prefix",
+            fix="Use more particles, a guide closer to the posterior, the lookahead proposal, "
+                "or a twist that steers prefixes away from the -inf region")
         shape = (-1,) + tuple(batch)
         lse, lse2 = hist["lse"], hist["lse2"]
         hist = {"ess": torch.exp(2 * lse - lse2).view(shape),

@@ -76,9 +76,10 @@ def sample_tokens(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   max_new_tokens: int, sync_every: int | None = None):
     """Draw one completion per prompt row by ancestral sampling.
 
-    Runs without gradients (in inference mode; the outputs are ordinary tensors). Stops early once every sequence has emitted EOS;
-    that check costs a host sync, made every ``sync_every`` steps (default 1
-    on CPU, 8 on accelerators).
+    Runs without gradients (in inference mode; the outputs are ordinary
+    tensors). Stops early once every sequence has emitted EOS; that check costs
+    a host sync, made every ``sync_every`` steps (default 1 on CPU, 8 on
+    accelerators).
 
     :returns: ``(x, log_prob)``: ``x`` is ``(N, T)`` with ``pad_token_id`` after
         the first EOS, ``log_prob`` is ``(N,)`` float32, the log-probability of

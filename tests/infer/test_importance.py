@@ -9,7 +9,6 @@ import torch
 import pyro_lm
 from pyro_lm.exact import enumerate_model
 from pyro_lm.infer import AutoLMGuide, Importance
-from pyro_lm.lm import toy_lm
 from pyro_lm.rewards import Lexicon
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*not registered in the param store")
@@ -33,17 +32,6 @@ def make_models(lm):
         return x
 
     return single, batched
-
-
-@pytest.fixture
-def prior(device):
-    return toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=1, init_std=0.5, device=device)
-
-
-@pytest.fixture
-def guide_lm(device):
-    """A different random LM with the same tokenizer, broad enough to cover the prior."""
-    return toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=2, init_std=0.1, device=device)
 
 
 def assert_log_z_close(post, exact_log_z):

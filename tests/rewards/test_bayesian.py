@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES
 
 from pyro_lm.diagnostics._arviz import get_group
 from pyro_lm.distributions.prefix import prefix_context
@@ -28,10 +27,9 @@ def _completions(n, seed, device="cpu"):
     return x.to(device)
 
 
-@pytest.fixture(scope="module", params=DEVICES)
-def fitted(request):
+@pytest.fixture(scope="module")
+def fitted(device):
     """One NUTS fit per device on labels drawn from a known logistic model."""
-    device = torch.device(request.param)
     lm = toy_lm(vocab_size=V, n_layer=1, n_embd=16, seed=0, device=device)
     x = _completions(N_TRAIN, seed=0, device=device)
     clf = BayesianClassifier(lm, features="tokens", prior_scale=2.0)
