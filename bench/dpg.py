@@ -32,19 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import interleaved, machine, table, write_section  # noqa: E402
 from floors import RLOOFloor  # noqa: E402
+from task import bos_prompt, count_reward, make_lm, make_model  # noqa: E402
 
 import pyro_lm  # noqa: E402
 from pyro_lm.exact import enumerate_model  # noqa: E402
-from pyro_lm.infer import DPG, AutoLMGuide  # noqa: E402
+from pyro_lm.infer import DPG, AutoLMGuide, SequenceELBO  # noqa: E402
 from pyro_lm.lm import toy_lm  # noqa: E402
-
-TOKEN = 7
 
 
 # ------------------------------------------------------------------ (a) accuracy
 def accuracy(args, device):
-    from pyro_lm.infer import SequenceELBO  # another engineer's loss: imported here only
-
     prior = toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=1, init_std=0.5, device=device)
     prompts = torch.tensor([[0]], device=device)
 
@@ -80,16 +77,8 @@ def measure(exact, policy):
 
 
 # ------------------------------------------------------------------ (b) time per step
-def peers_lm(device):
-    return toy_lm(vocab_size=64, n_layer=2, n_embd=64, n_head=2, init_std=0.02, device=device)
-
-
-def count_reward(x):
-    return (x == TOKEN).sum(-1).float()  # positions after EOS hold EOS (id 0), never 7
-
-
 def floor_step(args, device):
-    prior = peers_lm(device)
+    prior = make_lm(device)
     policy = copy.deepcopy(prior.model).requires_grad_(True)
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
     floor = RLOOFloor(policy, prior.model, count_reward, prompt, args.k, args.max_new_tokens,
@@ -98,15 +87,9 @@ def floor_step(args, device):
 
 
 def dpg_step(args, device):
-    prior = peers_lm(device)
-    prompts = torch.zeros(1, 1, dtype=torch.long, device=device)
-    t, beta = args.max_new_tokens, args.beta
-
-    def model(prompts):
-        with pyro.plate("prompts", prompts.shape[0]):
-            x = pyro.sample("x", pyro_lm.LMDistribution(prior, prompts, t))
-            pyro.factor("reward", count_reward(x) / beta)
-
+    prior = make_lm(device)
+    prompts = bos_prompt(device)
+    model = make_model(prior, args.beta, args.max_new_tokens)
     guide = AutoLMGuide(model, prior.trainable_copy(), name="dpg_bench_policy")
     svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": args.step_lr}),
                          loss=DPG(num_particles=args.k))

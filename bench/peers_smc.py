@@ -49,20 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import interleaved, machine, table, write_section  # noqa: E402
 from floors import smc_floor  # noqa: E402
+from task import TOKEN, bos_prompt, make_lm, make_model  # noqa: E402
 
-from pyro_lm.lm import toy_lm  # noqa: E402
-
-TOKEN = 7  # reward = count of this token
 INSTALL = ("python3 -m venv .venv-peers && .venv-peers/bin/pip install -c constraints.txt "
            "torch==2.13.0 && .venv-peers/bin/pip install -c constraints.txt -e . "
            "genlm-control==0.4.1 && .venv-peers/bin/pip install --no-deps hfppl==0.1.2 && "
            ".venv-peers/bin/pip install --no-deps --target .venv-peers/hfppl-backend "
            "genlm-backend==0.0.2 && echo $PWD/.venv-peers/hfppl-backend > "
            ".venv-peers/lib/python3.11/site-packages/hfppl-backend.pth")
-
-
-def make_lm():
-    return toy_lm(vocab_size=64, n_layer=2, n_embd=64, n_head=2, init_std=0.02)
 
 
 def weighted_count(counts, log_w) -> float:
@@ -89,23 +83,11 @@ def floor_run(args):
 
 
 def pyro_lm_run(args):
-    import pyro
-
-    import pyro_lm
-    from pyro_lm.infer import SMC  # ImportError while not written yet
-    from pyro_lm.rewards import Lexicon
+    from pyro_lm.infer import SMC
 
     prior = make_lm()
-    reward = Lexicon(prior.tokenizer, {f"t{TOKEN}": 1.0})
-    prompts = torch.zeros(1, 1, dtype=torch.long)
-    t, beta = args.max_new_tokens, args.beta
-
-    def model(prompts):
-        with pyro.plate("prompts", prompts.shape[0]):
-            x = pyro.sample("x", pyro_lm.LMDistribution(prior, prompts, t))
-            pyro.factor("reward", reward(x) / beta)
-        return x
-
+    prompts = bos_prompt()
+    model = make_model(prior, args.beta, args.max_new_tokens)
     smc = SMC(model, num_particles=args.particles)
 
     def summary(post):

@@ -28,14 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import interleaved, machine, table, write_section  # noqa: E402
+from task import BETA, TOKEN, make_lm  # noqa: E402
 
 import pyro_lm  # noqa: E402
 from pyro_lm.distributions.prefix import counted_mask  # noqa: E402
 from pyro_lm.infer import SMC, Importance  # noqa: E402
-from pyro_lm.lm import toy_lm  # noqa: E402
 from pyro_lm.rewards import Callable  # noqa: E402
-
-TOKEN, BETA = 7, 0.1
 
 
 def count_token(x):
@@ -85,7 +83,7 @@ def main(args):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     pyro.set_rng_seed(0)
-    lm = toy_lm(vocab_size=64, n_layer=2, n_embd=64, n_head=2, init_std=0.02, device=device)
+    lm = make_lm(device)
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
     t, n = args.max_new_tokens, args.num_particles
     reward = Callable(count_token, name="count7")

@@ -33,35 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pyro  # noqa: E402
 from common import interleaved, machine, table, write_section  # noqa: E402
 from floors import RLOOFloor  # noqa: E402
+from task import TOKEN, bos_prompt, count_reward, make_lm, make_model  # noqa: E402
 
-import pyro_lm  # noqa: E402
 from pyro_lm.infer import AutoLMGuide, SequenceELBO  # noqa: E402
-from pyro_lm.lm import toy_lm  # noqa: E402
-from pyro_lm.rewards import Lexicon  # noqa: E402
-
-TOKEN = 7  # reward = count of this token
-
-
-def make_lm(device):
-    return toy_lm(vocab_size=64, n_layer=2, n_embd=64, n_head=2, init_std=0.02, device=device)
-
-
-def count_reward(x: torch.Tensor) -> torch.Tensor:
-    return (x == TOKEN).sum(-1).float()
 
 
 def make_program(args, device):
     prior = make_lm(device)
-    reward = Lexicon(prior.tokenizer, {f"t{TOKEN}": 1.0})
-    prompts = torch.zeros(1, 1, dtype=torch.long, device=device)
-    t, beta = args.max_new_tokens, args.beta
-
-    def model(prompts):
-        with pyro.plate("prompts", prompts.shape[0]):
-            x = pyro.sample("x", pyro_lm.LMDistribution(prior, prompts, t))
-            pyro.factor("reward", reward(x) / beta)
-        return x
-
+    prompts = bos_prompt(device)
+    model = make_model(prior, args.beta, args.max_new_tokens)
     policy = prior.trainable_copy()
     return model, AutoLMGuide(model, policy, name="svi_bench_policy"), policy, prompts
 
