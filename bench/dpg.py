@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 from pathlib import Path
@@ -30,9 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import task  # noqa: E402
 from common import interleaved, machine, table, write_section  # noqa: E402
-from floors import RLOOFloor  # noqa: E402
-from task import bos_prompt, count_reward, make_lm, make_model  # noqa: E402
+from task import bos_prompt, make_lm, make_model  # noqa: E402
 
 import pyro_lm  # noqa: E402
 from pyro_lm.exact import enumerate_model  # noqa: E402
@@ -78,12 +77,7 @@ def measure(exact, policy):
 
 # ------------------------------------------------------------------ (b) time per step
 def floor_step(args, device):
-    prior = make_lm(device)
-    policy = copy.deepcopy(prior.model).requires_grad_(True)
-    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
-    floor = RLOOFloor(policy, prior.model, count_reward, prompt, args.k, args.max_new_tokens,
-                      args.beta, eos=prior.eos_token_id, lr=args.step_lr)
-    return floor.step
+    return task.floor_step(args.k, args.max_new_tokens, args.beta, args.step_lr, device)
 
 
 def dpg_step(args, device):

@@ -33,7 +33,6 @@ Contenders, each doing exactly one optimisation step per timed call:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import subprocess
 import sys
@@ -47,19 +46,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import task  # noqa: E402
 from common import interleaved, machine, table, write_section  # noqa: E402
-from floors import RLOOFloor  # noqa: E402
-from task import TOKEN, bos_prompt, count_reward, make_lm, make_model  # noqa: E402
+from task import TOKEN, bos_prompt, make_lm, make_model  # noqa: E402
 
 
 # ------------------------------------------------------------------ contenders
 def floor_step(args, device):
-    prior = make_lm(device)
-    policy = copy.deepcopy(prior.model).requires_grad_(True)
-    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
-    floor = RLOOFloor(policy, prior.model, count_reward, prompt, args.k, args.max_new_tokens,
-                      args.beta, eos=prior.eos_token_id, lr=args.lr)
-    return floor.step
+    return task.floor_step(args.k, args.max_new_tokens, args.beta, args.lr, device)
 
 
 def pyro_lm_step(args, device, loss_name):

@@ -21,7 +21,6 @@ n_layer=2, n_embd=64, n_head=2, init_std=0.02)``, BOS/EOS id 0), one BOS prompt,
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -31,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pyro  # noqa: E402
+import task  # noqa: E402
 from common import interleaved, machine, table, write_section  # noqa: E402
-from floors import RLOOFloor  # noqa: E402
-from task import TOKEN, bos_prompt, count_reward, make_lm, make_model  # noqa: E402
+from task import TOKEN, bos_prompt, make_lm, make_model  # noqa: E402
 
 from pyro_lm.infer import AutoLMGuide, SequenceELBO  # noqa: E402
 
@@ -47,12 +46,7 @@ def make_program(args, device):
 
 
 def floor_step(args, device):
-    prior = make_lm(device)
-    policy = copy.deepcopy(prior.model).requires_grad_(True)
-    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
-    floor = RLOOFloor(policy, prior.model, count_reward, prompt, args.k, args.max_new_tokens,
-                      args.beta, eos=prior.eos_token_id, lr=args.lr)
-    return floor.step
+    return task.floor_step(args.k, args.max_new_tokens, args.beta, args.lr, device)
 
 
 def sequence_elbo_step(args, device):

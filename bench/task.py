@@ -37,3 +37,16 @@ def make_model(prior, beta: float = BETA, max_new_tokens: int = MAX_NEW_TOKENS):
     Lexicon, so SMC sees it token by token) over ``beta`` as a factor."""
     return reward_model(prior, Lexicon(prior.tokenizer, {f"t{TOKEN}": 1.0}), beta=beta,
                         max_new_tokens=max_new_tokens)
+
+
+def floor_step(k: int, max_new_tokens: int, beta: float, lr: float, device=None):
+    """One hand-written PyTorch RLOO step on this task (:class:`floors.RLOOFloor`), a closure."""
+    import copy
+
+    from floors import RLOOFloor
+
+    prior = make_lm(device)
+    policy = copy.deepcopy(prior.model).requires_grad_(True)
+    floor = RLOOFloor(policy, prior.model, count_reward, bos_prompt(device), k, max_new_tokens,
+                      beta, eos=prior.eos_token_id, lr=lr)
+    return floor.step
