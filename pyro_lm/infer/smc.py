@@ -55,7 +55,7 @@ from pyro_lm.exact import unwrap
 from pyro_lm.infer.importance import _check_count, model_structure, reduce_to_batch
 from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
 from pyro_lm.infer.resampling import RESAMPLERS
-from pyro_lm.lm.decoding import IncrementalDecoder
+from pyro_lm.lm.decoding import make_decoder
 
 __all__ = ["SMC"]
 
@@ -319,8 +319,8 @@ class SMC:
         device = ids.device
         on_cpu = device.type == "cpu"
         sync_every = self.sync_every or (1 if on_cpu else 8)
-        decoder_q = IncrementalDecoder(lm_q, ids, mask, big_t)
-        decoder_p = IncrementalDecoder(lm_p, ids, mask, big_t) if proposal is not prior else None
+        decoder_q = make_decoder(lm_q, ids, mask, big_t)
+        decoder_p = make_decoder(lm_p, ids, mask, big_t) if proposal is not prior else None
         rows = n * b
         x = torch.full((rows, big_t), pad, dtype=torch.long, device=device)
         view = x.view((n,) + tuple(batch) + (big_t,))

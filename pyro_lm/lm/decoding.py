@@ -13,7 +13,11 @@ import torch
 
 from pyro_lm.lm.causal_lm import eval_mode
 
-__all__ = ["IncrementalDecoder", "sample_tokens"]
+__all__ = ["IncrementalDecoder", "make_decoder", "sample_tokens", "FAST_DECODING"]
+
+#: Use :class:`~pyro_lm.lm.gpt2_decoder.GPT2Decoder` for the models it supports;
+#: set to ``False`` to always decode through the transformers forward pass.
+FAST_DECODING = True
 
 
 class IncrementalDecoder:
@@ -72,6 +76,17 @@ class IncrementalDecoder:
             self.logits = self.logits.index_select(0, index)
 
 
+def make_decoder(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new_tokens: int):
+    """The fastest exact decoder for ``lm``: a :class:`~pyro_lm.lm.gpt2_decoder.GPT2Decoder`
+    for plain GPT-2 models (when :data:`FAST_DECODING`), else an :class:`IncrementalDecoder`."""
+    from pyro_lm.lm.gpt2_decoder import GPT2Decoder, supports_fast_decoding
+
+    if FAST_DECODING and supports_fast_decoding(lm.model):
+        return GPT2Decoder(lm, input_ids, attention_mask, max_new_tokens)
+    return IncrementalDecoder(lm, input_ids, attention_mask, max_new_tokens)
+
+
 def sample_tokens(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   max_new_tokens: int, sync_every: int | None = None):
     """Draw one completion per prompt row by ancestral sampling.
@@ -97,7 +112,7 @@ def sample_tokens(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     # inference mode is cheaper than no_grad; the results are cloned out of it below so that
     # they can be used where autograd saves tensors (e.g. as indices in a log_prob with grad)
     with torch.inference_mode(), eval_mode(lm.model):
-        decoder = IncrementalDecoder(lm, input_ids, attention_mask, max_new_tokens)
+        decoder = make_decoder(lm, input_ids, attention_mask, max_new_tokens)
         for t in range(max_new_tokens):
             logits = decoder.logits
             # Gumbel-max: argmax(logits - log E), E = -log U ~ Exp(1), draws from softmax(logits)

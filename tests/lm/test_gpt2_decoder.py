@@ -1,0 +1,93 @@
+"""The lean GPT-2 decoder computes exactly what transformers computes."""
+
+import pytest
+import torch
+
+import pyro_lm
+from pyro_lm.lm import decoding, toy_lm
+from pyro_lm.lm.decoding import IncrementalDecoder, make_decoder
+from pyro_lm.lm.gpt2_decoder import GPT2Decoder, supports_fast_decoding
+
+
+def reference_logits(lm, ids, mask, fed):
+    """Next-token logits after the prompt and the fed tokens, by one full forward pass."""
+    full_ids = torch.cat([ids, fed], dim=-1)
+    full_mask = torch.cat([mask, torch.ones_like(fed)], dim=-1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    logits, _ = lm(full_ids, full_mask, positions)
+    return logits[:, -1].float()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_logits_match_transformers_step_by_step(device, padded):
+    lm = toy_lm(vocab_size=16, n_layer=2, n_embd=32, n_head=4, init_std=0.2, device=device)
+    if padded:
+        ids = torch.tensor([[0, 0, 3], [0, 5, 6], [0, 0, 0]], device=device)
+        mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1]], device=device)
+    else:
+        ids = torch.tensor([[0, 3], [5, 6], [1, 2]], device=device)
+        mask = torch.ones_like(ids)
+    decoder = make_decoder(lm, ids, mask, 5)
+    assert isinstance(decoder, GPT2Decoder)
+    generator = torch.Generator().manual_seed(0)
+    fed = torch.zeros(3, 0, dtype=torch.long, device=device)
+    for _ in range(5):
+        expected = reference_logits(lm, ids, mask, fed)
+        assert torch.allclose(decoder.logits, expected, atol=1e-4), (decoder.logits - expected)
+        token = torch.randint(1, 16, (3,), generator=generator).to(device)
+        decoder.advance(token)
+        fed = torch.cat([fed, token[:, None]], dim=-1)
+
+
+def test_a_replaced_head_with_a_bias_is_honoured():
+    lm = toy_lm(vocab_size=16, n_layer=1, n_embd=32, n_head=4, init_std=0.2)
+    lm.model.lm_head = torch.nn.Linear(32, 16, bias=True)
+    torch.nn.init.normal_(lm.model.lm_head.bias)
+    ids = torch.tensor([[0, 3]])
+    decoder = make_decoder(lm, ids, torch.ones_like(ids), 2)
+    decoder.advance(torch.tensor([4]))
+    expected = reference_logits(lm, ids, torch.ones_like(ids), torch.tensor([[4]]))
+    assert torch.allclose(decoder.logits, expected, atol=1e-4)
+
+
+def test_reorder_moves_the_whole_state(device):
+    lm = toy_lm(vocab_size=16, n_layer=2, n_embd=32, n_head=4, init_std=0.2, device=device)
+    ids = torch.tensor([[0, 0, 3], [0, 5, 6], [1, 2, 4]], device=device)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1]], device=device)
+    decoder = make_decoder(lm, ids, mask, 4)
+    first = torch.tensor([7, 8, 9], device=device)
+    decoder.advance(first)
+    index = torch.tensor([2, 2, 0], device=device)
+    decoder.reorder(index)
+    second = torch.tensor([1, 2, 3], device=device)
+    decoder.advance(second)
+    fed = torch.stack([first[index], second], dim=-1)
+    expected = reference_logits(lm, ids[index], mask[index], fed)
+    assert torch.allclose(decoder.logits, expected, atol=1e-4)
+
+
+def test_bfloat16_weights_give_float32_logits(device):
+    lm = toy_lm(vocab_size=16, n_layer=1, n_embd=32, n_head=4, init_std=0.2, device=device,
+                dtype=torch.bfloat16)
+    ids = torch.tensor([[0, 3]], device=device)
+    decoder = make_decoder(lm, ids, torch.ones_like(ids), 2)
+    decoder.advance(torch.tensor([4], device=device))
+    expected = reference_logits(lm, ids, torch.ones_like(ids), torch.tensor([[4]], device=device))
+    assert decoder.logits.dtype == torch.float32
+    assert torch.allclose(decoder.logits, expected, atol=0.1)  # bf16 rounding
+
+
+def test_other_models_use_the_generic_decoder(tiny_lm):
+    guide = tiny_lm.trainable_copy(lora=dict(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    assert not supports_fast_decoding(guide.model)
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    assert isinstance(make_decoder(guide, ids, torch.ones_like(ids), 3), IncrementalDecoder)
+
+
+def test_sampling_agrees_with_log_prob_on_both_paths(monkeypatch):
+    lm = toy_lm(vocab_size=8, n_layer=2, n_embd=32, n_head=4, init_std=0.3)
+    dist = pyro_lm.LMDistribution(lm, ["<eos> t1", "<eos>"], 6)
+    for fast in (True, False):
+        monkeypatch.setattr(decoding, "FAST_DECODING", fast)
+        x, log_prob = dist.sample_with_log_prob((50,))
+        assert torch.allclose(log_prob, dist.log_prob(x), atol=1e-4)
