@@ -34,15 +34,15 @@ class IncrementalDecoder:
         self.lm = lm
         n, length = input_ids.shape
         device = input_ids.device
-        # Without left padding the causal mask alone is right: skip building masks.
+        # Without left padding the causal mask alone is right: later steps build no mask.
         self.padded = bool((attention_mask == 0).any())
         self.mask = torch.ones((n, length + max_new_tokens), dtype=torch.long, device=device)
         self.mask[:, :length] = attention_mask
         self.length = length
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         self.next_position = positions[:, -1:] + 1  # (N, 1)
-        logits, self.cache = lm(input_ids, attention_mask if self.padded else None, positions,
-                                use_cache=True, logits_to_keep=1)
+        logits, self.cache = lm(input_ids, attention_mask, positions, use_cache=True,
+                                logits_to_keep=1)
         self.logits = logits[:, -1].float()  # (N, V)
         # Rows that have ended are fed this token: any id but the config's pad id, so that
         # transformers does not take them for unmasked padding (their outputs are unused).

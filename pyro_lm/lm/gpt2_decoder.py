@@ -58,8 +58,8 @@ class GPT2Decoder:
         n, length = input_ids.shape
         self.padded = bool((attention_mask == 0).any())
         prompt_positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = lm(input_ids, attention_mask if self.padded else None, prompt_positions,
-                           use_cache=True, logits_to_keep=1)
+        logits, cache = lm(input_ids, attention_mask, prompt_positions, use_cache=True,
+                           logits_to_keep=1)
         self.logits = logits[:, -1].float()  # (N, V)
         tr = self.transformer
         # the weights each step reads, looked up once
