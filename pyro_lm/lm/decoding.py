@@ -13,11 +13,18 @@ import torch
 
 from pyro_lm.lm.causal_lm import eval_mode
 
-__all__ = ["IncrementalDecoder", "make_decoder", "sample_tokens", "FAST_DECODING"]
+__all__ = ["IncrementalDecoder", "filler_token", "make_decoder", "sample_tokens", "FAST_DECODING"]
 
 #: Use :class:`~pyro_lm.lm.gpt2_decoder.GPT2Decoder` for the models it supports;
 #: set to ``False`` to always decode through the transformers forward pass.
 FAST_DECODING = True
+
+
+def filler_token(model) -> int:
+    """The token fed to rows that have ended: any id but the model config's pad id, so that
+    transformers does not take them for unmasked padding (their outputs are unused)."""
+    config_pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    return 1 if config_pad == 0 else 0
 
 
 class IncrementalDecoder:
@@ -44,10 +51,7 @@ class IncrementalDecoder:
         logits, self.cache = lm(input_ids, attention_mask, positions, use_cache=True,
                                 logits_to_keep=1)
         self.logits = logits[:, -1].float()  # (N, V)
-        # Rows that have ended are fed this token: any id but the config's pad id, so that
-        # transformers does not take them for unmasked padding (their outputs are unused).
-        config_pad = getattr(getattr(lm.model, "config", None), "pad_token_id", None)
-        self.filler_token = 1 if config_pad == 0 else 0
+        self.filler_token = filler_token(lm.model)
 
     def log_probs(self) -> torch.Tensor:
         """Next-token log-probabilities ``(N, V)`` in float32."""

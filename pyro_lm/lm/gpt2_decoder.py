@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pyro_lm.lm.decoding import filler_token
+
 __all__ = ["GPT2Decoder", "supports_fast_decoding"]
 
 
@@ -54,7 +56,7 @@ class GPT2Decoder:
         cfg = model.config
         self.width, self.heads = cfg.n_embd, cfg.n_head
         self.head_dim, self.eps = cfg.n_embd // cfg.n_head, cfg.layer_norm_epsilon
-        self.filler_token = 1 if cfg.pad_token_id == 0 else 0
+        self.filler_token = filler_token(model)
         n, length = input_ids.shape
         self.padded = bool((attention_mask == 0).any())
         prompt_positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
