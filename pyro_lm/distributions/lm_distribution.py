@@ -20,6 +20,7 @@ import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
+from pyro_lm._validation import check_positive_int
 from pyro_lm.lm.causal_lm import CausalLM
 from pyro_lm.lm.decoding import sample_tokens
 
@@ -129,9 +130,7 @@ class LMDistribution(TorchDistribution):
             raise TypeError(
                 f"lm: expected a pyro_lm.CausalLM, got {type(lm).__name__}; wrap a transformers "
                 "model with pyro_lm.CausalLM(model, tokenizer) or CausalLM.from_pretrained(path)")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+        check_positive_int(max_new_tokens, "max_new_tokens")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
         self.lm = lm

@@ -20,7 +20,8 @@ from torch import nn
 from pyro_lm.exact import unwrap
 from pyro_lm.lm.causal_lm import CausalLM
 
-__all__ = ["AutoLMGuide", "trace_lm_sites"]
+__all__ = ["AutoLMGuide", "trace_lm_sites", "placeholder_trace", "is_lm_placeholder",
+           "max_plate_nesting"]
 
 
 class _SkipLMSampling(Messenger):
@@ -40,6 +41,25 @@ class _SkipLMSampling(Messenger):
         msg["infer"] = dict(msg["infer"], _pyro_lm_placeholder=True)
 
 
+def placeholder_trace(model, *args, **kwargs):
+    """A trace of ``model(*args, **kwargs)`` in which every unobserved LM site holds a
+    placeholder value (nothing is decoded), hidden from handlers outside."""
+    with poutine.block():
+        return poutine.trace(_SkipLMSampling()(model)).get_trace(*args, **kwargs)
+
+
+def is_lm_placeholder(site) -> bool:
+    """Whether ``site`` of a :func:`placeholder_trace` is an LM site."""
+    return site["type"] == "sample" and bool(site["infer"].get("_pyro_lm_placeholder"))
+
+
+def max_plate_nesting(trace) -> int:
+    """The deepest vectorised plate dimension of ``trace``'s sample sites (0 if none)."""
+    return max([0] + [-frame.dim for site in trace.nodes.values() if site["type"] == "sample"
+                      for frame in site["cond_indep_stack"]
+                      if frame.vectorized and frame.dim is not None])
+
+
 def trace_lm_sites(model, *args, **kwargs):
     """The LM sites of ``model(*args, **kwargs)``, found without sampling them.
 
@@ -47,10 +67,8 @@ def trace_lm_sites(model, *args, **kwargs):
         (plate-expanded) distribution and ``site["cond_indep_stack"]`` its plates.
         Plates outside the model (e.g. vectorised particles) are not included.
     """
-    with poutine.block():
-        trace = poutine.trace(_SkipLMSampling()(model)).get_trace(*args, **kwargs)
-    return [(name, site) for name, site in trace.nodes.items()
-            if site["type"] == "sample" and site["infer"].get("_pyro_lm_placeholder")]
+    trace = placeholder_trace(model, *args, **kwargs)
+    return [(name, site) for name, site in trace.nodes.items() if is_lm_placeholder(site)]
 
 
 class AutoLMGuide(nn.Module):

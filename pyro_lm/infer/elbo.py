@@ -59,6 +59,7 @@ from pyro.infer.util import (
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated
 
+from pyro_lm._validation import check_positive_int
 from pyro_lm.exact import unwrap
 from pyro_lm.infer.autoguide import _SkipLMSampling
 
@@ -127,9 +128,7 @@ class SequenceELBO(ELBO):
     def __init__(self, num_particles: int = 8, baseline: str = "loo", vectorize: bool = True,
                  kl_weight: float = 1.0, max_plate_nesting: float = float("inf"),
                  retain_graph: bool | None = None):
-        if isinstance(num_particles, bool) or not isinstance(num_particles, int) \
-                or num_particles < 1:
-            raise ValueError(f"num_particles: expected a positive int, got {num_particles!r}")
+        check_positive_int(num_particles, "num_particles")
         if baseline not in ("loo", "none"):
             raise ValueError(f"baseline: expected 'loo' or 'none', got {baseline!r}")
         if baseline == "loo" and num_particles < 2:

@@ -27,20 +27,15 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from pyro_lm._validation import check_positive_int
 from pyro_lm.distributions.lm_distribution import LMDistribution
 from pyro_lm.exact import unwrap
-from pyro_lm.infer.autoguide import _SkipLMSampling
+from pyro_lm.infer.autoguide import is_lm_placeholder, max_plate_nesting, placeholder_trace
 from pyro_lm.infer.posterior import WeightedPosterior
 
 __all__ = ["Importance", "model_structure", "reduce_to_batch", "vectorize"]
 
 PARTICLE_PLATE = "_pyro_lm_particles"
-
-
-def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
 
 
 class _SampleLM(Messenger):
@@ -79,19 +74,12 @@ def model_structure(fn, *args, **kwargs):
     :returns: ``(trace, lm_names, max_plate_nesting)``.
     """
     try:
-        with poutine.block():
-            trace = poutine.trace(_SkipLMSampling()(fn)).get_trace(*args, **kwargs)
+        trace = placeholder_trace(fn, *args, **kwargs)
     except ZeroDivisionError as e:  # pyro.plate of size 0
         raise ValueError(f"prompts: the model built an empty plate ({e}); pass at least one "
                          "prompt (was the list of prompts empty?)") from e
-    lm_names = [name for name, site in trace.nodes.items()
-                if site["type"] == "sample" and site["infer"].get("_pyro_lm_placeholder")]
-    nesting = 0
-    for site in trace.nodes.values():
-        if site["type"] == "sample":
-            for frame in site["cond_indep_stack"]:
-                if frame.vectorized and frame.dim is not None:
-                    nesting = max(nesting, -frame.dim)
+    lm_names = [name for name, site in trace.nodes.items() if is_lm_placeholder(site)]
+    nesting = max_plate_nesting(trace)
     return trace, lm_names, nesting
 
 
@@ -160,8 +148,9 @@ class Importance:
             raise TypeError(f"guide: expected None or a callable guide, got {type(guide).__name__}")
         self.model = model
         self.guide = guide
-        self.num_samples = _check_count(num_samples, "num_samples")
-        self.batch_size = None if batch_size is None else _check_count(batch_size, "batch_size")
+        self.num_samples = check_positive_int(num_samples, "num_samples")
+        self.batch_size = (None if batch_size is None
+                           else check_positive_int(batch_size, "batch_size"))
 
     def _nesting(self, *args, **kwargs) -> int:
         _, lm_names, nesting = model_structure(self.model, *args, **kwargs)

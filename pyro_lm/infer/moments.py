@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import pyro
 import torch
 
+from pyro_lm._validation import check_positive_int
 from pyro_lm.distributions.lm_distribution import LMDistribution
 from pyro_lm.infer.posterior import check_log_weights
 from pyro_lm.infer.proposal import propose
@@ -243,8 +244,7 @@ def fit_moments(prior_or_model, features, target_moments, *args, proposal=None,
         constraint = MomentConstraint(features, target_moments)
     for name, value in (("num_samples", num_samples), ("max_rounds", max_rounds),
                         ("max_iter", max_iter)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        check_positive_int(value, name)
     if not tol > 0:
         raise ValueError(f"tol: expected a positive float, got {tol!r}")
     with torch.no_grad():

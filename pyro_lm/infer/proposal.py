@@ -22,7 +22,12 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from pyro_lm.exact import unwrap
-from pyro_lm.infer.autoguide import AutoLMGuide, _SkipLMSampling
+from pyro_lm.infer.autoguide import (
+    AutoLMGuide,
+    is_lm_placeholder,
+    max_plate_nesting,
+    placeholder_trace,
+)
 from pyro_lm.lm.causal_lm import CausalLM
 
 __all__ = ["LMStructure", "lm_structure", "site_dist", "sample_lm_sites", "align_particles",
@@ -58,14 +63,12 @@ def lm_structure(model, *args, **kwargs) -> LMStructure:
 
     :raises ValueError: if the model has no LM site, or latent sites that are not LM sites.
     """
-    with poutine.block():
-        trace = poutine.trace(_SkipLMSampling()(model)).get_trace(*args, **kwargs)
-    sites, others, dims = [], [], [0]
+    trace = placeholder_trace(model, *args, **kwargs)
+    sites, others = [], []
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
-        dims += [-f.dim for f in site["cond_indep_stack"] if f.vectorized]
-        if site["infer"].get("_pyro_lm_placeholder"):
+        if is_lm_placeholder(site):
             sites.append((name, site))
         elif not site["is_observed"]:
             others.append(name)
@@ -74,7 +77,7 @@ def lm_structure(model, *args, **kwargs) -> LMStructure:
     if others:
         raise ValueError(f"model: latent sites {others} are not LM sites; condition them "
                          "(pyro.condition) or marginalise them before fitting the LM sites")
-    return LMStructure(sites, max(dims))
+    return LMStructure(sites, max_plate_nesting(trace))
 
 
 def site_dist(site, lm: CausalLM | None):

@@ -38,6 +38,7 @@ import math
 
 import torch
 
+from pyro_lm._validation import check_positive_int
 from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
 from pyro_lm.infer.proposal import lm_structure, propose
 
@@ -89,9 +90,8 @@ class QRS:
                  quantile: float = 1.0):
         for name, value in (("num_samples", num_samples), ("batch_size", batch_size),
                             ("max_proposals", max_proposals)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+            if value is not None:
+                check_positive_int(value, name)
         if not 0 < quantile <= 1:
             raise ValueError(f"quantile: expected a float in (0, 1], got {quantile!r}")
         if log_bound is not None and torch.isnan(torch.as_tensor(log_bound)).any():

@@ -49,10 +49,11 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from pyro_lm._validation import check_positive_int
 from pyro_lm.distributions.lm_distribution import prompt_cache
 from pyro_lm.distributions.prefix import prefix_context
 from pyro_lm.exact import unwrap
-from pyro_lm.infer.importance import _check_count, model_structure, reduce_to_batch
+from pyro_lm.infer.importance import model_structure, reduce_to_batch
 from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
 from pyro_lm.infer.resampling import RESAMPLERS
 from pyro_lm.lm.decoding import make_decoder
@@ -204,11 +205,12 @@ class SMC:
                              f"got {resampling!r}")
         self.model = model
         self.guide = guide
-        self.num_particles = _check_count(num_particles, "num_particles")
+        self.num_particles = check_positive_int(num_particles, "num_particles")
         self.ess_threshold = float(ess_threshold)
         self.twist = twist
         self.resampling = resampling
-        self.sync_every = None if sync_every is None else _check_count(sync_every, "sync_every")
+        self.sync_every = (None if sync_every is None
+                           else check_positive_int(sync_every, "sync_every"))
         self.lookahead = _check_lookahead(lookahead)
 
     # ------------------------------------------------------------------ set-up
