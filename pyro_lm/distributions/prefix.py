@@ -48,10 +48,13 @@ def generated_mask(x: torch.Tensor) -> torch.Tensor:
 
 def counted_mask(x: torch.Tensor, eos: int) -> torch.Tensor:
     """Bool ``(..., T)``: generated positions before the first EOS (content tokens)."""
-    generated = generated_mask(x)
-    is_eos = (x == eos) & generated
-    before = is_eos.long().cumsum(-1) == 0
-    return generated & before
+    # an EOS at a position >= t (padding may equal EOS) only moves later prefix sums, and
+    # those positions are not generated: counting it changes nothing below t
+    before = (x == eos).cumsum(-1) == 0
+    t = _PREFIX_LENGTH.get()
+    if t is None or t >= x.shape[-1]:
+        return before
+    return before & (torch.arange(x.shape[-1], device=x.device) < t)
 
 
 def is_complete(x: torch.Tensor, eos: int) -> torch.Tensor:
@@ -59,4 +62,4 @@ def is_complete(x: torch.Tensor, eos: int) -> torch.Tensor:
     t = _PREFIX_LENGTH.get()
     if t is None or t >= x.shape[-1]:
         return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
-    return ((x == eos) & generated_mask(x)).any(-1)
+    return (x[..., :t] == eos).any(-1)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 
 import torch
+from pyro.distributions import Unit
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
@@ -79,7 +80,14 @@ class _Factors(Messenger):
         if msg["name"] == self.site:
             msg["value"], msg["is_observed"], msg["done"] = self.value, True, True
         elif msg["is_observed"]:
-            log_prob = scale_and_mask(msg["fn"].log_prob(msg["value"]), msg["scale"], msg["mask"])
+            fn, value = msg["fn"], msg["value"]
+            if type(fn) is Unit and value.shape[:-1] == fn.log_factor.shape:  # pyro.factor
+                log_prob = fn.log_factor
+            else:
+                log_prob = fn.log_prob(value)
+            scale = msg["scale"]
+            if isinstance(scale, torch.Tensor) or scale != 1.0 or msg["mask"] is not None:
+                log_prob = scale_and_mask(log_prob, msg["scale"], msg["mask"])
             self.total = self.total + reduce_to_batch(log_prob, self.batch_shape, msg["name"])
         else:
             raise ValueError(f"model: latent site {msg['name']!r} besides the LM site "

@@ -53,21 +53,21 @@ class Reward:
         if not isinstance(x, torch.Tensor) or x.dtype != torch.long or x.dim() < 1:
             raise TypeError(f"reward {self.name!r}: x must be a LongTensor (*batch, T), got "
                             f"{getattr(x, 'dtype', type(x).__name__)}")
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         r = self.forward(flat)
-        r = torch.as_tensor(r, device=x.device)
+        if not isinstance(r, torch.Tensor) or r.device != x.device:
+            r = torch.as_tensor(r, device=x.device)
         if not r.is_floating_point():
             r = r.float()
         if r.shape != flat.shape[:1]:
             raise ValueError(f"reward {self.name!r}: returned shape {tuple(r.shape)}, expected "
                              f"one value per sequence ({flat.shape[0]},)")
-        nan = torch.isnan(r)
-        if nan.any():
+        if r.isnan().any():
             raise ValueError(
-                f"reward {self.name!r} returned NaN for {int(nan.sum())} of {r.numel()} "
+                f"reward {self.name!r} returned NaN for {int(r.isnan().sum())} of {r.numel()} "
                 "sequences; a reward must be a real number or -inf (hard constraint). "
                 "Check the reward function on these inputs")
-        return r.reshape(x.shape[:-1])
+        return r if x.dim() == 2 else r.reshape(x.shape[:-1])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

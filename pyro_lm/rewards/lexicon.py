@@ -47,6 +47,7 @@ class Lexicon(Reward):
         self.mode = mode
         self.weights = {w.lower(): float(v) for w, v in weights.items()}
         self._patterns = self._token_patterns() if mode == "tokens" else None
+        self._size = len(self.tokenizer)
         self._cache = {}
 
     def _token_patterns(self):
@@ -63,18 +64,20 @@ class Lexicon(Reward):
                              "(unknown words?); use mode='text' or check the spelling")
         return patterns
 
-    def _tables(self, vocab_size: int, device):
-        key = (vocab_size, str(device))
-        if key not in self._cache:
-            unigram = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+    def _tables(self, device):
+        """``(unigram, longer)`` on ``device``: ``unigram`` holds one weight per token id of
+        the tokenizer plus a last 0 for every id past it (models may pad their vocabulary
+        past the tokenizer's); ``longer`` the multi-token patterns as id tensors."""
+        if device not in self._cache:
+            unigram = torch.zeros(self._size + 1, dtype=torch.float32, device=device)
             longer = []
             for ids, weight in self._patterns.items():
                 if len(ids) == 1:
                     unigram[ids[0]] = weight
                 else:
                     longer.append((torch.tensor(ids, device=device), weight))
-            self._cache[key] = unigram, longer
-        return self._cache[key]
+            self._cache[device] = unigram, longer
+        return self._cache[device]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "text":
@@ -82,13 +85,10 @@ class Lexicon(Reward):
             return torch.tensor([sum(self.weights.get(w, 0.0) for w in _WORD.findall(t.lower()))
                                  for t in texts], dtype=torch.float32, device=x.device)
         keep = counted_mask(x, self.eos)
-        size = len(self.tokenizer)
-        unigram, longer = self._tables(size, x.device)
-        in_vocab = keep & (x < size)  # models may pad their vocabulary past the tokenizer's
-        per_token = unigram[x.clamp(max=size - 1)]
-        keep = in_vocab
+        unigram, longer = self._tables(x.device)
+        per_token = unigram[x.clamp(max=self._size)]
         # 0 * -inf is NaN: select rather than multiply
-        total = torch.where(keep, per_token, torch.zeros_like(per_token)).sum(-1)
+        total = torch.where(keep, per_token, 0.0).sum(-1)
         for ids, weight in longer:
             m = ids.numel()
             if x.shape[-1] < m:

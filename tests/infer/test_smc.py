@@ -127,6 +127,33 @@ def test_weights_telescope_exactly(prior, guide_lm):
     assert not post.history["resampled"].any()
 
 
+def test_observed_scaled_and_masked_sites_enter_the_weights(prior):
+    """Every observed site counts, with its poutine.scale and mask: with the prior as the
+    proposal and no resampling, log w is exactly the sum of the (scaled, masked) factors."""
+    import pyro.distributions as dist
+    import pyro.poutine as poutine
+
+    reward = Lexicon(prior.tokenizer, {"t1": 1.0, "t3": -1.0})
+    keep = torch.tensor([True, False])
+
+    def model(prompts):
+        with pyro.plate("prompts", len(prompts)):
+            x = pyro.sample("x", pyro_lm.LMDistribution(prior, prompts, T))
+            r = reward(x)
+            with poutine.scale(scale=0.5):
+                pyro.factor("half", r)
+            with poutine.mask(mask=keep):
+                pyro.factor("masked", 2.0 * r)
+            pyro.sample("y", dist.Normal(r, 1.0), obs=torch.tensor([0.3, -0.2]))
+
+    prompts = ["t1", "t2 t3"]
+    post = SMC(model, num_particles=32, ess_threshold=0.0).run(prompts)
+    r = reward(post.samples["x"])
+    expected = (0.5 * r + torch.where(keep, 2.0 * r, 0.0)
+                + dist.Normal(r, 1.0).log_prob(torch.tensor([0.3, -0.2])))
+    torch.testing.assert_close(post.log_weights, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_optimal_twist_unbiased(prior):
     """The optimal twist psi_t = log E[exp f | x_<=t] (from enumeration): Z_hat unbiased."""
     model = make_model(prior)
