@@ -10,7 +10,6 @@ value is a full completion.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 
 import torch
@@ -21,16 +20,28 @@ _PREFIX_LENGTH: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "pyro_lm_prefix_length", default=None)
 
 
-@contextlib.contextmanager
-def prefix_context(length: int):
-    """Within this context, LM values are prefixes of ``length`` generated tokens."""
-    if length < 0:
-        raise ValueError(f"length: expected a non-negative int, got {length}")
-    token = _PREFIX_LENGTH.set(int(length))
-    try:
-        yield
-    finally:
-        _PREFIX_LENGTH.reset(token)
+class prefix_context:
+    """Within this context, LM values are prefixes of ``length`` generated tokens.
+
+    A small class rather than a generator-based context manager: SMC enters it
+    once per token.
+    """
+
+    __slots__ = ("length", "_token")
+
+    def __init__(self, length: int):
+        if length < 0:
+            raise ValueError(f"length: expected a non-negative int, got {length}")
+        self.length = int(length)
+        self._token = None
+
+    def __enter__(self):
+        self._token = _PREFIX_LENGTH.set(self.length)
+        return self
+
+    def __exit__(self, *exc_info):
+        _PREFIX_LENGTH.reset(self._token)
+        self._token = None
 
 
 def prefix_length() -> int | None:

@@ -328,6 +328,7 @@ class SMC:
         ids, mask = prior.prompts_for(torch.Size((n,)) + lead)
         device = ids.device
         on_cpu = device.type == "cpu"
+        single = b == 1 and on_cpu  # one population on the host: scalar control flow
         sync_every = self.sync_every or (1 if on_cpu else 8)
         decoder_q = make_decoder(lm_q, ids, mask, big_t)
         decoder_p = make_decoder(lm_p, ids, mask, big_t) if proposal is not prior else None
@@ -395,14 +396,19 @@ class SMC:
             lse_hist.append(lse)
             lse2_hist.append(lse2)
             if final:
-                resampled_hist.append(torch.zeros(b, dtype=torch.bool, device=device))
+                resampled_hist.append(False if single else
+                                      torch.zeros(b, dtype=torch.bool, device=device))
                 break
-            need = torch.sub(lse2, lse, alpha=2) > log_bound  # (B,)
-            resampled_hist.append(need)
-            if not on_cpu or bool(need.any()):
+            if single:  # one prompt on the host: decide with one scalar read
+                need = torch.sub(lse2, lse, alpha=2).item() > log_bound
+                resampled_hist.append(need)
+            else:
+                need = torch.sub(lse2, lse, alpha=2) > log_bound  # (B,)
+                resampled_hist.append(need)
+            if single and need or not single and (not on_cpu or bool(need.any())):
                 ancestors = RESAMPLERS[self.resampling](weights)  # (N, B)
                 log_mean = lse - math.log(n)
-                if b == 1 and on_cpu:  # the one prompt resamples (need is True)
+                if single:
                     index = ancestors.reshape(-1)
                     log_w.copy_(log_mean.expand(rows))
                 else:  # the prompts that do not need it keep their particles
@@ -411,7 +417,7 @@ class SMC:
                 x[:, : t + 1] = x[:, : t + 1].index_select(0, index)
                 done = done.index_select(0, index)
                 phi = phi.index_select(0, index)
-                token = token.index_select(0, index)
+                token = x[:, t]
                 decoder_q.reorder(index, logits=False)  # advance replaces them
                 if decoder_p is not None:
                     decoder_p.reorder(index, logits=False)
@@ -421,8 +427,10 @@ class SMC:
             decoder_q.advance(token)
             if decoder_p is not None:
                 decoder_p.advance(token)
+        resampled = (torch.tensor(resampled_hist, dtype=torch.bool, device=device)[:, None]
+                     if single else torch.stack(resampled_hist))
         hist = {"lse": torch.stack(lse_hist), "lse2": torch.stack(lse2_hist),
-                "resampled": torch.stack(resampled_hist)}
+                "resampled": resampled}
         return view, log_w, hist
 
     def _posterior(self, view, log_w, batch, hist, lm):
