@@ -297,20 +297,42 @@ class LMDistribution(TorchDistribution):
 
     # ------------------------------------------------------------- log density
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of :meth:`token_log_probs`: ``(*shape)``, float32."""
+        return self.token_log_probs(value).sum(-1)
+
+    def token_log_probs(self, value: torch.Tensor) -> torch.Tensor:
+        r"""Per-token log-probabilities of completions,
+
+        .. math::
+
+            \ell_t(x) = \begin{cases} \log p(x_t \mid c, x_{<t}) & t \le \tau(x) \\
+                                       0 & t > \tau(x), \end{cases}
+            \qquad \log p(x \mid c) = \sum_{t=1}^{T} \ell_t(x),
+
+        from one (chunked) forward pass of the LM; :meth:`log_prob` is their sum.
+        Pure and differentiable in the LM's parameters, like :meth:`log_prob`.
+
+        :param torch.Tensor value: LongTensor ``(*sample_shape, *batch_shape, T)``
+            (any shape whose batch part broadcasts with ``batch_shape``).
+        :returns: float32 ``(*shape, T)``, where ``shape`` is the broadcast of
+            ``value.shape[:-1]`` and ``batch_shape``; zero at every position after
+            the first EOS.
+        """
         if self._validate_args:
             self._validate_sample(value)
         shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
         x = value.expand(shape + self.event_shape).reshape(-1, self.max_new_tokens)
         index = self._prompt_index(shape)
         if x.shape[0] == 0:
-            return torch.zeros(shape, dtype=torch.float32, device=value.device)
+            return torch.zeros(shape + self.event_shape, dtype=torch.float32, device=value.device)
         lengths = self.prompt_ids.shape[-1] + self.max_new_tokens
         chunk = self.chunk_size or max(1, LOG_PROB_BUDGET // (lengths * self.lm.vocab_size))
-        parts = [self._log_prob_rows(x[i:i + chunk], index[i:i + chunk])
+        parts = [self._token_log_probs_rows(x[i:i + chunk], index[i:i + chunk])
                  for i in range(0, x.shape[0], chunk)]
-        return torch.cat(parts).reshape(shape)
+        return torch.cat(parts).reshape(shape + self.event_shape)
 
-    def _log_prob_rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def _token_log_probs_rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``(N, T)`` token log-probs of the rows ``x`` ``(N, T)`` given prompt rows ``index``."""
         ids = self.prompt_ids.index_select(0, index)
         mask = self.prompt_mask.index_select(0, index)
         t = self.max_new_tokens
@@ -321,8 +343,8 @@ class LMDistribution(TorchDistribution):
         logits, _ = self.lm(inputs, full_mask, positions, logits_to_keep=t)
         logits = logits[:, -t:].float()
         token_logp = logits.log_softmax(-1).gather(-1, x[..., None]).squeeze(-1)
-        keep = ~after_first_eos(x, self.lm.eos_token_id)
-        return (token_logp * keep).sum(-1)
+        # select rather than multiply: a -inf log-prob after EOS must give 0, not NaN
+        return token_logp.masked_fill(after_first_eos(x, self.lm.eos_token_id), 0.0)
 
     # ------------------------------------------------------------- enumeration
     def support_size(self) -> int:

@@ -9,6 +9,7 @@ from scipy import stats
 
 import pyro_lm
 from pyro_lm import LMDistribution
+from pyro_lm.distributions.lm_distribution import after_first_eos
 from pyro_lm.lm import toy_lm
 
 
@@ -137,6 +138,42 @@ def test_tensor_prompts_with_attention_mask(tiny_lm):
     x = d.enumerate_support()
     alone = LMDistribution(tiny_lm, torch.tensor([0, 1]), 2)
     assert torch.allclose(d.log_prob(x)[:, 0], alone.log_prob(x[:, 0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("pad", [None, 3])
+def test_token_log_probs_sum_to_log_prob_and_vanish_after_eos(chunk_size, pad):
+    lm = toy_lm(vocab_size=4, seed=3, init_std=0.5, pad_token_id=pad).trainable_copy()
+    prompts = torch.tensor([[0, 2], [0, 1]])
+    d = LMDistribution(lm, prompts, max_new_tokens=4, chunk_size=chunk_size)
+    torch.manual_seed(0)
+    x = d.sample((5,))
+    x[0, 0] = torch.tensor([1, 2, 0, lm.pad_token_id])  # ends early: EOS, then padding
+    tokens = d.token_log_probs(x)
+    assert tokens.shape == (5, 2, 4) and tokens.dtype == torch.float32
+    # the sum is log_prob, to float32 round-off (log_prob is that very sum)
+    assert torch.allclose(tokens.sum(-1), d.log_prob(x), atol=1e-6)
+    # zero exactly after the first EOS (not before: token log-probs are < 0 here)
+    after = after_first_eos(x, lm.eos_token_id)
+    assert after.any() and (~after).any()
+    assert bool((tokens[after] == 0).all()) and bool((tokens[~after] < 0).all())
+    # each token's value by hand: log p(x_t | prompt, x_<t), up to and including the EOS
+    context = [0, 2]
+    for t, token in enumerate([1, 2, 0]):
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([context])).logits[0, -1].double()
+        assert math.isclose(float(tokens[0, 0, t].detach()), float(logits.log_softmax(-1)[token]),
+                            abs_tol=1e-5)
+        context.append(token)
+    # differentiable, like log_prob
+    tokens[0, 0, :3].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lm.parameters())
+
+
+def test_token_log_probs_of_an_empty_batch(tiny_lm):
+    d = LMDistribution(tiny_lm, torch.tensor([0]), 3)
+    x = torch.zeros((0, 3), dtype=torch.long)
+    assert d.token_log_probs(x).shape == (0, 3) and d.log_prob(x).shape == (0,)
 
 
 def test_log_prob_chunking_is_exact(tiny_lm):

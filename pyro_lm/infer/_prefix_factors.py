@@ -1,0 +1,93 @@
+r"""A model's log-factors evaluated on prefixes of its one LM site's value.
+
+For a model with one :class:`~pyro_lm.LMDistribution` site ``x`` and factors
+:math:`f_k`, the prefix potential of length ``t`` is
+
+.. math:: \Phi_t(x_{\le t}) = \sum_k f_k(x_{1:t}),
+
+each factor evaluated inside :func:`~pyro_lm.distributions.prefix_context` ``(t)``
+on the value with positions ``>= t`` set to ``pad_token_id`` (how rewards see a
+partially generated completion). The model runs with the LM site's value fixed
+and nothing recorded: no trace, no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+from pyro_lm.distributions.lm_distribution import prompt_cache
+from pyro_lm.distributions.prefix import prefix_context
+from pyro_lm.infer.importance import reduce_to_batch
+
+__all__ = ["FixedLMFactors", "prefix_factors"]
+
+
+class FixedLMFactors(Messenger):
+    """Gives the LM site ``site`` a fixed :attr:`value` and sums every observed site's
+    log-density into :attr:`total`, reduced to ``(N, *batch_shape)``, without recording
+    a trace. Messages stop here: nothing outside sees the evaluation. Any other latent
+    site is an error (its value would be arbitrary).
+
+    :param str site: the LM site's name.
+    :param torch.Size batch_shape: the value's shape less its leading particle dim and
+        its last (token) dim; dims of size 1 sum the factors over plates the LM site
+        is not in.
+    :param str owner: who asks, for error messages.
+    """
+
+    def __init__(self, site: str, batch_shape: torch.Size, owner: str = "model"):
+        super().__init__()
+        self.site, self.batch_shape, self.owner = site, batch_shape, owner
+        self.value, self.total = None, 0.0
+
+    def _pyro_sample(self, msg):
+        msg["stop"] = True
+        if site_is_subsample(msg):
+            return
+        if msg["name"] == self.site:
+            msg["value"], msg["is_observed"], msg["done"] = self.value, True, True
+        elif msg["is_observed"]:
+            log_prob = scale_and_mask(msg["fn"].log_prob(msg["value"]), msg["scale"], msg["mask"])
+            self.total = self.total + reduce_to_batch(log_prob, self.batch_shape, msg["name"])
+        else:
+            raise ValueError(f"{self.owner}: latent site {msg['name']!r} besides the LM site "
+                             f"{self.site!r}; condition it (pyro.condition)")
+
+    def _pyro_param(self, msg):
+        msg["stop"] = True
+
+
+@torch.no_grad()
+def prefix_factors(model, site: str, value: torch.Tensor, lengths, pad: int, args=(),
+                   kwargs=None, owner: str = "model") -> torch.Tensor:
+    r"""The potentials :math:`\Phi_t` of ``value``'s prefixes, one model run per length.
+
+    :param model: the Pyro model (not wrapped in a particle plate: ``value`` carries
+        the particle dim on the left and the model's plates broadcast around it).
+    :param str site: the name of its one LM site.
+    :param torch.Tensor value: LongTensor ``(N, *batch, T)``, full completions.
+    :param lengths: the prefix lengths ``t`` (ints in ``[0, T]``).
+    :param int pad: ``pad_token_id``, written at positions ``>= t``.
+    :returns: float32 ``(len(lengths), N, *batch)``.
+    """
+    kwargs = kwargs or {}
+    lengths = list(lengths)
+    batch = torch.Size(value.shape[1:-1])
+    out = torch.zeros((len(lengths),) + tuple(value.shape[:-1]), dtype=torch.float32,
+                      device=value.device)
+    if not lengths:
+        return out
+    factors = FixedLMFactors(site, batch, owner)
+    run = factors(model)
+    positions = torch.arange(value.shape[-1], device=value.device)
+    with prompt_cache():  # the model builds its LMDistribution once per length
+        for i, t in enumerate(lengths):
+            factors.value = value.masked_fill(positions >= t, pad)
+            factors.total = 0.0
+            with prefix_context(t):
+                run(*args, **kwargs)
+            out[i] = torch.as_tensor(factors.total, dtype=torch.float32, device=value.device)
+    return out
