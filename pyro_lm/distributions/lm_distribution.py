@@ -238,12 +238,19 @@ class LMDistribution(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(LMDistribution, _instance)
         batch_shape = torch.Size(batch_shape)
-        torch.broadcast_shapes(batch_shape, self._prompt_batch_shape)  # raises if incompatible
-        for name in ("lm", "max_new_tokens", "chunk_size", "max_enumerate", "prompt_ids",
-                     "prompt_mask", "_prompt_batch_shape"):
-            setattr(new, name, getattr(self, name))
-        super(LMDistribution, new).__init__(batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
+        prompts = self._prompt_batch_shape
+        offset = len(batch_shape) - len(prompts)
+        if offset < 0 or any(p != 1 and p != batch_shape[offset + i]
+                             for i, p in enumerate(prompts)):
+            raise ValueError(f"batch_shape: cannot expand the prompts' batch shape "
+                             f"{tuple(prompts)} to {tuple(batch_shape)}; each prompt dim must be "
+                             "1 or equal the new size (plates broadcast on the left)")
+        # (Pyro's plates call this for every sample site: copy the attributes directly)
+        new.__dict__.update(lm=self.lm, max_new_tokens=self.max_new_tokens,
+                            chunk_size=self.chunk_size, max_enumerate=self.max_enumerate,
+                            prompt_ids=self.prompt_ids, prompt_mask=self.prompt_mask,
+                            _prompt_batch_shape=prompts, _batch_shape=batch_shape,
+                            _event_shape=self._event_shape, _validate_args=self._validate_args)
         return new
 
     @constraints.dependent_property(is_discrete=True, event_dim=1)

@@ -110,6 +110,10 @@ def test_shapes_under_nested_plates_and_sample_shape(tiny_lm, sample_shape):
     d = LMDistribution(tiny_lm, prompts, 4).expand((2, 3))
     assert d.sample(sample_shape).shape == torch.Size(sample_shape) + (2, 3, 4)
     assert d.log_prob(d.sample(sample_shape)).shape == torch.Size(sample_shape) + (2, 3)
+    assert d.expand((5, 2, 3)).batch_shape == (5, 2, 3)
+    for bad in [(2,), (3, 2), ()]:  # the prompts' dim must stay 3 (or broadcast from 1)
+        with pytest.raises(ValueError, match="batch_shape"):
+            LMDistribution(tiny_lm, prompts, 4).expand(bad)
 
 
 def test_batch_of_different_lengths_equals_each_prompt_alone(tiny_lm):
