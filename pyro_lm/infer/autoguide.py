@@ -111,11 +111,16 @@ class AutoLMGuide(nn.Module):
 
     def forward(self, *args, **kwargs):
         pyro.module(self.name, self.lm)
-        values = {}
+        values, plates = {}, {}
         for name, dist, frames in self.get_lm_sites(*args, **kwargs):
             with contextlib.ExitStack() as stack:
                 for frame in frames:
                     if frame.vectorized:
-                        stack.enter_context(pyro.plate(frame.name, frame.size, dim=frame.dim))
+                        # one plate object per plate, re-entered by every site inside it (a
+                        # second pyro.plate of the same name would be a duplicate site)
+                        key = (frame.name, frame.size, frame.dim)
+                        if key not in plates:
+                            plates[key] = pyro.plate(frame.name, frame.size, dim=frame.dim)
+                        stack.enter_context(plates[key])
                 values[name] = pyro.sample(name, dist)
         return values

@@ -1,0 +1,107 @@
+"""AutoLMGuide: the model's LM sites, with their prompts and plates, drawn from the guide LM."""
+
+import math
+
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+
+from pyro_lm import LMDistribution
+from pyro_lm.exact import enumerate_model
+from pyro_lm.infer import AutoLMGuide, SequenceELBO, trace_lm_sites
+from pyro_lm.lm import toy_lm
+from pyro_lm.rewards import Lexicon
+
+T = 3
+BETA = 0.5
+
+
+def two_site_model(prior, reward):
+    """A question and an answer, each a completion of its own prompt, both in one plate,
+    and a title outside any plate."""
+
+    def model(questions, answers):
+        title = pyro.sample("title", LMDistribution(prior, "t1", T))
+        pyro.factor("title_reward", reward(title) / BETA)
+        with pyro.plate("pairs", questions.shape[0]):
+            q = pyro.sample("q", LMDistribution(prior, questions, T))
+            a = pyro.sample("a", LMDistribution(prior, answers, T))
+            pyro.factor("reward", (reward(q) + reward(a)) / BETA)
+
+    return model
+
+
+def one_site_model(prior, reward, prompts):
+    def model():
+        if isinstance(prompts, str):
+            x = pyro.sample("x", LMDistribution(prior, prompts, T))
+            pyro.factor("reward", reward(x) / BETA)
+            return
+        with pyro.plate("pairs", prompts.shape[0]):
+            x = pyro.sample("x", LMDistribution(prior, prompts, T))
+            pyro.factor("reward", reward(x) / BETA)
+
+    return model
+
+
+@pytest.fixture
+def setting(tiny_lm):
+    policy = toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=3, init_std=0.5).trainable_copy()
+    reward = Lexicon(tiny_lm.tokenizer, {"t1": 1.0, "t3": -1.0})
+    questions = torch.tensor([[0], [2]])
+    answers = torch.tensor([[1, 2], [3, 3]])
+    return tiny_lm, policy, reward, questions, answers
+
+
+def test_guide_has_every_lm_site_with_its_plates_once(setting):
+    prior, policy, reward, questions, answers = setting
+    model = two_site_model(prior, reward)
+    guide = AutoLMGuide(model, policy)
+    assert [name for name, _ in trace_lm_sites(model, questions, answers)] == ["title", "q", "a"]
+    trace = poutine.trace(guide).get_trace(questions, answers)
+    sites = {n: s for n, s in trace.nodes.items() if s["type"] == "sample"}
+    # the plate's subsample site is recorded once, though two LM sites sit inside it
+    assert sorted(sites) == ["a", "pairs", "q", "title"]
+    assert [f.name for f in sites["q"]["cond_indep_stack"]] == ["pairs"]
+    assert sites["title"]["cond_indep_stack"] == ()
+    for name, prompts in (("title", "t1"), ("q", questions), ("a", answers)):
+        fn = sites[name]["fn"]
+        assert fn.lm is policy and fn.max_new_tokens == T
+        expected = LMDistribution(policy, prompts, T).log_prob(sites[name]["value"])
+        torch.testing.assert_close(fn.log_prob(sites[name]["value"]), expected)
+    assert sites["q"]["value"].shape == (2, T) and sites["title"]["value"].shape == (T,)
+    assert "reward" not in trace.nodes  # factors are left out
+    assert any(k.startswith("guide_lm$$$") for k in pyro.get_param_store().keys())
+
+
+def test_two_sites_in_one_plate_elbo_is_unbiased(setting):
+    """The sites are independent a posteriori, so the exact ELBO is the sum of the three
+    single-site ELBOs (each by enumeration); the mean SequenceELBO loss matches it."""
+    prior, policy, reward, questions, answers = setting
+    model = two_site_model(prior, reward)
+    guide = AutoLMGuide(model, policy)
+    exact = sum(enumerate_model(one_site_model(prior, reward, p)).elbo(policy).sum()
+                for p in ("t1", questions, answers)).item()
+    elbo = SequenceELBO(num_particles=16)
+    pyro.set_rng_seed(0)
+    with torch.no_grad():
+        losses = torch.tensor([elbo.loss(model, guide, questions, answers) for _ in range(60)])
+    se = losses.std() / math.sqrt(losses.numel())
+    assert abs(losses.mean() + exact) < 4 * se, (losses.mean(), -exact, se)
+    # and a training step runs through both sites and the title
+    for p in policy.parameters():
+        p.grad = None
+    elbo.loss_and_grads(model, guide, questions, answers)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in policy.parameters() if p.requires_grad)
+
+
+def test_guide_lm_with_another_tokenizer_is_a_clear_error(setting):
+    prior, _, reward, questions, answers = setting
+    other = toy_lm(vocab_size=5, n_layer=1, n_embd=16, seed=3)
+    guide = AutoLMGuide(two_site_model(prior, reward), other.trainable_copy())
+    with pytest.raises(ValueError, match="lm: tokenizer mismatch"):
+        guide(questions, answers)
+    with pytest.raises(TypeError, match="lm: expected a pyro_lm.CausalLM"):
+        AutoLMGuide(two_site_model(prior, reward), other.model)
