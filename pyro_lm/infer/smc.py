@@ -414,7 +414,8 @@ class SMC:
                 else:  # the prompts that do not need it keep their particles
                     index = (torch.where(need, ancestors, keep) * b + offsets).reshape(-1)
                     log_w = torch.where(need, log_mean, weights).reshape(-1)
-                x[:, : t + 1] = x[:, : t + 1].index_select(0, index)
+                x = x.index_select(0, index)
+                view = x.view(view.shape)
                 done = done.index_select(0, index)
                 phi = phi.index_select(0, index)
                 token = x[:, t]
