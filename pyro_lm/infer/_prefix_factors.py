@@ -14,6 +14,7 @@ and nothing recorded: no trace, no gradient.
 from __future__ import annotations
 
 import torch
+from pyro.distributions import Unit
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
@@ -29,7 +30,9 @@ class FixedLMFactors(Messenger):
     """Gives the LM site ``site`` a fixed :attr:`value` and sums every observed site's
     log-density into :attr:`total`, reduced to ``(N, *batch_shape)``, without recording
     a trace. Messages stop here: nothing outside sees the evaluation. Any other latent
-    site is an error (its value would be arbitrary).
+    site is an error (its value would be arbitrary). One instance serves many
+    evaluations (SMC runs it once per token): set :attr:`value` and reset :attr:`total`
+    before each.
 
     :param str site: the LM site's name.
     :param torch.Size batch_shape: the value's shape less its leading particle dim and
@@ -50,11 +53,19 @@ class FixedLMFactors(Messenger):
         if msg["name"] == self.site:
             msg["value"], msg["is_observed"], msg["done"] = self.value, True, True
         elif msg["is_observed"]:
-            log_prob = scale_and_mask(msg["fn"].log_prob(msg["value"]), msg["scale"], msg["mask"])
+            fn, value = msg["fn"], msg["value"]
+            if type(fn) is Unit and value.shape[:-1] == fn.log_factor.shape:  # pyro.factor
+                log_prob = fn.log_factor  # what Unit.log_prob returns, read directly
+            else:
+                log_prob = fn.log_prob(value)
+            scale = msg["scale"]
+            if isinstance(scale, torch.Tensor) or scale != 1.0 or msg["mask"] is not None:
+                log_prob = scale_and_mask(log_prob, scale, msg["mask"])
             self.total = self.total + reduce_to_batch(log_prob, self.batch_shape, msg["name"])
         else:
             raise ValueError(f"{self.owner}: latent site {msg['name']!r} besides the LM site "
-                             f"{self.site!r}; condition it (pyro.condition)")
+                             f"{self.site!r}; {self.owner} infers one LM site, condition the "
+                             "others (pyro.condition)")
 
     def _pyro_param(self, msg):
         msg["stop"] = True

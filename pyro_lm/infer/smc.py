@@ -45,56 +45,19 @@ from __future__ import annotations
 import math
 
 import torch
-from pyro.distributions import Unit
-from pyro.distributions.util import scale_and_mask
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from pyro_lm._validation import check_positive_int
 from pyro_lm.distributions.lm_distribution import prompt_cache
 from pyro_lm.distributions.prefix import prefix_context
 from pyro_lm.exact import unwrap
-from pyro_lm.infer.importance import model_structure, reduce_to_batch
+from pyro_lm.infer._prefix_factors import FixedLMFactors
+from pyro_lm.infer.importance import model_structure
 from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
 from pyro_lm.infer.resampling import RESAMPLERS
 from pyro_lm.lm.decoding import make_decoder
 
 __all__ = ["SMC"]
-
-
-class _Factors(Messenger):
-    """Gives the LM site a fixed value and sums every observed site's log-density,
-    reduced to ``(N, *batch)``, without recording a trace. Messages stop here:
-    nothing outside sees the evaluation. One instance serves every token of a run:
-    set :attr:`value` and reset :attr:`total` before each evaluation."""
-
-    def __init__(self, site: str, batch_shape: torch.Size):
-        super().__init__()
-        self.site, self.batch_shape = site, batch_shape
-        self.value, self.total = None, 0.0
-
-    def _pyro_sample(self, msg):
-        msg["stop"] = True
-        if site_is_subsample(msg):
-            return
-        if msg["name"] == self.site:
-            msg["value"], msg["is_observed"], msg["done"] = self.value, True, True
-        elif msg["is_observed"]:
-            fn, value = msg["fn"], msg["value"]
-            if type(fn) is Unit and value.shape[:-1] == fn.log_factor.shape:  # pyro.factor
-                log_prob = fn.log_factor
-            else:
-                log_prob = fn.log_prob(value)
-            scale = msg["scale"]
-            if isinstance(scale, torch.Tensor) or scale != 1.0 or msg["mask"] is not None:
-                log_prob = scale_and_mask(log_prob, msg["scale"], msg["mask"])
-            self.total = self.total + reduce_to_batch(log_prob, self.batch_shape, msg["name"])
-        else:
-            raise ValueError(f"model: latent site {msg['name']!r} besides the LM site "
-                             f"{self.site!r}; SMC infers one LM site (condition the others)")
-
-    def _pyro_param(self, msg):
-        msg["stop"] = True
 
 
 def _draw(logits: torch.Tensor) -> torch.Tensor:
@@ -318,7 +281,7 @@ class SMC:
 
     def _run(self, prior, proposal, args, kwargs):
         site, batch = self._site, self._batch
-        self._factors = _Factors(site, batch)
+        self._factors = FixedLMFactors(site, batch, owner="SMC")
         self._factors_model = self._factors(self.model)
         n, big_t = self.num_particles, prior.max_new_tokens
         b = batch.numel()
