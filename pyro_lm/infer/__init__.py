@@ -11,7 +11,9 @@ from pyro_lm.infer.moments import MomentConstraint, MomentFit, fit_moments
 from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
 from pyro_lm.infer.qrs import QRS, pick_log_bound
 from pyro_lm.infer.smc import SMC
+from pyro_lm.infer.twist import TwistFit, ValueTwist, fit_twist
 
 __all__ = ["AutoLMGuide", "trace_lm_sites", "WeightedPosterior", "check_log_weights",
            "SequenceELBO", "fit", "DPG", "QRS", "pick_log_bound", "IMH",
-           "MomentConstraint", "MomentFit", "fit_moments", "Importance", "SMC"]
+           "MomentConstraint", "MomentFit", "fit_moments", "Importance", "SMC",
+           "ValueTwist", "TwistFit", "fit_twist"]

@@ -88,7 +88,8 @@ class SMC:
     :param twist: ``None`` (potentials are the model's factors on prefixes,
         evaluated inside :func:`~pyro_lm.distributions.prefix_context`), or a
         callable ``twist(x, t) -> (N, *batch)`` log-potential of the prefixes of
-        length ``t < T`` (``x`` is ``(N, *batch, T)``, padded past ``t``).
+        length ``t < T`` (``x`` is ``(N, *batch, T)``, padded past ``t``), e.g. a
+        :class:`~pyro_lm.infer.ValueTwist` trained by :func:`~pyro_lm.infer.fit_twist`.
     :param str resampling: ``"systematic"`` (default) or ``"multinomial"``.
     :param int sync_every: check every this many tokens whether all particles
         have ended (a host sync); default 1 on CPU, 8 on accelerators. SMC's own
