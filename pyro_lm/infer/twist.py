@@ -82,7 +82,9 @@ class ValueTwist(nn.Module):
     The head starts at zero (:math:`\psi = 0`: every prefix equally promising). A call
     ``twist(x, t)`` runs ``lm`` once on the prompts and the ``t`` generated tokens of
     ``x`` ``(N, *batch, T)`` and returns float32 ``(N, *batch)``; only the head is
-    trained (``lm`` runs without gradient).
+    trained (``lm`` runs without gradient). Each call re-reads the whole prefix (no KV
+    cache), so an SMC run costs about ``T / 2`` extra forward passes of ``lm`` over the
+    prompt and completion: affordable for short completions and small feature LMs.
     """
 
     def __init__(self, dist: LMDistribution, lm: CausalLM | None = None):
