@@ -61,7 +61,9 @@ class FixedLMFactors(Messenger):
             scale = msg["scale"]
             if isinstance(scale, torch.Tensor) or scale != 1.0 or msg["mask"] is not None:
                 log_prob = scale_and_mask(log_prob, scale, msg["mask"])
-            self.total = self.total + reduce_to_batch(log_prob, self.batch_shape, msg["name"])
+            term = reduce_to_batch(log_prob, self.batch_shape, msg["name"])
+            first = isinstance(self.total, float) and self.total == 0.0
+            self.total = term if first else self.total + term
         else:
             raise ValueError(f"{self.owner}: latent site {msg['name']!r} besides the LM site "
                              f"{self.site!r}; {self.owner} infers one LM site, condition the "

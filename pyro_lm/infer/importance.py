@@ -106,7 +106,8 @@ def reduce_to_batch(log_prob, batch_shape: torch.Size, name: str) -> torch.Tenso
         raise ValueError(f"site {name!r}: log-density of shape {tuple(log_prob.shape)} has more "
                          f"dims than the particle and plate dims ({n}); declare every batch dim "
                          "of this site with a pyro.plate")
-    log_prob = log_prob.reshape((1,) * (n - log_prob.dim()) + tuple(log_prob.shape))
+    if log_prob.dim() < n:
+        log_prob = log_prob.reshape((1,) * (n - log_prob.dim()) + tuple(log_prob.shape))
     for d, size in enumerate(batch_shape, start=1):
         if size == 1 and log_prob.shape[d] > 1:
             log_prob = log_prob.sum(d, keepdim=True)
