@@ -36,3 +36,15 @@ def device(request):
 def tiny_lm():
     """An enumerable prior: vocab 4 (EOS = 0), 1 layer, peaky random weights, CPU."""
     return toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=1, init_std=0.5)
+
+
+@pytest.fixture(params=["0.x", "1.x"])
+def arviz_backend(request, monkeypatch):
+    """Each ArviZ API that ``pyro_lm.diagnostics._arviz`` can call: ``"0.x"`` (arviz 0.23)
+    and ``"1.x"`` (arviz-base and arviz-stats, the ``dev`` extra); skips one not installed."""
+    from pyro_lm.diagnostics import _arviz
+
+    if request.param not in _arviz.available_backends():
+        pytest.skip(f"the ArviZ {request.param} libraries are not installed")
+    monkeypatch.setattr(_arviz, "BACKEND", request.param)
+    return request.param

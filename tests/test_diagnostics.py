@@ -1,5 +1,6 @@
 """Tests for pyro_lm.diagnostics: estimators against ArviZ / closed forms / exact enumeration,
-InferenceData layout, summaries and plots."""
+InferenceData layout, summaries and plots. Tests that go through ArviZ take the
+``arviz_backend`` fixture (tests/conftest.py) and run under ArviZ 0.x and 1.x."""
 
 import math
 import warnings
@@ -9,9 +10,11 @@ import pandas as pd
 import pyro
 import pytest
 import torch
+import xarray as xr
 
 from pyro_lm import diagnostics as diag
 from pyro_lm import exact, rewards
+from pyro_lm.diagnostics import _arviz
 from pyro_lm.diagnostics._arviz import arviz, get_group, group_names
 from pyro_lm.distributions import LMDistribution
 from pyro_lm.infer import WeightedPosterior
@@ -20,8 +23,17 @@ from pyro_lm.lm import toy_lm
 # ------------------------------------------------------------------ estimators
 
 
+def _needs(*backends):
+    missing = sorted(set(backends) - set(_arviz.available_backends()))
+    if missing:
+        pytest.skip(f"the ArviZ {', '.join(missing)} libraries are not installed")
+
+
 @pytest.mark.parametrize("batch", [(), (3,), (2, 2)])
-def test_psis_khat_equals_arviz(batch):
+def test_psis_khat_equals_arviz(batch, arviz_backend):
+    # N = 1000: ArviZ 0.23 fits 95 tail draws, arviz-stats' own psislw 94 (see _arviz);
+    # the reference is ArviZ 0.23's psislw under both backends
+    _needs("0.x")
     g = torch.Generator().manual_seed(0)
     lw = 1.5 * torch.randn((1000,) + batch, generator=g, dtype=torch.float64)
     with warnings.catch_warnings():
@@ -35,6 +47,48 @@ def test_psis_khat_equals_arviz(batch):
     np.testing.assert_allclose(diag.psis_khat(lw.numpy(), warn=False), expected, atol=1e-6)
 
 
+def _log_weights_for_backends():
+    """(1000, 6) log-weights: continuous; tied, also at the cutoff; with -inf draws; none
+    above the cutoff (k-hat = inf); heavy-tailed; a tail of equal values."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(1000, 6, generator=g, dtype=torch.float64)
+    lw = z.clone()
+    lw[:, 1] = torch.round(2 * z[:, 1]) / 2  # many ties, also at the cutoff
+    lw[:, 2] = torch.where(z[:, 2] > 0, z[:, 2], -math.inf)  # rejected draws
+    lw[:, 3] = torch.round(z[:, 3]).clamp(max=1.0)  # 31% at the top: none above the cutoff
+    lw[:, 4] = 3.0 * z[:, 4]  # heavier tail
+    lw[:, 5] = torch.where(torch.arange(1000) < 30, 1.0, 0.0).double()  # a tail of 30 ties
+    return lw
+
+
+def test_psis_khat_backends_agree(monkeypatch):
+    """ArviZ 1.x gives ArviZ 0.x's k-hat to rounding, also with ties and -inf draws."""
+    _needs("0.x", "1.x")
+    lw = _log_weights_for_backends()
+    khat = {}
+    for backend in ("0.x", "1.x"):
+        monkeypatch.setattr(_arviz, "BACKEND", backend)
+        khat[backend] = diag.psis_khat(lw, warn=False)
+    assert torch.isposinf(khat["0.x"][3]) and torch.isfinite(khat["0.x"][[0, 1, 2, 4, 5]]).all()
+    torch.testing.assert_close(khat["1.x"], khat["0.x"], atol=1e-6, rtol=0)
+    # the public 1.x psislw (the fallback without arviz-stats' _gpdfit) where the tail lengths
+    # coincide (N = 900: 3 sqrt(N) = 90 draws in both) and there are no ties
+    lw = lw[:900, [0, 2, 4]]
+    monkeypatch.setattr(_arviz, "_arviz_stats_gpdfit", lambda: None)
+    fallback = diag.psis_khat(lw, warn=False)
+    monkeypatch.setattr(_arviz, "BACKEND", "0.x")
+    torch.testing.assert_close(fallback, diag.psis_khat(lw, warn=False), atol=1e-6, rtol=0)
+
+
+def test_khat_recovers_pareto_shape(arviz_backend):
+    # w = u^(-k), u ~ U(0, 1): Pareto with tail index 1/k, an exact GPD(k) tail; the ML
+    # estimate has sd about (1 + k) / sqrt(M) on M = 3 sqrt(N) = 300 tail draws
+    k = torch.tensor([0.25, 0.5, 0.9], dtype=torch.float64)
+    u = torch.rand(10000, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    khat = diag.psis_khat(-k * u.log(), warn=False)
+    assert (khat - k).abs().le(3 * (1 + k) / math.sqrt(300)).all(), khat
+
+
 def test_ess_matches_kish_formula():
     g = torch.Generator().manual_seed(1)
     lw = 2.0 * torch.randn(500, 4, generator=g, dtype=torch.float64)
@@ -46,7 +100,7 @@ def test_ess_matches_kish_formula():
     assert float(diag.ess(torch.zeros(64))) == pytest.approx(64.0)
 
 
-def test_khat_warns_for_heavy_tailed_weights():
+def test_khat_warns_for_heavy_tailed_weights(arviz_backend):
     # Pareto(alpha = 1) weights: infinite mean, k = 1 / alpha = 1 > 0.7
     u = torch.rand(4000, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     lw = -torch.log(u)  # log of Pareto(1) draws: w = 1/u
@@ -55,7 +109,7 @@ def test_khat_warns_for_heavy_tailed_weights():
     assert float(k) > 0.7
 
 
-def test_khat_silent_for_light_tailed_and_uniform_weights():
+def test_khat_silent_for_light_tailed_and_uniform_weights(arviz_backend):
     u = torch.rand(4000, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -200,9 +254,10 @@ def _groups(idata):
     return {name: get_group(idata, name) for name in group_names(idata)}
 
 
-def test_to_inference_data_importance(tiny_lm):
+def test_to_inference_data_importance(tiny_lm, arviz_backend):
     post = _posterior(tiny_lm)
     idata = diag.to_inference_data(post)
+    assert isinstance(idata, xr.DataTree if arviz_backend == "1.x" else arviz().InferenceData)
     groups = _groups(idata)
     assert set(groups) == {"posterior", "sample_stats", "log_likelihood"}
     p, s = groups["posterior"], groups["sample_stats"]
@@ -221,7 +276,7 @@ def test_to_inference_data_importance(tiny_lm):
     assert "x_text" not in _groups(diag.to_inference_data(post, decode=False))["posterior"]
 
 
-def test_to_inference_data_smc_history(tiny_lm):
+def test_to_inference_data_smc_history(tiny_lm, arviz_backend):
     steps = 3
     hist = {"ess": torch.rand(steps, B) * N, "resampled": torch.tensor([[True, False]] * steps),
             "log_Z": torch.randn(steps, B)}
@@ -232,7 +287,7 @@ def test_to_inference_data_smc_history(tiny_lm):
     assert s.attrs["algorithm"] == "smc"
 
 
-def test_to_inference_data_qrs_extras(tiny_lm):
+def test_to_inference_data_qrs_extras(tiny_lm, arviz_backend):
     extras = {"acceptance_rate": torch.tensor([0.3, 0.5]), "bound": torch.tensor([2.0, 3.0]),
               "num_proposals": N}
     s = _groups(diag.to_inference_data(_posterior(tiny_lm, extras=extras)))["sample_stats"]
@@ -241,7 +296,7 @@ def test_to_inference_data_qrs_extras(tiny_lm):
     assert s.attrs["algorithm"] == "qrs" and s.attrs["num_proposals"] == N
 
 
-def test_to_inference_data_imh_chains(tiny_lm):
+def test_to_inference_data_imh_chains(tiny_lm, arviz_backend):
     chains, draws, burn_in = 3, 20, 2
     accepted = torch.rand(draws + burn_in, chains, B) < 0.5
     post = _posterior(tiny_lm, n=chains * draws,
@@ -260,7 +315,7 @@ def test_to_inference_data_imh_chains(tiny_lm):
         diag.to_inference_data(_posterior(tiny_lm, n=61, extras={"num_chains": 3}))
 
 
-def test_to_inference_data_real_smc_and_imh(tiny_lm):
+def test_to_inference_data_real_smc_and_imh(tiny_lm, arviz_backend):
     from pyro_lm.infer import IMH
     from pyro_lm.infer.smc import SMC
 
@@ -279,6 +334,43 @@ def test_to_inference_data_real_smc_and_imh(tiny_lm):
     assert groups["sample_stats"]["accepted"].shape == (2, 8, 2)
 
 
+def test_backends_give_identical_groups(tiny_lm, monkeypatch):
+    """The same datasets in an InferenceData (0.x) and a DataTree (1.x), readable by each."""
+    _needs("0.x", "1.x")
+    hist = {"ess": torch.rand(3, B) * N, "resampled": torch.tensor([[True, False]] * 3)}
+    post = _posterior(tiny_lm, history=hist, extras={"acceptance_rate": torch.tensor([.3, .5])})
+    out = {}
+    for backend in ("0.x", "1.x"):
+        monkeypatch.setattr(_arviz, "BACKEND", backend)
+        out[backend] = (diag.to_inference_data(post), diag.to_inference_data(_history()))
+    for idata_0, idata_1 in zip(*out.values(), strict=True):
+        assert sorted(group_names(idata_0)) == sorted(group_names(idata_1))
+        assert idata_1.attrs == idata_0.attrs
+        for name in group_names(idata_0):
+            xr.testing.assert_identical(get_group(idata_1, name), get_group(idata_0, name))
+    # ArviZ 1.x reads the tree: arviz_base.extract stacks (chain, draw) into sample
+    import arviz_base
+
+    lw = arviz_base.extract(out["1.x"][0], group="sample_stats", var_names="log_weight")
+    assert lw.dims == ("prompt", "sample") and lw.shape == (B, N)
+    assert arviz().extract(out["0.x"][0], group="sample_stats")["log_weight"].shape == (B, N)
+
+
+def test_backend_detection(monkeypatch):
+    if "0.x" in _arviz.available_backends():
+        assert _arviz.detect_backend() == "0.x"  # arviz 0.23 wins over arviz-base/-stats
+    assert _arviz._backend_for("0.23.4", True) == "0.x"
+    assert _arviz._backend_for("1.0.0", False) == "1.x"
+    assert _arviz._backend_for(None, True) == "1.x"  # arviz-base + arviz-stats alone
+    assert _arviz._backend_for(None, False) is None
+    monkeypatch.setattr(_arviz, "BACKEND", None)
+    with pytest.raises(ImportError, match="pip install arviz"):
+        diag.to_inference_data(_history())
+    monkeypatch.setattr(_arviz, "BACKEND", "2.x")
+    with pytest.raises(ValueError, match="BACKEND"):
+        diag.psis_khat(torch.randn(100), warn=False)
+
+
 def _history(steps=6):
     hist = []
     for i in range(steps):
@@ -290,8 +382,9 @@ def _history(steps=6):
     return hist
 
 
-def test_to_inference_data_history():
+def test_to_inference_data_history(arviz_backend):
     idata = diag.to_inference_data(_history())
+    assert isinstance(idata, xr.DataTree if arviz_backend == "1.x" else arviz().InferenceData)
     groups = _groups(idata)
     assert set(groups) == {"training"}
     t = groups["training"]
@@ -308,7 +401,7 @@ def test_to_inference_data_history():
 # ------------------------------------------------------------------ summary / plots
 
 
-def test_summary_columns(tiny_lm):
+def test_summary_columns(tiny_lm, arviz_backend):
     hist = {"ess": torch.full((3, B), 30.0), "resampled": torch.tensor([[True, False]] * 3)}
     df = diag.summary(_posterior(tiny_lm, history=hist), warn=False)
     assert isinstance(df, pd.DataFrame) and len(df) == B and df.index.name == "prompt"
@@ -330,7 +423,7 @@ def _is_png(path):
     return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plots_return_figures_and_save(tiny_lm, tmp_path):
+def test_plots_return_figures_and_save(tiny_lm, arviz_backend, tmp_path):
     from matplotlib.figure import Figure
 
     hist = {"ess": torch.rand(4, B) * N, "resampled": torch.tensor([[True, False]] * 4)}

@@ -83,8 +83,9 @@ def psis_khat(log_weights, r_eff: float = 1.0, warn: bool = True,
     shape :math:`\hat k` estimates how many moments the weights have
     (:math:`E[w^{1/k}] < \infty`). Below 0.5 the variance is finite; above
     :data:`KHAT_THRESHOLD` (0.7) self-normalised estimates are unreliable at any
-    practical sample size. The fit itself is ArviZ's (``psislw``; see
-    :mod:`pyro_lm.diagnostics._arviz` for the sign convention per version).
+    practical sample size. The fit itself is ArviZ's, and so is the tail (see
+    :mod:`pyro_lm.diagnostics._arviz` for how ArviZ 0.x and 1.x are called so
+    that both give the same :math:`\hat k`).
 
     Degenerate cases, the same for every ArviZ version: when every finite
     log-weight is equal (exact or rejection sampling) there is no tail and
@@ -112,7 +113,7 @@ def psis_khat(log_weights, r_eff: float = 1.0, warn: bool = True,
     finite = np.where(np.isfinite(flat), flat, np.nan)
     constant = np.nanmax(finite, -1) == np.nanmin(finite, -1)
     khat[constant] = -np.inf
-    tail = math.ceil(min(n / 5.0, 3 * math.sqrt(n / r_eff)))
+    tail = _arviz.psis_tail_length(n, r_eff)
     todo = ~constant
     if tail >= 5 and todo.any():
         with warnings.catch_warnings():

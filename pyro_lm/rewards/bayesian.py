@@ -234,17 +234,16 @@ class BayesianClassifier(Reward):
         :param int seed: the JAX PRNG seed.
         :param str chain_method: NumPyro's ``"sequential"``, ``"vectorized"`` or
             ``"parallel"`` (the latter needs ``numpyro.set_host_device_count``).
-        :returns: ``self``, with :attr:`inference_data` (``arviz.from_numpyro``),
-            :attr:`rhat_max`, :attr:`ess_bulk_min` and :attr:`fit_seconds` set; a
-            :class:`UserWarning` is emitted when any R-hat exceeds 1.01.
+        :returns: ``self``, with :attr:`inference_data` (ArviZ's ``from_numpyro``:
+            an ``InferenceData``, a ``DataTree`` under ArviZ 1.x), :attr:`rhat_max`,
+            :attr:`ess_bulk_min` and :attr:`fit_seconds` set; a :class:`UserWarning`
+            is emitted when any R-hat exceeds 1.01.
         """
         import jax
         import jax.numpy as jnp
         import numpyro
         import numpyro.distributions as ndist
         from numpyro.infer import MCMC, NUTS
-
-        from pyro_lm.diagnostics import _arviz
 
         if not isinstance(x, torch.Tensor):
             x = encode_completions(self.lm, list(x))
@@ -304,10 +303,7 @@ class BayesianClassifier(Reward):
         device = self.lm.device
         self._w = torch.as_tensor(w, dtype=torch.float32, device=device)  # (S, D)
         self._b = torch.as_tensor(b, dtype=torch.float32, device=device)  # (S,)
-        self.inference_data = _arviz.from_numpyro(mcmc)
-        posterior = _arviz.get_group(self.inference_data, "posterior")
-        self.rhat_max = _max_over(_arviz.rhat(posterior)) if num_chains > 1 else math.nan
-        self.ess_bulk_min = _min_over(_arviz.ess(posterior, method="bulk"))
+        self.inference_data, self.rhat_max, self.ess_bulk_min = _mcmc_diagnostics(mcmc)
         self._fitted = True
         if self.rhat_max > RHAT_THRESHOLD:
             warnings.warn(f"{self.name}: NUTS has not converged, max R-hat = {self.rhat_max:.3f} "
@@ -348,6 +344,17 @@ class BayesianClassifier(Reward):
         state = (f"S={self.num_draws}, rhat_max={self.rhat_max:.3f}" if self._fitted
                  else "not fitted")
         return f"BayesianClassifier(features={self.features!r}, {state})"
+
+
+def _mcmc_diagnostics(mcmc) -> tuple[object, float, float]:
+    """``(inference_data, max R-hat, min bulk ESS)`` of a finished NumPyro MCMC run, through
+    :mod:`pyro_lm.diagnostics._arviz` (R-hat is NaN for a single chain)."""
+    from pyro_lm.diagnostics import _arviz
+
+    idata = _arviz.from_numpyro(mcmc)
+    posterior = _arviz.get_group(idata, "posterior")
+    rhat_max = _max_over(_arviz.rhat(posterior)) if posterior.sizes["chain"] > 1 else math.nan
+    return idata, rhat_max, _min_over(_arviz.ess(posterior, method="bulk"))
 
 
 def _max_over(dataset) -> float:

@@ -1,17 +1,19 @@
-"""Tests for BayesianClassifier: posterior recovery on synthetic data, NUTS convergence,
-and the reward's values, shapes, dtype and device."""
+"""Tests for BayesianClassifier: posterior recovery on synthetic data, NUTS convergence
+(diagnosed by ArviZ 0.x and 1.x), and the reward's values, shapes, dtype and device."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
-from pyro_lm.diagnostics._arviz import get_group
+from pyro_lm.diagnostics import _arviz
+from pyro_lm.diagnostics._arviz import arviz, get_group, group_names
 from pyro_lm.distributions.prefix import prefix_context
 from pyro_lm.lm import toy_lm
 from pyro_lm.rewards import BayesianClassifier, Reward
-from pyro_lm.rewards.bayesian import encode_completions
+from pyro_lm.rewards.bayesian import _mcmc_diagnostics, encode_completions
 
 V, T, N_TRAIN = 6, 8, 400
 W_TRUE = np.array([1.0, -1.0, 0.5, 0.0, -0.5])  # on standardised counts of tokens 1..5
@@ -28,8 +30,9 @@ def _completions(n, seed, device="cpu"):
 
 
 @pytest.fixture(scope="module")
-def fitted(device):
-    """One NUTS fit per device on labels drawn from a known logistic model."""
+def fit_and_run(device):
+    """One NUTS fit per device on labels drawn from a known logistic model:
+    ``(classifier, device, the numpyro MCMC run it was diagnosed from)``."""
     lm = toy_lm(vocab_size=V, n_layer=1, n_embd=16, seed=0, device=device)
     x = _completions(N_TRAIN, seed=0, device=device)
     clf = BayesianClassifier(lm, features="tokens", prior_scale=2.0)
@@ -37,9 +40,18 @@ def fitted(device):
     z = (counts - counts.mean(0)) / counts.std(0)
     rng = np.random.default_rng(0)
     y = rng.random(N_TRAIN) < 1 / (1 + np.exp(-(z @ W_TRUE + B_TRUE)))
-    clf.fit(x, torch.as_tensor(y), num_warmup=200, num_samples=300, num_chains=2, seed=0,
-            chain_method="vectorized")
-    return clf, device
+    runs = []
+    convert = _arviz.from_numpyro
+    with pytest.MonkeyPatch.context() as mp:  # keep the run, to diagnose it again
+        mp.setattr(_arviz, "from_numpyro", lambda mcmc: convert(runs.append(mcmc) or mcmc))
+        clf.fit(x, torch.as_tensor(y), num_warmup=200, num_samples=300, num_chains=2, seed=0,
+                chain_method="vectorized")
+    return clf, device, runs[0]
+
+
+@pytest.fixture(scope="module")
+def fitted(fit_and_run):
+    return fit_and_run[:2]
 
 
 def test_fit_recovers_known_weights(fitted):
@@ -63,6 +75,33 @@ def test_fit_converges(fitted):
     assert clf.ess_bulk_min > 100
     assert clf.num_draws == 600
     assert clf.fit_seconds > 0
+
+
+def test_fit_diagnostics_agree_across_arviz(fit_and_run, arviz_backend):
+    """The fitted run's inference data, R-hat and ESS under each ArviZ API (fit used the
+    installed one) against ArviZ 0.x's on the same draws."""
+    if "0.x" not in _arviz.available_backends():
+        pytest.skip("the reference, ArviZ 0.x, is not installed")
+    clf, _, mcmc = fit_and_run
+    idata, rhat_max, ess_bulk_min = _mcmc_diagnostics(mcmc)
+    assert isinstance(idata, xr.DataTree if arviz_backend == "1.x" else arviz().InferenceData)
+    assert {"posterior", "sample_stats"} <= set(group_names(idata))
+    post, ref = get_group(idata, "posterior"), get_group(clf.inference_data, "posterior")
+    assert post["w"].dims == ref["w"].dims and post["w"].shape == (2, 300, len(W_TRUE))
+    for name in ("w", "b"):
+        np.testing.assert_array_equal(post[name].values, ref[name].values)
+    np.testing.assert_array_equal(get_group(idata, "sample_stats")["diverging"].values,
+                                  get_group(clf.inference_data, "sample_stats")["diverging"])
+    assert math.isfinite(rhat_max) and rhat_max <= 1.01 and ess_bulk_min > 100
+    assert rhat_max == pytest.approx(clf.rhat_max, rel=1e-12)
+    assert ess_bulk_min == pytest.approx(clf.ess_bulk_min, rel=1e-12)
+    az = arviz()
+    pairs = [(_arviz.rhat(post), az.rhat(ref))] + [
+        (_arviz.ess(post, method=m), az.ess(ref, method=m))
+        for m in ("bulk", "tail", "mean", "sd", "median", "mad")]
+    for mine, theirs in pairs:
+        for name in ("w", "b"):
+            np.testing.assert_allclose(mine[name].values, theirs[name].values, rtol=1e-10)
 
 
 def test_reward_batched_float32_on_device(fitted):
