@@ -45,14 +45,11 @@ from __future__ import annotations
 import math
 
 import torch
-from pyro.poutine.util import site_is_subsample
 
 from pyro_lm._validation import check_positive_int
 from pyro_lm.distributions.lm_distribution import prompt_cache
 from pyro_lm.distributions.prefix import prefix_context
-from pyro_lm.exact import unwrap
-from pyro_lm.infer._prefix_factors import FixedLMFactors
-from pyro_lm.infer.importance import model_structure
+from pyro_lm.infer._prefix_factors import FixedLMFactors, single_lm_site
 from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
 from pyro_lm.infer.resampling import RESAMPLERS
 from pyro_lm.lm.decoding import make_decoder
@@ -187,28 +184,14 @@ class SMC:
 
     # ------------------------------------------------------------------ set-up
     def _lm_site(self, args, kwargs):
-        trace, names, nesting = model_structure(self.model, *args, **kwargs)
-        if len(names) != 1:
-            raise ValueError(f"model: SMC drives exactly one LM site, the model has {names}; "
-                             "condition the others (pyro.condition) or use Importance")
-        latent = [n for n, s in trace.nodes.items() if s["type"] == "sample"
-                  and not s["is_observed"] and not site_is_subsample(s) and n != names[0]]
-        if latent:
-            raise ValueError(f"model: latent sites {latent} besides the LM site {names[0]!r}; "
-                             "SMC infers one LM site (condition the others)")
-        fn = trace.nodes[names[0]]["fn"]
-        prior = unwrap(fn)
-        if fn is not prior:
-            raise ValueError(f"model: site {names[0]!r} wraps its LMDistribution (mask, "
-                             "to_event, ...); SMC needs the plain distribution")
-        batch = torch.Size((1,) * (nesting - len(fn.batch_shape)) + tuple(fn.batch_shape))
+        site, prior, batch = single_lm_site(self.model, args, kwargs, owner="SMC")
         proposal = prior
         if self.guide is not None:
             sites = {name: dist for name, dist, _ in self.guide.get_lm_sites(*args, **kwargs)}
-            if names[0] not in sites:
-                raise ValueError(f"guide: it has no LM site {names[0]!r} (has {sorted(sites)})")
-            proposal = sites[names[0]]
-        return names[0], prior, proposal, batch, nesting
+            if site not in sites:
+                raise ValueError(f"guide: it has no LM site {site!r} (has {sorted(sites)})")
+            proposal = sites[site]
+        return site, prior, proposal, batch
 
     def _potential(self, x, t, final, args, kwargs):
         """``(N * B,)`` log-potential of the prefixes ``x`` ``(N, *batch, T)`` of length ``t``,
@@ -216,15 +199,12 @@ class SMC:
         if final or self.twist is None:
             # no particle plate: the values carry the particle dim on the left, and the
             # model's plates broadcast around it (saves re-expanding the LM site per token)
-            factors = self._factors
-            factors.value, factors.total = x, 0.0
             if final:
-                self._factors_model(*args, **kwargs)
+                phi = self._factors.evaluate(x, args, kwargs)
             else:
                 with prefix_context(t):
-                    self._factors_model(*args, **kwargs)
-            phi, name = factors.total, "factors"
-            factors.value = factors.total = None
+                    phi = self._factors.evaluate(x, args, kwargs)
+            name = "factors"
         else:
             with prefix_context(t):
                 phi, name = self.twist(x, t), "twist"
@@ -268,12 +248,12 @@ class SMC:
         with torch.no_grad(), prompt_cache():  # the model runs once per token on the same prompts
             try:
                 # the first run of the model (params, reward caches) is outside inference mode
-                site, prior, proposal, batch, nesting = self._lm_site(args, kwargs)
-                self._site, self._batch, self._nesting = site, batch, nesting
+                site, prior, proposal, batch = self._lm_site(args, kwargs)
+                self._site, self._batch = site, batch
                 with torch.inference_mode():  # the loop: less overhead per tensor operation
                     x, log_w, hist = self._run(prior, proposal, args, kwargs)
             finally:
-                self._factors = self._factors_model = None
+                self._factors = None
                 self._cand_buffer = self._vocab_column = None
             # inference tensors must not escape (autograd refuses them): copy them out
             x, log_w = x.clone(), log_w.clone()
@@ -282,8 +262,7 @@ class SMC:
 
     def _run(self, prior, proposal, args, kwargs):
         site, batch = self._site, self._batch
-        self._factors = FixedLMFactors(site, batch, owner="SMC")
-        self._factors_model = self._factors(self.model)
+        self._factors = FixedLMFactors(self.model, site, batch, owner="SMC")
         n, big_t = self.num_particles, prior.max_new_tokens
         b = batch.numel()
         lm_q, lm_p = proposal.lm, prior.lm
@@ -365,11 +344,12 @@ class SMC:
                 break
             if single:  # one prompt on the host: decide with one scalar read
                 need = torch.sub(lse2, lse, alpha=2).item() > log_bound
-                resampled_hist.append(need)
+                act = need
             else:
                 need = torch.sub(lse2, lse, alpha=2) > log_bound  # (B,)
-                resampled_hist.append(need)
-            if single and need or not single and (not on_cpu or bool(need.any())):
+                act = not on_cpu or bool(need.any())
+            resampled_hist.append(need)
+            if act:
                 ancestors = RESAMPLERS[self.resampling](weights)  # (N, B)
                 log_mean = lse - math.log(n)
                 if single:

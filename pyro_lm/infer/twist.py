@@ -61,9 +61,7 @@ from torch import nn
 
 from pyro_lm._validation import check_positive_int
 from pyro_lm.distributions.lm_distribution import LMDistribution, prompt_cache
-from pyro_lm.exact import unwrap
-from pyro_lm.infer._prefix_factors import FixedLMFactors
-from pyro_lm.infer.importance import model_structure
+from pyro_lm.infer._prefix_factors import FixedLMFactors, single_lm_site
 from pyro_lm.lm.causal_lm import CausalLM, eval_mode
 
 __all__ = ["ValueTwist", "TwistFit", "fit_twist"]
@@ -193,22 +191,13 @@ def fit_twist(twist: ValueTwist, model, *args, num_samples: int = 128, num_steps
         raise ValueError("num_samples: the self-normalised estimates need at least 2")
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
-    trace, names, nesting = model_structure(model, *args, **kwargs)
-    if len(names) != 1:
-        raise ValueError(f"model: fit_twist needs exactly one LM site, the model has {names}")
-    fn = trace.nodes[names[0]]["fn"]
-    prior = unwrap(fn)
-    if prior is not fn:
-        raise ValueError(f"model: site {names[0]!r} wraps its LMDistribution (mask, to_event, "
-                         "...); fit_twist needs the plain distribution")
+    site, prior, batch = single_lm_site(model, args, kwargs, owner="fit_twist")
     if prior.max_new_tokens != twist.dist.max_new_tokens:
         raise ValueError(f"twist: built for max_new_tokens={twist.dist.max_new_tokens}, the "
                          f"model's site has {prior.max_new_tokens}; build it from the model's "
                          "LMDistribution")
-    batch = torch.Size((1,) * (nesting - len(fn.batch_shape)) + tuple(fn.batch_shape))
     lead = batch[: len(batch) - len(prior.batch_shape)]
-    factors = FixedLMFactors(names[0], batch, owner="fit_twist")
-    run = factors(model)
+    factors = FixedLMFactors(model, site, batch, owner="fit_twist")
     big_t = prior.max_new_tokens
     optim = torch.optim.Adam(twist.head.parameters(), lr=lr)
     history = TwistFit()
@@ -217,11 +206,8 @@ def fit_twist(twist: ValueTwist, model, *args, num_samples: int = 128, num_steps
         for _ in range(num_steps):
             with torch.no_grad():
                 x = prior.sample((num_samples,) + tuple(lead))  # (S, *batch, T)
-                factors.value, factors.total = x, 0.0
-                run(*args, **kwargs)
-                log_f = torch.as_tensor(factors.total, dtype=torch.float32,
+                log_f = torch.as_tensor(factors.evaluate(x, args, kwargs), dtype=torch.float32,
                                         device=x.device).expand(x.shape[:-1])
-                factors.value = factors.total = None
                 if torch.isnan(log_f).any():
                     raise ValueError("model: a factor is NaN on some completion")
                 if torch.isneginf(log_f).all(0).any():
