@@ -217,9 +217,8 @@ def fit_twist(twist: ValueTwist, model, *args, num_samples: int = 128, num_steps
                         "raise num_samples")
                 weights = log_f.softmax(0)  # (S, *batch), sums to 1 per prompt
                 ess = 1.0 / (weights**2).sum(0)
-                feats = twist.features(x)  # (S, *batch, T, d)
             # prefixes of length 1 .. T-1: the last one is the completion, scored by F itself
-            psi = twist.head(feats[..., : big_t - 1, :]).squeeze(-1)  # (S, *batch, T-1)
+            psi = twist.values(x[..., : big_t - 1])  # (S, *batch, T-1)
             positive = (weights[..., None] * psi).sum(0)
             negative = psi.logsumexp(0) - log_s
             loss = -(positive - negative).sum()
