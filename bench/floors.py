@@ -170,19 +170,23 @@ def systematic_resample(log_w: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def smc_floor(model, prompt: torch.Tensor, num_particles: int, max_new_tokens: int,
               beta: float, reward_increment, eos: int, ess_threshold: float = 0.5,
-              pad: int | None = None):
+              pad: int | None = None, decoder=None):
     """Batched token-level SMC from the prior with an additive prefix reward.
 
     :param reward_increment: ``(token (N,), alive (N,) bool) -> (N,)`` reward of
         appending ``token`` (e.g. ``(token == 7) & alive``), so the potential
         :math:`r(x_{\\le t})/\\beta` telescopes to the final reward.
+    :param decoder: the decoding state of ``N`` copies of ``prompt`` (``.logits``
+        ``(N, V)``, ``.advance(token)``, ``.reorder(index)``); default: ``model``'s
+        transformers forward with a ``DynamicCache``. ``bench/smc.py`` also passes
+        pyro_lm's decoder, to time this loop without the transformers forward.
     :returns: ``(x, log_w, log_z)``: completions ``(N, T)``, final log-weights
         ``(N,)`` and the SMC estimate of :math:`\\log Z` (0-dim).
     """
     n = num_particles
     pad = eos if pad is None else pad
     device = prompt.device
-    decoder = _Decoder(model, prompt, n)
+    decoder = _Decoder(model, prompt, n) if decoder is None else decoder
     x = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     log_w = torch.zeros(n, device=device)

@@ -66,6 +66,31 @@ def test_reorder_moves_the_whole_state(device):
     assert torch.allclose(decoder.logits, expected, atol=1e-4)
 
 
+def test_repeated_reorders_never_read_unfilled_positions(device):
+    """Reorders copy only the filled cache positions and swap buffers: positions past the
+    current length hold stale data (here NaN) until advance writes them."""
+    lm = toy_lm(vocab_size=16, n_layer=2, n_embd=32, n_head=4, init_std=0.2, device=device)
+    ids = torch.tensor([[0, 0, 3], [0, 5, 6], [1, 2, 4]], device=device)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1]], device=device)
+    decoder = make_decoder(lm, ids, mask, 5)
+    decoder._kv[..., 3:, :] = float("nan")  # nothing written yet past the prompt
+    rows = torch.arange(3, device=device)
+    fed = torch.zeros(3, 0, dtype=torch.long, device=device)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(4):
+        token = torch.randint(1, 16, (3,), generator=generator).to(device)
+        decoder.advance(token)
+        fed = torch.cat([fed, token[:, None]], dim=-1)
+        index = torch.randint(0, 3, (3,), generator=generator).to(device)
+        decoder.reorder(index)
+        decoder._spare.fill_(float("nan"))  # the buffer the next reorder writes into
+        rows, fed = rows[index], fed[index]
+        expected = reference_logits(lm, ids[rows], mask[rows], fed)
+        assert torch.allclose(decoder.logits, expected, atol=1e-4), step
+    decoder.advance(torch.ones(3, dtype=torch.long, device=device))
+    assert torch.isfinite(decoder.logits).all()
+
+
 def test_bfloat16_weights_give_float32_logits(device):
     lm = toy_lm(vocab_size=16, n_layer=1, n_embd=32, n_head=4, init_std=0.2, device=device,
                 dtype=torch.bfloat16)
