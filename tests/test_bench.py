@@ -1,0 +1,41 @@
+"""Every benchmark that needs only the dev install runs in its ``--quick`` mode.
+
+The timings are not checked (a timing never decides a test); what is checked is that
+each script still runs against the current API, prints its table, and, as
+``bench/README.md`` promises for ``--quick``, leaves ``bench/RESULTS.md`` alone.
+``peers_rl.py`` and ``peers_smc.py`` need TRL and the SMC peers, which ``make test``
+does not install.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+#: script -> text its quick run prints with its table
+SCRIPTS = {
+    "sampling.py": "## Sampling and log_prob",
+    "smc.py": "## Token-level SMC",
+    "dpg.py": "DPG reaches exact KL(p*‖q)",
+    "svi.py": "## SequenceELBO: SVI step vs hand-written RLOO",
+}
+
+
+def test_every_script_needing_only_dev_is_listed():
+    peers = {"peers_rl.py", "peers_smc.py"}
+    helpers = {"common.py", "floors.py", "task.py", "run_all.py"}
+    assert {p.name for p in BENCH.glob("*.py")} - peers - helpers == set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_quick_run(script):
+    results = (BENCH / "RESULTS.md").read_bytes()
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert SCRIPTS[script] in proc.stdout
+    assert "|---|" in proc.stdout  # a markdown table
+    assert (BENCH / "RESULTS.md").read_bytes() == results
