@@ -9,7 +9,7 @@ import torch
 import pyro_lm
 
 
-def load_prior(device: str = "cpu", tiny: bool = False):
+def load_prior(device: str = "cpu"):
     """The bundled tiny LM (models/tinylm). It is committed, so this never downloads."""
     return pyro_lm.CausalLM.from_pretrained(pyro_lm.bundled_model_path(), device=device)
 

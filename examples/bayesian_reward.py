@@ -21,24 +21,27 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
+from pathlib import Path
 
 import pyro
 import torch
 
-import pyro_lm
-from pyro_lm import diagnostics
-from pyro_lm.rewards import BayesianClassifier
-from pyro_lm.rewards.bayesian import encode_completions
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import base_parser, load_prior  # noqa: E402
+
+import pyro_lm  # noqa: E402
+from pyro_lm import diagnostics  # noqa: E402
+from pyro_lm.rewards import BayesianClassifier  # noqa: E402
+from pyro_lm.rewards.bayesian import encode_completions  # noqa: E402
 
 _WORD = re.compile(r"[a-z]+")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiny", action="store_true", help="a few seconds' run, used by the tests")
-    p.add_argument("--seed", type=int, default=0)
+    p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--features", choices=("hidden", "tokens"), default="hidden")
     p.add_argument("--num-docs", type=int, default=None, help="labelled reviews to fit on")
     p.add_argument("--num-warmup", type=int, default=None)
@@ -65,7 +68,7 @@ def bundled_task(args):
     """The bundled LM, corpus reviews labelled positive / not, and a lexicon judge."""
     from pyro_lm.data import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS, generate_corpus
 
-    lm = pyro_lm.CausalLM.from_pretrained(pyro_lm.bundled_model_path(), device=args.device)
+    lm = load_prior(args.device)
     docs = generate_corpus(args.num_docs, seed=args.seed + 1, kinds=("review",))
     texts = [d.body for d in docs]
     labels = [d.labels["sentiment"] == "positive" for d in docs]

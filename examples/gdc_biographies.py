@@ -33,24 +33,29 @@ Forgetting*, NeurIPS 2022.
 
 from __future__ import annotations
 
-import argparse
 import math
+import sys
+from pathlib import Path
 
 import pyro
 import torch
 
-import pyro_lm
-from pyro_lm.data.grammar import FEMALE_NAMES, PRONOUNS
-from pyro_lm.distributions.prefix import counted_mask
-from pyro_lm.infer import DPG, IMH, AutoLMGuide, fit_moments
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import base_parser, load_prior  # noqa: E402
+
+import pyro_lm  # noqa: E402
+from pyro_lm.data.grammar import FEMALE_NAMES, PRONOUNS  # noqa: E402
+from pyro_lm.distributions.prefix import counted_mask  # noqa: E402
+from pyro_lm.infer import DPG, IMH, AutoLMGuide, fit_moments  # noqa: E402
 
 TARGET = 0.5
 
 
-def load_prior(device):
+def load_task(device):
     """The bundled LM and its female-word ids; a toy LM and ``t1`` if it is absent."""
     try:
-        prior = pyro_lm.CausalLM.from_pretrained(pyro_lm.bundled_model_path(), device=device)
+        prior = load_prior(device)
         words = list(FEMALE_NAMES) + list(PRONOUNS["female"])
         prompt = "bio :"
     except FileNotFoundError:
@@ -83,7 +88,7 @@ def share(feature, x: torch.Tensor) -> tuple[float, float]:
 def main(args):
     pyro.set_rng_seed(args.seed)
     device = torch.device(args.device)
-    prior, prompt, ids = load_prior(device)
+    prior, prompt, ids = load_task(device)
     feature = make_feature(ids, prior.eos_token_id)
     dist = pyro_lm.LMDistribution(prior, prompt, args.max_new_tokens)
     out = {}
@@ -133,9 +138,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--num-samples", type=int, default=4096)
     p.add_argument("--imh-steps", type=int, default=20)
@@ -143,7 +146,6 @@ def parse_args(argv=None):
     p.add_argument("--dpg-steps", type=int, default=200)
     p.add_argument("--particles", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--tiny", action="store_true", help="a few seconds' run, used by the tests")
     args = p.parse_args(argv)
     if args.tiny:
         args.max_new_tokens, args.num_samples = 12, 1024

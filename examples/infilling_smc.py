@@ -18,29 +18,33 @@ Runs on the bundled tiny LM (``models/tinylm``) if it exists, else on a random t
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
+import sys
+from pathlib import Path
 
 import pyro
 import torch
 
-import pyro_lm
-from pyro_lm.rewards import Regex
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import base_parser, load_prior  # noqa: E402
+
+import pyro_lm  # noqa: E402
+from pyro_lm.rewards import Regex  # noqa: E402
 
 
-def load_prior(device, words=None):
+def load_task(device, words=None):
     """The bundled tiny LM, its prompts, the required words (default: any positive word)
     and the banned ones; or a toy LM when the bundled one is not built."""
     try:
-        path = pyro_lm.bundled_model_path()
+        lm = load_prior(device)
     except FileNotFoundError:
         lm = pyro_lm.lm.toy_lm(vocab_size=16, n_layer=1, n_embd=32, seed=0, init_std=0.1,
                                device=device)
         return lm, ["t1", "t2 t3"], words or ["t5", "t6"], ["t9"]
     from pyro_lm.data.grammar import OFFENSIVE_WORDS, POSITIVE_WORDS
 
-    lm = pyro_lm.CausalLM.from_pretrained(path, device=device)
     prompts = ["review : the blender is", "review : the kettle is"]
     return lm, prompts, words or list(POSITIVE_WORDS), list(OFFENSIVE_WORDS)
 
@@ -69,7 +73,7 @@ def make_model(prior, words, insults, max_new_tokens: int):
 
 def main(args):
     pyro.set_rng_seed(args.seed)
-    prior, prompts, words, insults = load_prior(args.device, args.words)
+    prior, prompts, words, insults = load_task(args.device, args.words)
     model = make_model(prior, words, insults, args.max_new_tokens)
     smc = pyro_lm.infer.SMC(model, num_particles=args.num_particles,
                             ess_threshold=args.ess_threshold)
@@ -92,16 +96,13 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--num-particles", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--ess-threshold", type=float, default=0.5)
     p.add_argument("--words", nargs="+", default=None, help="every completion must contain "
                    "one of these words (default: a positive word; 't5' or 't6' on the toy LM)")
     p.add_argument("--show", type=int, default=5, help="completions printed per prompt")
-    p.add_argument("--tiny", action="store_true", help="a few seconds' run, used by the tests")
     args = p.parse_args(argv)
     if args.tiny:
         args.num_particles, args.max_new_tokens, args.show = 64, 12, 3

@@ -22,17 +22,22 @@ Bayesian inference*, 2022; A. Ahmadian et al., *Back to Basics* (RLOO), 2024.
 
 from __future__ import annotations
 
-import argparse
 import math
+import sys
+from pathlib import Path
 
 import pyro
 import torch
 
-import pyro_lm
-from pyro_lm.exact import enumerate_model
-from pyro_lm.infer import AutoLMGuide, SequenceELBO, fit
-from pyro_lm.lm import toy_lm
-from pyro_lm.rewards import Lexicon
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import base_parser  # noqa: E402
+
+import pyro_lm  # noqa: E402
+from pyro_lm.exact import enumerate_model  # noqa: E402
+from pyro_lm.infer import AutoLMGuide, SequenceELBO, fit  # noqa: E402
+from pyro_lm.lm import toy_lm  # noqa: E402
+from pyro_lm.rewards import Lexicon  # noqa: E402
 
 
 def make_problem(device, beta: float, max_new_tokens: int = 3):
@@ -125,15 +130,12 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--num-particles", type=int, default=8)
     p.add_argument("--replicates", type=int, default=200)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--tiny", action="store_true", help="a few seconds' run, used by the tests")
     args = p.parse_args(argv)
     if args.tiny:
         args.replicates, args.steps = 15, 40
