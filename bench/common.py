@@ -1,7 +1,9 @@
-"""Shared benchmark helpers: machine description, interleaved timing, RESULTS.md sections."""
+"""Shared benchmark helpers: argument parsing, machine description, interleaved timing,
+RESULTS.md sections."""
 
 from __future__ import annotations
 
+import argparse
 import platform
 import re
 import statistics
@@ -11,6 +13,18 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def base_parser(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The options every benchmark takes: ``--repeats`` (timed calls per contender),
+    ``--threads`` (torch threads) and ``--quick`` (a smoke run of a few seconds that
+    leaves RESULTS.md alone; each script says what it shrinks)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true",
+                   help="a few seconds: fewer repeats, RESULTS.md left alone")
+    return p
 
 
 def machine() -> str:

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import task  # noqa: E402
-from common import interleaved, machine, table, write_section  # noqa: E402
+from common import base_parser, interleaved, machine, table, write_section  # noqa: E402
 from task import bos_prompt, make_lm, make_model  # noqa: E402
 
 import pyro_lm  # noqa: E402
@@ -149,10 +148,8 @@ bookkeeping.
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="seconds; leaves RESULTS.md alone")
+    p = base_parser(__doc__.split("\n")[0], repeats=9)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--particles", type=int, default=32)
@@ -161,7 +158,6 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--step-lr", type=float, default=1e-4)
-    p.add_argument("--repeats", type=int, default=9)
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.repeats = 1, 20, 3

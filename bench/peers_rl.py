@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import task  # noqa: E402
-from common import interleaved, machine, table, write_section  # noqa: E402
+from common import base_parser, interleaved, machine, table, write_section  # noqa: E402
 from task import TOKEN, bos_prompt, make_lm, make_model  # noqa: E402
 
 
@@ -271,18 +271,15 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], repeats=9)
     p.add_argument("--device", default="cpu")
     p.add_argument("--k", type=int, default=64, help="completions per step")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-trl", action="store_true", help="skip the TRL trainers")
     p.add_argument("--trl-child", choices=("rloo", "grpo"), help=argparse.SUPPRESS)
-    p.add_argument("--quick", action="store_true", help="few repeats, no RESULTS.md update")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup, args.k = 2, 1, 16

@@ -35,7 +35,6 @@ say so and the rest still runs.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import math
 import sys
@@ -47,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import interleaved, machine, table, write_section  # noqa: E402
+from common import base_parser, interleaved, machine, table, write_section  # noqa: E402
 from floors import smc_floor  # noqa: E402
 from task import TOKEN, bos_prompt, make_lm, make_model  # noqa: E402
 
@@ -272,14 +271,11 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], repeats=9)
     p.add_argument("--particles", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="few repeats, no RESULTS.md update")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup = 2, 1

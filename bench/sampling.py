@@ -10,7 +10,6 @@ between them and medians are reported.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import interleaved, machine, table, write_section  # noqa: E402
+from common import base_parser, interleaved, machine, table, write_section  # noqa: E402
 
 import pyro_lm  # noqa: E402
 from pyro_lm.lm import toy_lm  # noqa: E402
@@ -97,15 +96,12 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], repeats=9)
     p.add_argument("--model", default="toy", help="'toy' (peers' random GPT-2) or a bundled name")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="few repeats, no RESULTS.md update")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.batch = 2, [1, 16]

@@ -14,7 +14,6 @@ lookahead SMC's final ESS is at least 2x importance sampling's.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import interleaved, machine, table, write_section  # noqa: E402
+from common import base_parser, interleaved, machine, table, write_section  # noqa: E402
 from floors import smc_floor  # noqa: E402
 from task import BETA, TOKEN, make_lm  # noqa: E402
 
@@ -171,14 +170,11 @@ def bundled_lm_ratios(args, device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], repeats=15)
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-particles", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--ess-runs", type=int, default=20)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="few repeats, no RESULTS.md update")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.ess_runs = 2, 3

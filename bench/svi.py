@@ -24,7 +24,6 @@ n_layer=2, n_embd=64, n_head=2, init_std=0.02)``, BOS/EOS id 0), one BOS prompt,
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pyro  # noqa: E402
 import task  # noqa: E402
-from common import interleaved, machine, table, write_section  # noqa: E402
+from common import base_parser, interleaved, machine, table, write_section  # noqa: E402
 from task import TOKEN, bos_prompt, make_lm, make_model  # noqa: E402
 
 from pyro_lm.infer import AutoLMGuide, SequenceELBO  # noqa: E402
@@ -118,13 +117,10 @@ def variance_table(variances) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few seconds; RESULTS.md untouched")
+    parser = base_parser(__doc__.split("\n")[0], repeats=15)
     parser.add_argument("--no-timing", action="store_true",
                         help="only the gradient-variance table; RESULTS.md untouched")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--replicates", type=int, default=30,
                         help="gradient draws per estimator for the variance")
