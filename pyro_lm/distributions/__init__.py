@@ -1,6 +1,6 @@
 """Distributions over token sequences."""
 
-from pyro_lm.distributions.lm_distribution import LMDistribution, SequenceConstraint
+from pyro_lm.distributions.lm_distribution import LMDistribution, SequenceConstraint, unwrap_lm
 from pyro_lm.distributions.prefix import (
                                           counted_mask,
                                           generated_mask,
@@ -9,5 +9,5 @@ from pyro_lm.distributions.prefix import (
                                           prefix_length,
 )
 
-__all__ = ["LMDistribution", "SequenceConstraint", "prefix_context", "prefix_length",
+__all__ = ["LMDistribution", "SequenceConstraint", "unwrap_lm", "prefix_context", "prefix_length",
            "generated_mask", "counted_mask", "is_complete"]

@@ -24,7 +24,7 @@ from pyro_lm._validation import check_positive_int
 from pyro_lm.lm.causal_lm import CausalLM
 from pyro_lm.lm.decoding import sample_tokens
 
-__all__ = ["LMDistribution", "SequenceConstraint", "after_first_eos", "prompt_cache"]
+__all__ = ["LMDistribution", "SequenceConstraint", "after_first_eos", "prompt_cache", "unwrap_lm"]
 
 #: Logit elements one chunk of :meth:`LMDistribution.log_prob` may hold (float32: 256 MiB).
 LOG_PROB_BUDGET = 2**26
@@ -62,6 +62,13 @@ def _prompt_key(lm, prompts, attention_mask):
             return None
         key = (key, id(attention_mask), attention_mask._version)
     return id(lm), key
+
+
+def unwrap_lm(fn):
+    """The :class:`LMDistribution` inside Pyro's wrappers (masks, ``to_event``), or ``None``."""
+    while fn is not None and not isinstance(fn, LMDistribution):
+        fn = getattr(fn, "base_dist", None)
+    return fn
 
 
 def after_first_eos(x: torch.Tensor, eos: int) -> torch.Tensor:
@@ -102,11 +109,13 @@ class LMDistribution(TorchDistribution):
 
     :param lm: a :class:`~pyro_lm.CausalLM`.
     :param prompts: a string (``batch_shape == ()``), a list of ``B`` strings
-        (``batch_shape == (B,)``), or token ids: a LongTensor ``(L,)`` or
-        ``(B, L)``, left-padded with ``attention_mask``. Prompts of different
-        lengths may share a batch.
+        (``batch_shape == (B,)``), or token ids: a LongTensor ``(*batch, L)``
+        (``batch_shape == batch``), left-padded with ``attention_mask``. Prompts of
+        different lengths may share a batch; a prompt chosen by another random choice
+        (``prompt_ids[z]``) or built from an earlier completion (:meth:`prompt_with`)
+        has the batch shape of that choice.
     :param int max_new_tokens: ``T``, the completion length.
-    :param torch.Tensor attention_mask: ``(B, L)`` for tensor prompts (default:
+    :param torch.Tensor attention_mask: ``(*batch, L)`` for tensor prompts (default:
         all ones).
     :param int chunk_size: sequences per forward pass in :meth:`log_prob`
         (default: as many as fit a budget of :data:`LOG_PROB_BUDGET` logits).
@@ -176,9 +185,10 @@ class LMDistribution(TorchDistribution):
                             f"{type(prompts).__name__}")
         if prompts.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
             raise TypeError(f"prompts: token ids must be an integer tensor, got {prompts.dtype}")
-        if prompts.dim() not in (1, 2):
-            raise ValueError(f"prompts: expected shape (L,) or (B, L), got {tuple(prompts.shape)}")
-        batch = torch.Size() if prompts.dim() == 1 else torch.Size(prompts.shape[:1])
+        if prompts.dim() < 1:
+            raise ValueError(f"prompts: expected shape (L,) or (*batch, L), got "
+                             f"{tuple(prompts.shape)}")
+        batch = torch.Size(prompts.shape[:-1])
         if prompts.numel() == 0:
             raise ValueError(
                 f"prompts: empty prompt tensor of shape {tuple(prompts.shape)}; each prompt needs "
@@ -188,7 +198,7 @@ class LMDistribution(TorchDistribution):
             mask = torch.ones_like(ids)
         else:
             mask = attention_mask.long().reshape(-1, attention_mask.shape[-1]).to(lm.device)
-            if mask.shape != ids.shape:
+            if attention_mask.shape != prompts.shape:
                 raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} does not "
                                  f"match prompts {tuple(prompts.shape)}")
             if ((mask != 0) & (mask != 1)).any():
@@ -222,6 +232,37 @@ class LMDistribution(TorchDistribution):
         """
         index = self._prompt_index(torch.Size(shape) + self.batch_shape)
         return self.prompt_ids.index_select(0, index), self.prompt_mask.index_select(0, index)
+
+    def prompt_with(self, value: torch.Tensor, keep_eos: bool = False):
+        """The prompts followed by the completions ``value``, left-padded again: the
+        prompt of a later LM call that continues this one.
+
+        :param torch.Tensor value: completions ``(*shape, T)`` of this distribution
+            (``shape`` broadcasts with ``batch_shape``).
+        :param bool keep_eos: keep each completion's EOS token (default: drop it).
+        :returns: ``(input_ids, attention_mask)``, each ``(*shape, L + T)``, for
+            ``LMDistribution(lm, input_ids, T2, attention_mask=attention_mask)``.
+
+        >>> from pyro_lm.lm import toy_lm
+        >>> lm = toy_lm(vocab_size=4)
+        >>> d = LMDistribution(lm, torch.tensor([[0, 2]]), 3)
+        >>> ids, mask = d.prompt_with(torch.tensor([[3, 0, 0]]))
+        >>> ids.tolist(), mask.tolist()
+        ([[0, 0, 0, 2, 3]], [[0, 0, 1, 1, 1]])
+        """
+        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        ids, mask = self.prompts_for()
+        ids = ids.reshape(self.batch_shape + ids.shape[-1:]).expand(shape + ids.shape[-1:])
+        mask = mask.reshape(self.batch_shape + mask.shape[-1:]).expand(ids.shape)
+        value = value.to(ids.device).expand(shape + value.shape[-1:])
+        eos = self.lm.eos_token_id
+        kept = ~after_first_eos(value, eos)
+        if not keep_eos:
+            kept &= value != eos
+        ids = torch.cat([ids, value.masked_fill(~kept, self.lm.pad_token_id)], -1)
+        mask = torch.cat([mask, kept.long()], -1)
+        order = mask.argsort(dim=-1, stable=True)  # padding to the left, tokens kept in order
+        return ids.gather(-1, order), mask.gather(-1, order)
 
     def with_lm(self, lm: CausalLM) -> LMDistribution:
         """The same prompts, length and batch shape under another LM (e.g. a guide).

@@ -1,7 +1,7 @@
 """Inference: guides, losses and samplers that target the posterior
 :math:`p^*(x) \\propto p_0(x) \\exp(r(x)/\\beta)`."""
 
-from pyro_lm.infer.autoguide import AutoLMGuide, trace_lm_sites
+from pyro_lm.infer.autoguide import AutoLMGuide
 from pyro_lm.infer.dpg import DPG
 from pyro_lm.infer.elbo import SequenceELBO
 from pyro_lm.infer.fit import fit
@@ -13,7 +13,7 @@ from pyro_lm.infer.qrs import QRS, pick_log_bound
 from pyro_lm.infer.smc import SMC
 from pyro_lm.infer.twist import TwistFit, ValueTwist, fit_twist
 
-__all__ = ["AutoLMGuide", "trace_lm_sites", "WeightedPosterior", "check_log_weights",
+__all__ = ["AutoLMGuide", "WeightedPosterior", "check_log_weights",
            "SequenceELBO", "fit", "DPG", "QRS", "pick_log_bound", "IMH",
            "MomentConstraint", "MomentFit", "fit_moments", "Importance", "SMC",
            "ValueTwist", "TwistFit", "fit_twist"]

@@ -1,126 +1,77 @@
-r"""An autoguide that runs a model's LM sites with a trainable LM.
+r"""An autoguide that runs a model's own program with a trainable LM.
 
-Given a model whose latent variables are completions drawn from
-:class:`~pyro_lm.LMDistribution` sites under a prior LM :math:`p_0`,
-:class:`AutoLMGuide` is the program with the same LM sites (same prompts,
-plates and lengths) drawn from a guide LM :math:`q` instead, and with the
-factors left out: :math:`q(x \mid c)`.
+Given a model whose LM sites draw completions from a prior LM :math:`p_0`,
+:class:`AutoLMGuide` is the same program (same order, plates and prompts: each
+prompt as *this execution* builds it) with every LM site drawn from a guide LM
+:math:`q` instead and the factors left out,
+
+.. math:: q(z, x_1, \dots, x_K) = q_\text{latent}(z) \prod_k q(x_k \mid c_k(z, x_{<k})),
+
+where :math:`c_k` is the prompt of site :math:`k`, :math:`z` the model's other latent
+sites (drawn from ``latent_guide`` if given, else from the model's own prior).
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import pyro
 import pyro.poutine as poutine
-import torch
-from pyro.poutine.messenger import Messenger
 from torch import nn
 
-from pyro_lm.exact import unwrap
+from pyro_lm.infer.program import lm_site_names
 from pyro_lm.lm.causal_lm import CausalLM
+from pyro_lm.poutine import GuideLMMessenger
 
-__all__ = ["AutoLMGuide", "trace_lm_sites", "placeholder_trace", "is_lm_placeholder",
-           "max_plate_nesting"]
-
-
-class _SkipLMSampling(Messenger):
-    """Gives every unobserved LM site a placeholder value instead of sampling,
-    so a model's structure can be read without decoding anything."""
-
-    def _pyro_sample(self, msg):
-        if msg["is_observed"] or msg["value"] is not None:
-            return
-        dist = unwrap(msg["fn"])
-        if dist is None:
-            return
-        shape = tuple(msg["fn"].batch_shape) + tuple(dist.event_shape)
-        msg["value"] = torch.full(shape, dist.lm.pad_token_id, dtype=torch.long,
-                                  device=dist.prompt_ids.device)
-        msg["done"] = True
-        msg["infer"] = dict(msg["infer"], _pyro_lm_placeholder=True)
-
-
-def placeholder_trace(model, *args, **kwargs):
-    """A trace of ``model(*args, **kwargs)`` in which every unobserved LM site holds a
-    placeholder value (nothing is decoded), hidden from handlers outside."""
-    with poutine.block():
-        return poutine.trace(_SkipLMSampling()(model)).get_trace(*args, **kwargs)
-
-
-def is_lm_placeholder(site) -> bool:
-    """Whether ``site`` of a :func:`placeholder_trace` is an LM site."""
-    return site["type"] == "sample" and bool(site["infer"].get("_pyro_lm_placeholder"))
-
-
-def max_plate_nesting(trace) -> int:
-    """The deepest vectorised plate dimension of ``trace``'s sample sites (0 if none)."""
-    return max([0] + [-frame.dim for site in trace.nodes.values() if site["type"] == "sample"
-                      for frame in site["cond_indep_stack"]
-                      if frame.vectorized and frame.dim is not None])
-
-
-def trace_lm_sites(model, *args, **kwargs):
-    """The LM sites of ``model(*args, **kwargs)``, found without sampling them.
-
-    :returns: a list of ``(name, site)`` in execution order; ``site["fn"]`` is the
-        (plate-expanded) distribution and ``site["cond_indep_stack"]`` its plates.
-        Plates outside the model (e.g. vectorised particles) are not included.
-    """
-    trace = placeholder_trace(model, *args, **kwargs)
-    return [(name, site) for name, site in trace.nodes.items() if is_lm_placeholder(site)]
+__all__ = ["AutoLMGuide"]
 
 
 class AutoLMGuide(nn.Module):
-    r"""Guide :math:`q(x \mid c)` for every LM site of ``model``, drawn from ``lm``.
+    r"""Guide :math:`q` for every LM site of ``model``, drawn from ``lm``, composed with a
+    guide for the model's other latent sites.
 
-    :param model: a Pyro model with one or more :class:`~pyro_lm.LMDistribution`
-        sites (inside any plates) and factors.
+    :param model: a Pyro model with :class:`~pyro_lm.LMDistribution` sites (inside any
+        plates, chained, or with prompts chosen by other latent sites) and factors.
     :param lm: the trainable :class:`~pyro_lm.CausalLM` (e.g. ``prior.trainable_copy()``);
         its parameters are registered with ``pyro.module`` under ``name``.
     :param str name: the module's name in Pyro's param store.
+    :param latent_guide: a guide for some of the model's non-LM latent sites (a Pyro
+        autoguide such as ``AutoNormal(poutine.block(model, expose=[...]))``, or a guide
+        function); it runs first, and the model replays what it drew. Latent sites it does
+        not draw are drawn from the model's prior. ``None``: every one from its prior.
 
-    Calling the guide traces the model's structure (no decoding, no reward),
-    then samples each LM site with the same prompts and plates from ``lm``.
-    Returns a dict ``site -> completion``.
+    Each call runs the model under :class:`~pyro_lm.poutine.GuideLMMessenger`: the LM
+    sites are drawn from ``lm`` with the prompts of that very execution, observed sites
+    are left out, and a subsampled plate draws a fresh subsample (with Pyro's scaling),
+    which the model then replays. A ``poutine.scale`` or ``mask`` around the model
+    weighs the model's densities only. Returns a dict ``site -> value`` of what it drew.
 
     :raises ValueError: if ``lm`` does not share the prior's tokenizer.
     """
 
-    def __init__(self, model, lm: CausalLM, name: str = "guide_lm"):
+    def __init__(self, model, lm: CausalLM, name: str = "guide_lm", latent_guide=None):
         super().__init__()
         if not isinstance(lm, CausalLM):
             raise TypeError(f"lm: expected a pyro_lm.CausalLM, got {type(lm).__name__}")
+        if latent_guide is not None and not callable(latent_guide):
+            raise TypeError(f"latent_guide: expected None or a callable guide, got "
+                            f"{type(latent_guide).__name__}")
+        if isinstance(latent_guide, nn.Module):
+            self.latent_guide = latent_guide  # a submodule: its parameters go with ours
+        else:
+            self.__dict__["latent_guide"] = latent_guide
         self.model = model
         self.lm = lm
         self.name = name
-        self._checked = set()
-
-    def _guide_dist(self, site):
-        fn = site["fn"]
-        dist = unwrap(fn)
-        if id(dist.lm) not in self._checked:
-            dist.lm.check_compatible(self.lm, "lm")
-            self._checked.add(id(dist.lm))
-        return dist.with_lm(self.lm).expand(fn.batch_shape)
-
-    def get_lm_sites(self, *args, **kwargs):
-        """``(name, guide distribution, plate frames)`` for each LM site of the model."""
-        return [(name, self._guide_dist(site), site["cond_indep_stack"])
-                for name, site in trace_lm_sites(self.model, *args, **kwargs)]
 
     def forward(self, *args, **kwargs):
-        pyro.module(self.name, self.lm)
-        values, plates = {}, {}
-        for name, dist, frames in self.get_lm_sites(*args, **kwargs):
-            with contextlib.ExitStack() as stack:
-                for frame in frames:
-                    if frame.vectorized:
-                        # one plate object per plate, re-entered by every site inside it (a
-                        # second pyro.plate of the same name would be a duplicate site)
-                        key = (frame.name, frame.size, frame.dim)
-                        if key not in plates:
-                            plates[key] = pyro.plate(frame.name, frame.size, dim=frame.dim)
-                        stack.enter_context(plates[key])
-                values[name] = pyro.sample(name, dist)
+        if any(p.requires_grad for p in self.lm.parameters()):  # a frozen LM has no params
+            pyro.module(self.name, self.lm)
+        drawn = None
+        if self.latent_guide is not None:
+            drawn = poutine.trace(self.latent_guide).get_trace(*args, **kwargs)
+        trace = poutine.trace(GuideLMMessenger(self.lm, drawn)(self.model)).get_trace(
+            *args, **kwargs)
+        values = {} if drawn is None else {
+            name: site["value"] for name, site in drawn.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"]}
+        values.update((name, trace.nodes[name]["value"]) for name in lm_site_names(trace))
         return values

@@ -59,10 +59,10 @@ kept per prompt and reset when the batch shape changes or by
 :math:`\widehat{\mathrm{KL}} = \sum_k \bar w_k \log(\tilde p(x_k)/q(x_k)) - \log \hat Z`
 and the f-divergence gradients, not the forward-KL gradient.
 
-This module also holds the proposal machinery shared by
-:class:`~pyro_lm.infer.QRS`, :class:`~pyro_lm.infer.IMH` and
-:mod:`~pyro_lm.infer.moments`: :func:`lm_structure`, :func:`sample_lm_sites`,
-:func:`vectorized_log_joint` and :func:`propose`.
+Samples are drawn and weighed by the one reader and scorer
+(:func:`~pyro_lm.infer.program.execute`): the proposal runs the whole program (other
+latent sites from the guide's ``latent_guide`` or the prior, chained LM sites with the
+prompts of each execution), and :math:`q_\theta` is scored on the same LM sites.
 
 References
 
@@ -87,17 +87,11 @@ import torch
 import torch.nn.functional as F
 from pyro.infer import ELBO
 
+from pyro_lm.distributions.lm_distribution import unwrap_lm
 from pyro_lm.infer.autoguide import AutoLMGuide
-from pyro_lm.infer.posterior import check_log_weights
-from pyro_lm.infer.proposal import (
-    align_particles,
-    lm_structure,
-    sample_lm_sites,
-    site_dist,
-    sum_unshared_plates,
-    vectorized_log_joint,
-)
+from pyro_lm.infer.program import execute, lm_site_names, plate_nesting
 from pyro_lm.lm.causal_lm import CausalLM
+from pyro_lm.ops.stats import check_log_weights
 
 __all__ = ["DPG", "DIVERGENCES"]
 
@@ -200,37 +194,38 @@ class DPG(ELBO):
             self._count += num
         return batch_log_z
 
+    def _proposal(self, model, guide):
+        if isinstance(self.proposal, CausalLM):
+            return AutoLMGuide(model, self.proposal, latent_guide=guide.latent_guide)
+        return guide if self.proposal == "guide" else None
+
     def _loss(self, model, guide, args, kwargs, backward: bool) -> float:
         if not isinstance(guide, AutoLMGuide):
             raise TypeError(f"guide: DPG trains an AutoLMGuide(model, lm), got "
                             f"{type(guide).__name__}")
-        structure = lm_structure(model, *args, **kwargs)
-        if self.max_plate_nesting != float("inf"):
-            structure.max_plate_nesting = max(structure.max_plate_nesting,
-                                              int(self.max_plate_nesting))
+        if self.proposal == "prior" and guide.latent_guide is not None:
+            raise ValueError("proposal: 'prior' draws every latent site from the prior, but the "
+                             "guide has a latent_guide for some; use proposal='guide' or a "
+                             "CausalLM (both draw those sites from the latent_guide)")
         pyro.module(guide.name, guide.lm)  # so SVI sees (and steps) the guide's parameters
-        num, n = self.num_particles, structure.max_plate_nesting
-        if isinstance(self.proposal, CausalLM):
-            prop_lm = self.proposal
-        else:
-            prop_lm = guide.lm if self.proposal == "guide" else None
-        values, sample_log_probs = sample_lm_sites(structure, prop_lm, num)
-        log_prior, log_factors, common = vectorized_log_joint(model, structure, values,
-                                                              *args, **kwargs)
+        proposal, num = self._proposal(model, guide), self.num_particles
+        nesting = plate_nesting(model, proposal, args, kwargs)
+        if self.max_plate_nesting != float("inf"):
+            nesting = max(nesting, int(self.max_plate_nesting))
+        run = execute(model, proposal, num, args, kwargs, nesting, owner="DPG")
+        which = "model" if proposal is None else "guide"
+        log_q, log_pi, log_prior = 0.0, 0.0, 0.0
         with torch.set_grad_enabled(backward):
-            log_q = sum(
-                sum_unshared_plates(
-                    align_particles(site_dist(site, guide.lm).log_prob(values[name]), num, n),
-                    n, common)
-                for name, site in structure.sites)
+            for name in lm_site_names(run.model_trace):
+                site = run.model_trace.nodes[name]
+                fn = site["fn"]
+                dist = unwrap_lm(fn).with_lm(guide.lm).expand(fn.batch_shape)
+                log_q = log_q + run.to_batch(dist.log_prob(site["value"]), name)
+                log_pi = log_pi + run.site_log_prob(name, which, scaled=False)
+                log_prior = log_prior + run.site_log_prob(name, "model", scaled=False)
         log_q_d = log_q.detach()
-        log_p = log_prior + log_factors
-        if isinstance(self.proposal, CausalLM):
-            log_pi = sum(sum_unshared_plates(align_particles(lp, num, n), n, common)
-                         for lp in sample_log_probs.values())
-        else:
-            log_pi = log_q_d if self.proposal == "guide" else log_prior
-        log_w = log_p - log_pi
+        log_w = run.log_weights()
+        log_p = log_w + log_pi  # log p~ less what q and pi share (non-LM proposals)
         check_log_weights(log_w, "log_weights")
         batch_log_z = self._update_log_z(log_w)
         log_z = self._log_z
@@ -256,7 +251,8 @@ class DPG(ELBO):
         ess = 1.0 / (w_bar**2).sum(0)
         kl_q_prior = (rho_bar * (log_q_d - log_prior)).sum(0)
         stats = torch.stack([loss.sum(), kl_pq.sum(), log_z.sum(), batch_log_z.sum(),
-                             ess.mean(), log_factors.mean(), kl_q_prior.sum()]).tolist()
+                             ess.mean(), run.log_factors().mean(),
+                             kl_q_prior.sum()]).tolist()
         self.metrics = dict(zip(("loss", "kl_pq", "log_Z", "log_Z_batch", "ess", "reward",
                                  "kl_q_prior"), stats, strict=True))
         return self.metrics["loss"]

@@ -88,10 +88,9 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
 from pyro_lm._validation import check_positive_int
-from pyro_lm.distributions.lm_distribution import after_first_eos
-from pyro_lm.exact import find_lm_sites, unwrap
+from pyro_lm.distributions.lm_distribution import after_first_eos, unwrap_lm
 from pyro_lm.infer._prefix_factors import prefix_factors
-from pyro_lm.infer.autoguide import _SkipLMSampling
+from pyro_lm.infer.program import lm_site_names, plate_nesting
 
 __all__ = ["SequenceELBO"]
 
@@ -218,17 +217,7 @@ class SequenceELBO(ELBO):
     def _guess_max_plate_nesting(self, model, guide, args, kwargs):
         """Read the plate nesting from one run of model and guide in which every
         LM site gets a placeholder value (nothing is decoded)."""
-        with poutine.block():
-            guide_trace = poutine.trace(_SkipLMSampling()(guide)).get_trace(*args, **kwargs)
-            model_trace = poutine.trace(
-                poutine.replay(_SkipLMSampling()(model), trace=guide_trace)
-            ).get_trace(*args, **kwargs)
-        dims = [frame.dim
-                for trace in (prune_subsample_sites(guide_trace),
-                              prune_subsample_sites(model_trace))
-                for site in trace.nodes.values() if site["type"] == "sample"
-                for frame in site["cond_indep_stack"] if frame.vectorized]
-        self.max_plate_nesting = (-min(dims) if dims else 0) + 1
+        self.max_plate_nesting = plate_nesting(model, guide, args, kwargs) + 1
 
     def _get_trace(self, model, guide, args, kwargs):
         if self.baseline == "prefix":
@@ -326,7 +315,7 @@ class SequenceELBO(ELBO):
             frames = site["cond_indep_stack"]
             log_f, log_l = factors.sum_to(frames), latent.sum_to(frames)
             log_w = torch.broadcast_to(log_f + log_l, score.shape)
-            is_lm = unwrap(site["fn"]) is not None
+            is_lm = unwrap_lm(site["fn"]) is not None
             if "token_log_prob" in site:  # baseline="prefix": one signal per token
                 score, signal, active = self._token_signal(
                     model_trace.nodes[site["name"]], site, log_f, model, args, kwargs,
@@ -502,7 +491,7 @@ def _token_site(model_trace, guide_trace) -> str:
     :raises ValueError: unless the model's only latent site is one plain
         :class:`~pyro_lm.LMDistribution` site and the guide samples exactly it.
     """
-    names = find_lm_sites(model_trace)
+    names = lm_site_names(model_trace)
     if len(names) != 1:
         raise ValueError(f"baseline='prefix' credits the tokens of exactly one LM site; the "
                          f"model has {len(names)} ({names}). Use baseline='loo' for this model")
@@ -520,7 +509,7 @@ def _token_site(model_trace, guide_trace) -> str:
                          f"it samples {guided}; use baseline='loo'")
     for trace, who in ((model_trace, "model"), (guide_trace, "guide")):
         fn = trace.nodes[name]["fn"]
-        if unwrap(fn) is not fn:
+        if unwrap_lm(fn) is not fn:
             raise ValueError(f"baseline='prefix': the {who}'s site {name!r} wraps its "
                              f"LMDistribution in {type(fn).__name__}; token log-probs need the "
                              "plain distribution: mask or scale it with poutine.mask / "

@@ -29,7 +29,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from pyro_lm.infer.autoguide import _SkipLMSampling
+from pyro_lm.poutine import SkipLMMessenger
 
 __all__ = ["fit", "save_checkpoint", "load_checkpoint"]
 
@@ -163,7 +163,7 @@ def _register_params(svi, args, kwargs) -> None:
     """Run the guide once without decoding, so that its parameters (e.g. an LM
     registered with ``pyro.module``) exist in the param store before loading."""
     with poutine.block(), torch.no_grad():
-        _SkipLMSampling()(svi.guide)(*args, **kwargs)
+        SkipLMMessenger()(svi.guide)(*args, **kwargs)
 
 
 def _restore(svi, state: dict, path: str) -> None:

@@ -37,8 +37,9 @@ import math
 
 import torch
 
-from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
-from pyro_lm.infer.proposal import lm_structure, propose
+from pyro_lm.infer.posterior import WeightedPosterior, align_to, check_log_weights
+from pyro_lm.infer.program import plate_nesting
+from pyro_lm.infer.proposal import as_guide, propose
 
 __all__ = ["IMH"]
 
@@ -46,9 +47,10 @@ __all__ = ["IMH"]
 class IMH:
     r"""Independent Metropolis-Hastings sampler for a model's target :math:`p^*`.
 
-    :param model: a Pyro model with LM sites (sharing one batch shape) and factors.
-    :param proposal: an :class:`~pyro_lm.infer.AutoLMGuide`, a :class:`~pyro_lm.CausalLM`,
-        or ``None`` (default) for the model's prior LM.
+    :param model: a Pyro model (any program :class:`~pyro_lm.infer.Importance` takes).
+    :param proposal: an :class:`~pyro_lm.infer.AutoLMGuide` (or another guide), a
+        :class:`~pyro_lm.CausalLM` (as ``AutoLMGuide(model, lm)``), or ``None`` (default)
+        for the model's prior.
     :param int num_steps: MH steps per chain (after the initial state).
     :param int num_chains: independent chains per prompt, run in parallel.
     :param int burn_in: leading steps of each chain to drop (``< num_steps``).
@@ -85,23 +87,24 @@ class IMH:
     @torch.no_grad()
     def run(self, *args, **kwargs) -> WeightedPosterior:
         """Run every chain for ``num_steps`` steps and keep the draws after ``burn_in``."""
-        structure = lm_structure(self.model, *args, **kwargs)
-        batch = tuple(structure.batch_shape)
+        guide = as_guide(self.model, self.proposal)
+        nesting = plate_nesting(self.model, guide, args, kwargs)
         steps, chains = self.num_steps + 1, self.num_chains
         total = steps * chains
         size = self.batch_size or total
         values, log_w = {}, []
         for start in range(0, total, size):
-            prop = propose(self.model, self.proposal, min(size, total - start), *args,
-                           structure=structure, **kwargs)
+            prop = propose(self.model, guide, min(size, total - start), args, kwargs, nesting,
+                           "IMH")
             log_w.append(prop.log_weights)
             for name, x in prop.values.items():
                 values.setdefault(name, []).append(x)
         log_w = torch.cat(log_w)
+        batch = tuple(log_w.shape[1:])
         check_log_weights(log_w, "log_weights")
         log_z = torch.logsumexp(log_w, 0) - math.log(total)
         log_w = log_w.reshape((steps, chains) + batch)
-        values = {name: torch.cat(parts).reshape((steps, chains) + batch + parts[0].shape[-1:])
+        values = {name: torch.cat(parts).reshape((steps, chains) + parts[0].shape[1:])
                   for name, parts in values.items()}
         state = {name: x[0] for name, x in values.items()}
         state_log_w = log_w[0]
@@ -116,7 +119,7 @@ class IMH:
             accept = log_u[t - 1] < log_ratio
             state_log_w = torch.where(accept, log_w[t], state_log_w)
             for name, x in state.items():
-                state[name] = torch.where(accept[..., None], values[name][t], x)
+                state[name] = torch.where(align_to(accept, x), values[name][t], x)
                 if t > self.burn_in:
                     kept[name].append(state[name])
             accepted.append(accept)
@@ -131,4 +134,5 @@ class IMH:
             lms=prop.lms, log_normalizer=log_z,
             history={"accepted": accepted, "log_weight": torch.stack(kept_log_w)},
             extras={"acceptance_rate": accepted.float().mean((0, 1)), "num_chains": chains,
-                    "num_draws": draws, "burn_in": self.burn_in, "log_Z": log_z})
+                    "num_draws": draws, "burn_in": self.burn_in, "log_Z": log_z},
+            algorithm="IMH")

@@ -55,7 +55,7 @@ import torch
 from pyro_lm._validation import check_positive_int
 from pyro_lm.distributions.lm_distribution import LMDistribution
 from pyro_lm.infer.posterior import check_log_weights
-from pyro_lm.infer.proposal import propose
+from pyro_lm.infer.proposal import as_guide, propose
 from pyro_lm.rewards.base import Reward
 
 __all__ = ["MomentConstraint", "MomentFit", "fit_moments"]
@@ -172,11 +172,16 @@ def _draw(prior_or_model, constraint, proposal, num, args, kwargs):
     else:
         raise TypeError(f"prior_or_model: expected an LMDistribution or a Pyro model, got "
                         f"{type(prior_or_model).__name__}")
-    prop = propose(model, proposal, num, *args, **kwargs)
-    if len(prop.values) != 1:
-        raise ValueError(f"prior_or_model: moment constraints need exactly one LM site, the "
-                         f"model has {sorted(prop.values)}")
+    prop = propose(model, as_guide(model, proposal), num, args, kwargs, owner="fit_moments")
+    if len(prop.lms) != 1 or len(prop.values) != 1:
+        raise ValueError(f"prior_or_model: moment constraints are features of one LM site's "
+                         f"completions, the model has latent sites {sorted(prop.values)}; "
+                         "condition the others (pyro.condition)")
     x = next(iter(prop.values.values()))
+    if prop.log_weights.shape[1:].numel() != x.shape[1:-1].numel():
+        raise ValueError("prior_or_model: a factor couples the model's prompts (it lies "
+                         "outside their plate), so their samples share one weight; moment "
+                         "constraints fit per-prompt tilts: compute it inside the plate")
     phi = constraint.phi(x).to(torch.float64).reshape(num, -1, constraint.target_moments.numel())
     return prop.log_weights.to(torch.float64).reshape(num, -1), phi
 

@@ -11,31 +11,29 @@ With samples :math:`x_i` and log-weights :math:`\log w_i` (per prompt),
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-__all__ = ["WeightedPosterior", "check_log_weights"]
+from pyro_lm.ops.stats import check_log_weights, ess, log_normalizer, log_normalizer_stderr
+
+__all__ = ["WeightedPosterior", "check_log_weights", "take", "align_to"]
 
 
-def check_log_weights(log_weights: torch.Tensor, name: str = "log_weights",
-                      nan_cause: str = "a reward or log-probability returned NaN",
-                      fix: str = "Draw more samples, use a guide closer to the posterior (or "
-                                 "SMC), or relax the -inf factors") -> None:
-    """Raise a clear error if any weight is NaN or every weight of a prompt is ``-inf``.
+def align_to(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``t`` ``(N, *batch)`` with size-1 dims added on the right to match ``value``'s dims
+    (its event dims), for ``torch.where`` between samples."""
+    return t.reshape(t.shape + (1,) * (value.dim() - t.dim()))
 
-    :param str name: what the error names (the argument or the algorithm).
-    :param str nan_cause: the likely cause of a NaN, for the message.
-    :param str fix: how to fix all-``-inf`` weights, for the message.
-    """
-    if torch.isnan(log_weights).any():
-        raise ValueError(f"{name}: NaN log-weights; {nan_cause}")
-    dead = torch.isneginf(log_weights).all(0)
-    if dead.any():
-        which = dead.reshape(-1).nonzero().flatten()[:8].tolist()
-        raise ValueError(
-            f"{name}: all {log_weights.shape[0]} samples have weight zero (log-weight -inf) "
-            f"for batch element(s) {which}: none satisfied the model's hard constraints. {fix}")
+
+def take(value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``value`` ``(N, *vbatch, *event)`` at sample indices ``index`` ``(m, *batch)``, per
+    batch element (``vbatch`` and ``batch`` broadcast: a weight joint over a plate has
+    size 1 there): ``(m, *broadcast(vbatch, batch), *event)``."""
+    batch = index.shape[1:]
+    event = value.shape[1 + len(batch):]
+    shape = torch.broadcast_shapes(value.shape[1:1 + len(batch)], batch)
+    value = value.expand(value.shape[:1] + shape + event)
+    return value.gather(0, index.reshape(index.shape + (1,) * len(event)).expand(
+        index.shape[:1] + shape + event))
 
 
 class WeightedPosterior:
@@ -46,13 +44,19 @@ class WeightedPosterior:
     :param dict lms: site → :class:`~pyro_lm.CausalLM`, to decode LM sites.
     :param torch.Tensor log_normalizer: an estimate of :math:`\\log Z` to report
         instead of the importance-sampling one (SMC's product of averages).
-    :param dict history: per-step records (SMC: ``ess``, ``resampled``, ``log_Z``).
-    :param dict log_likelihood: optional per-sample log-densities for diagnostics.
+    :param dict history: per-step records (SMC: ``ess``, ``resampled``, ``log_Z``;
+        IMH: ``accepted``, ``log_weight``).
+    :param dict extras: the algorithm's other outputs (QRS: acceptance rate, bound, ...).
+    :param str algorithm: the algorithm that produced it (``"Importance"``, ``"SMC"``,
+        ``"QRS"``, ``"IMH"``, ...), which diagnostics read.
+
+    ``log_weights`` has one dim per plate dim of the model (size 1 where the weight is
+    joint over a plate); sample values broadcast against it.
     """
 
     def __init__(self, samples: dict, log_weights: torch.Tensor, lms: dict | None = None,
                  log_normalizer: torch.Tensor | None = None, history: dict | None = None,
-                 extras: dict | None = None):
+                 extras: dict | None = None, algorithm: str | None = None):
         check_log_weights(log_weights)
         n = log_weights.shape[0]
         for site, value in samples.items():
@@ -65,6 +69,7 @@ class WeightedPosterior:
         self._log_normalizer = log_normalizer
         self.history = history or {}
         self.extras = extras or {}
+        self.algorithm = algorithm
 
     @property
     def num_samples(self) -> int:
@@ -78,19 +83,16 @@ class WeightedPosterior:
         r"""Estimate of :math:`\log Z`, shape ``batch``."""
         if self._log_normalizer is not None:
             return self._log_normalizer
-        return torch.logsumexp(self.log_weights, 0) - math.log(self.num_samples)
+        return log_normalizer(self.log_weights)
 
     def log_normalizer_stderr(self) -> torch.Tensor:
         r"""Delta-method standard error of the importance-sampling :math:`\log \hat Z`:
         :math:`\mathrm{sd}(w) / (\sqrt N\, \bar w)`."""
-        lw = self.log_weights - self.log_weights.max(0).values
-        w = lw.exp()
-        return w.std(0, unbiased=True) / (math.sqrt(self.num_samples) * w.mean(0))
+        return log_normalizer_stderr(self.log_weights)
 
     def ess(self) -> torch.Tensor:
         """Kish effective sample size, shape ``batch``."""
-        lw = self.log_weights
-        return torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0))
+        return ess(self.log_weights)
 
     def resample(self, num_samples: int | None = None, generator=None) -> dict:
         """Draw ``num_samples`` (default ``N``) samples by multinomial resampling.
@@ -104,11 +106,7 @@ class WeightedPosterior:
         idx = torch.multinomial(flat, m, replacement=True, generator=generator).T  # (m, B)
         batch = self.log_weights.shape[1:]
         idx = idx.reshape((m,) + batch)
-        out = {}
-        for site, value in self.samples.items():
-            event = value.shape[1 + len(batch):]
-            gather = idx.reshape(idx.shape + (1,) * len(event)).expand((m,) + batch + event)
-            out[site] = value.gather(0, gather) if batch or event else value[idx]
+        out = {site: take(value, idx) for site, value in self.samples.items()}
         return out
 
     def text(self, site: str | None = None):

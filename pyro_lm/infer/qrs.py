@@ -39,8 +39,9 @@ import math
 import torch
 
 from pyro_lm._validation import check_positive_int
-from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
-from pyro_lm.infer.proposal import lm_structure, propose
+from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights, take
+from pyro_lm.infer.program import plate_nesting
+from pyro_lm.infer.proposal import as_guide, propose
 
 __all__ = ["QRS", "pick_log_bound"]
 
@@ -66,9 +67,10 @@ def pick_log_bound(log_weights: torch.Tensor, quantile: float = 1.0) -> torch.Te
 class QRS:
     r"""Quasi-rejection sampler for a model's target :math:`p^*`.
 
-    :param model: a Pyro model with LM sites (sharing one batch shape) and factors.
-    :param proposal: an :class:`~pyro_lm.infer.AutoLMGuide`, a :class:`~pyro_lm.CausalLM`,
-        or ``None`` (default) for the model's prior LM.
+    :param model: a Pyro model (any program :class:`~pyro_lm.infer.Importance` takes).
+    :param proposal: an :class:`~pyro_lm.infer.AutoLMGuide` (or another guide), a
+        :class:`~pyro_lm.CausalLM` (as ``AutoLMGuide(model, lm)``), or ``None`` (default)
+        for the model's prior.
     :param log_bound: :math:`\log\beta`, a float or a tensor per prompt (``batch``).
         ``None`` (default) picks it from a pilot batch of ``batch_size`` proposals with
         :func:`pick_log_bound` at ``quantile`` (the pilot's samples are used too).
@@ -107,13 +109,13 @@ class QRS:
     @torch.no_grad()
     def run(self, *args, **kwargs) -> WeightedPosterior:
         """Sample until every prompt has ``num_samples`` accepted completions."""
-        structure = lm_structure(self.model, *args, **kwargs)
-        batch = structure.batch_shape
+        guide = as_guide(self.model, self.proposal)
+        nesting = plate_nesting(self.model, guide, args, kwargs)
         values, log_w, accepted, log_bound = {}, [], [], None
         drawn = 0
         while True:
-            prop = propose(self.model, self.proposal, self.batch_size, *args,
-                           structure=structure, **kwargs)
+            prop = propose(self.model, guide, self.batch_size, args, kwargs, nesting, "QRS")
+            batch = prop.log_weights.shape[1:]
             if log_bound is None:
                 if self.log_bound is None:
                     log_bound = pick_log_bound(prop.log_weights, self.quantile)
@@ -141,15 +143,11 @@ class QRS:
         # Accepted proposals first, in draw order (a stable sort), per prompt.
         order = torch.sort((~accepted).to(torch.uint8), dim=0, stable=True).indices
         keep = order[: self.num_samples]
-        samples = {}
-        for name, parts in values.items():
-            x = torch.cat(parts)
-            index = keep.reshape(keep.shape + (1,)).expand(keep.shape + x.shape[-1:])
-            samples[name] = x.gather(0, index)
+        samples = {name: take(torch.cat(parts), keep) for name, parts in values.items()}
         return WeightedPosterior(
             samples, torch.zeros(keep.shape, dtype=log_w.dtype, device=log_w.device),
             lms=prop.lms, log_normalizer=torch.logsumexp(log_w, 0) - math.log(drawn),
-            extras=self._diagnostics(log_w, accepted, log_bound))
+            extras=self._diagnostics(log_w, accepted, log_bound), algorithm="QRS")
 
     @staticmethod
     def _diagnostics(log_w: torch.Tensor, accepted: torch.Tensor, log_bound: torch.Tensor):

@@ -49,10 +49,12 @@ import torch
 from pyro_lm._validation import check_positive_int
 from pyro_lm.distributions.lm_distribution import prompt_cache
 from pyro_lm.distributions.prefix import prefix_context
-from pyro_lm.infer._prefix_factors import FixedLMFactors, single_lm_site
 from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
+from pyro_lm.infer.program import single_lm_site
 from pyro_lm.infer.resampling import RESAMPLERS
+from pyro_lm.lm.causal_lm import CausalLM
 from pyro_lm.lm.decoding import make_decoder
+from pyro_lm.poutine import LogFactorsMessenger
 
 __all__ = ["SMC"]
 
@@ -77,7 +79,7 @@ class SMC:
 
     :param model: a Pyro model: one LM sample site, inside any plates, and factors.
     :param guide: ``None`` to propose tokens from the prior, or a guide exposing
-        ``get_lm_sites`` (:class:`~pyro_lm.infer.AutoLMGuide`) whose LM proposes them.
+        ``lm`` (:class:`~pyro_lm.infer.AutoLMGuide`) whose LM proposes them.
     :param int num_particles: ``N``, particles per prompt.
     :param float ess_threshold: resample a prompt's particles when
         :math:`\mathrm{ESS} < \text{ess\_threshold} \cdot N`; 0 never resamples
@@ -159,10 +161,13 @@ class SMC:
                  lookahead=None):
         if not callable(model):
             raise TypeError(f"model: expected a callable Pyro model, got {type(model).__name__}")
-        if guide is not None and not hasattr(guide, "get_lm_sites"):
+        if guide is not None and not isinstance(getattr(guide, "lm", None), CausalLM):
             raise TypeError("guide: SMC proposes tokens from a guide's LM, so the guide must "
-                            "expose get_lm_sites (use pyro_lm.infer.AutoLMGuide), or pass None "
-                            "to propose from the prior")
+                            "be a pyro_lm.infer.AutoLMGuide (or expose its CausalLM as .lm), or "
+                            "pass None to propose from the prior")
+        if getattr(guide, "latent_guide", None) is not None:
+            raise ValueError("guide: SMC infers one LM site, so a latent_guide for other "
+                             "latent sites has nothing to propose; use Importance")
         if isinstance(ess_threshold, bool) or not isinstance(ess_threshold, (int, float)) \
                 or not 0.0 <= ess_threshold <= 1.0:
             raise ValueError(f"ess_threshold: expected a number in [0, 1], got {ess_threshold!r}")
@@ -185,12 +190,7 @@ class SMC:
     # ------------------------------------------------------------------ set-up
     def _lm_site(self, args, kwargs):
         site, prior, batch = single_lm_site(self.model, args, kwargs, owner="SMC")
-        proposal = prior
-        if self.guide is not None:
-            sites = {name: dist for name, dist, _ in self.guide.get_lm_sites(*args, **kwargs)}
-            if site not in sites:
-                raise ValueError(f"guide: it has no LM site {site!r} (has {sorted(sites)})")
-            proposal = sites[site]
+        proposal = prior if self.guide is None else prior.with_lm(self.guide.lm)
         return site, prior, proposal, batch
 
     def _potential(self, x, t, final, args, kwargs):
@@ -262,7 +262,7 @@ class SMC:
 
     def _run(self, prior, proposal, args, kwargs):
         site, batch = self._site, self._batch
-        self._factors = FixedLMFactors(self.model, site, batch, owner="SMC")
+        self._factors = LogFactorsMessenger(self.model, site, batch, owner="SMC")
         n, big_t = self.num_particles, prior.max_new_tokens
         b = batch.numel()
         lm_q, lm_p = proposal.lm, prior.lm

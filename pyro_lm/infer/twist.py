@@ -61,8 +61,9 @@ from torch import nn
 
 from pyro_lm._validation import check_positive_int
 from pyro_lm.distributions.lm_distribution import LMDistribution, prompt_cache
-from pyro_lm.infer._prefix_factors import FixedLMFactors, single_lm_site
+from pyro_lm.infer.program import single_lm_site
 from pyro_lm.lm.causal_lm import CausalLM, eval_mode
+from pyro_lm.poutine import LogFactorsMessenger
 
 __all__ = ["ValueTwist", "TwistFit", "fit_twist"]
 
@@ -197,7 +198,7 @@ def fit_twist(twist: ValueTwist, model, *args, num_samples: int = 128, num_steps
                          f"model's site has {prior.max_new_tokens}; build it from the model's "
                          "LMDistribution")
     lead = batch[: len(batch) - len(prior.batch_shape)]
-    factors = FixedLMFactors(model, site, batch, owner="fit_twist")
+    factors = LogFactorsMessenger(model, site, batch, owner="fit_twist")
     big_t = prior.max_new_tokens
     optim = torch.optim.Adam(twist.head.parameters(), lr=lr)
     history = TwistFit()

@@ -156,9 +156,10 @@ def test_prefix_gradient_is_the_documented_per_token_estimator(vectorize):
     SequenceELBO(num_particles=k, baseline="prefix", kl_weight=w,
                  vectorize=vectorize).loss_and_grads(model, guide, prompts)
     got = flat_grad(params)
-    # the values of shape (particles, 2, T): guide structure traces also run the model on
-    # (2, T) placeholders
-    x = torch.cat([v for v in seen if v.dim() == 3][-1 if vectorize else -k:])  # (K, 2, T)
+    # the values of shape (particles, 2, T): the guide runs the model too (the model then
+    # replays the same tensor), and structure traces run it on (2, T) placeholders
+    drawn = list({id(v): v for v in seen if v.dim() == 3}.values())
+    x = torch.cat(drawn[-1 if vectorize else -k:])  # (K, 2, T)
     assert x.shape == (k, 2, T)
     for p in params:
         p.grad = None

@@ -139,13 +139,14 @@ def test_bad_arguments(tiny_lm, kwargs, name):
         Importance(single, **kwargs)
 
 
-def test_empty_prompts_and_no_lm_site(tiny_lm):
+def test_empty_prompts_and_a_program_without_latents(tiny_lm):
     _, batched = make_models(tiny_lm)
     with pytest.raises(ValueError, match="prompts"):
         Importance(batched, num_samples=4).run([])
 
-    def no_lm():
-        pyro.factor("f", torch.zeros(()))
+    def evidence_only():  # nothing to infer: every weight is the evidence, log Z its value
+        pyro.factor("f", torch.tensor(0.5))
 
-    with pytest.raises(ValueError, match="model"):
-        Importance(no_lm, num_samples=4).run()
+    post = Importance(evidence_only, num_samples=4).run()
+    assert post.samples == {} and post.log_weights.shape == (4,)
+    assert torch.allclose(post.log_normalizer(), torch.tensor(0.5))

@@ -1,0 +1,14 @@
+"""Pure tensor estimators and plate arithmetic, below both :mod:`pyro_lm.infer` and
+:mod:`pyro_lm.diagnostics` (no Pyro state, no model)."""
+
+from pyro_lm.ops.plates import aligned, sum_to_batch
+from pyro_lm.ops.stats import (
+    check_log_weights,
+    ess,
+    log_mean_exp,
+    log_normalizer,
+    log_normalizer_stderr,
+)
+
+__all__ = ["aligned", "sum_to_batch", "check_log_weights", "ess", "log_mean_exp",
+           "log_normalizer", "log_normalizer_stderr"]

@@ -1,0 +1,94 @@
+"""Sum a program's log-factors with its LM site held at a value, recording nothing."""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions import Unit
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+from pyro_lm.ops.plates import sum_to_batch
+
+__all__ = ["LogFactorsMessenger"]
+
+
+class LogFactorsMessenger(Messenger):
+    r"""Runs ``model`` with its LM site ``site`` held at a value and sums every observed
+    site's scaled, masked log-density (factors and data) into one tensor
+    ``(N, *batch_shape)`` (the one plate rule of :mod:`pyro_lm.ops.plates`: dims where
+    ``batch_shape`` is 1 are summed). Nothing is traced, no gradient is needed, and
+    messages stop here, so nothing outside sees the evaluation. One instance serves many
+    evaluations (SMC calls :meth:`evaluate` once per token, inside
+    :func:`~pyro_lm.distributions.prefix_context` for prefixes).
+
+    :param model: the Pyro model.
+    :param str site: the LM site's name.
+    :param torch.Size batch_shape: the value's shape less its leading particle dim and
+        its last (token) dim, aligned to the model's plates (1 for a summed plate).
+    :param str owner: who asks, for error messages.
+    :raises ValueError: naming ``owner`` if the model reaches another latent site (its
+        value would be arbitrary), or if a factor lies outside a plate of ``batch_shape``.
+
+    >>> import pyro
+    >>> from pyro_lm import LMDistribution
+    >>> from pyro_lm.lm import toy_lm
+    >>> lm = toy_lm(vocab_size=4)
+    >>> def model():
+    ...     x = pyro.sample("x", LMDistribution(lm, "t1", 3))
+    ...     pyro.factor("reward", (x == 2).sum(-1).float())
+    >>> factors = LogFactorsMessenger(model, "x", torch.Size(()))
+    >>> factors.evaluate(torch.tensor([[2, 2, 1], [1, 0, 0]])).tolist()
+    [2.0, 0.0]
+    """
+
+    def __init__(self, model, site: str, batch_shape: torch.Size, owner: str = "model"):
+        super().__init__()
+        self.site, self.batch_shape, self.owner = site, batch_shape, owner
+        self.value, self.total = None, 0.0
+        self._run = self(model)
+
+    def evaluate(self, value: torch.Tensor, args=(), kwargs=None):
+        """Run the model with its LM site at ``value`` ``(N, *batch_shape, T)``; the sum
+        of its observed sites' log-densities, ``(N, *batch_shape)`` (the float 0.0 if it
+        has none)."""
+        self.value, self.total = value, 0.0
+        try:
+            self._run(*args, **(kwargs or {}))
+            return self.total
+        finally:
+            self.value = self.total = None
+
+    def _pyro_sample(self, msg):
+        msg["stop"] = True
+        if site_is_subsample(msg):
+            return
+        if msg["name"] == self.site:
+            msg["value"], msg["is_observed"], msg["done"] = self.value, True, True
+        elif msg["is_observed"]:
+            fn, value = msg["fn"], msg["value"]
+            if type(fn) is Unit and value.shape[:-1] == fn.log_factor.shape:  # pyro.factor
+                log_prob = fn.log_factor  # what Unit.log_prob returns, read directly
+            else:
+                log_prob = fn.log_prob(value)
+            scale = msg["scale"]
+            if isinstance(scale, torch.Tensor) or scale != 1.0 or msg["mask"] is not None:
+                log_prob = scale_and_mask(log_prob, scale, msg["mask"])
+            term = sum_to_batch(log_prob, self.batch_shape, msg["name"])
+            for d, size in enumerate(self.batch_shape, start=1):
+                if size > 1 and term.shape[d] == 1:
+                    raise ValueError(
+                        f"{self.owner}: site {msg['name']!r} lies outside a plate of the LM "
+                        f"site {self.site!r}, so its log-density couples the {size} batch "
+                        f"elements; {self.owner} weighs each batch element on its own. Compute "
+                        "it inside the LM site's plate, or use Importance, QRS or IMH (which "
+                        "give such programs one joint weight per sample)")
+            first = isinstance(self.total, float) and self.total == 0.0
+            self.total = term if first else self.total + term
+        else:
+            raise ValueError(f"{self.owner}: latent site {msg['name']!r} besides the LM site "
+                             f"{self.site!r}; {self.owner} infers one LM site, condition the "
+                             "others (pyro.condition) or use Importance")
+
+    def _pyro_param(self, msg):
+        msg["stop"] = True
