@@ -1,7 +1,10 @@
 """Batched incremental decoding with a KV cache.
 
 :class:`IncrementalDecoder` holds the decoding state of ``N`` sequences (KV
-cache, attention mask, position ids, next-token logits). Sampling
+cache, attention mask, position ids, next-token logits); it is a
+:class:`~pyro_lm.lm.decoder.Decoder` for any transformers causal LM, and
+:func:`make_decoder` picks it or the faster
+:class:`~pyro_lm.lm.gpt2_decoder.GPT2Decoder`. Sampling
 (:meth:`pyro_lm.LMDistribution.sample`) and token-level SMC both drive it one
 token at a time; SMC reorders it in place after resampling instead of
 recomputing prefixes.
@@ -12,6 +15,8 @@ from __future__ import annotations
 import torch
 
 from pyro_lm.lm.causal_lm import eval_mode
+from pyro_lm.lm.decoder import Decoder, filler_token
+from pyro_lm.lm.gpt2_decoder import GPT2Decoder, supports_fast_decoding
 
 __all__ = ["IncrementalDecoder", "filler_token", "make_decoder", "sample_tokens", "FAST_DECODING"]
 
@@ -20,15 +25,9 @@ __all__ = ["IncrementalDecoder", "filler_token", "make_decoder", "sample_tokens"
 FAST_DECODING = True
 
 
-def filler_token(model) -> int:
-    """The token fed to rows that have ended: any id but the model config's pad id, so that
-    transformers does not take them for unmasked padding (their outputs are unused)."""
-    config_pad = getattr(getattr(model, "config", None), "pad_token_id", None)
-    return 1 if config_pad == 0 else 0
-
-
 class IncrementalDecoder:
-    """Decoding state for ``N`` left-padded prompts.
+    """Decoding state for ``N`` left-padded prompts, through the transformers forward pass
+    (a :class:`~pyro_lm.lm.decoder.Decoder`).
 
     :param lm: a :class:`~pyro_lm.CausalLM`.
     :param torch.Tensor input_ids: ``(N, L)`` prompt ids, left-padded.
@@ -81,11 +80,9 @@ class IncrementalDecoder:
 
 
 def make_decoder(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int):
+                 max_new_tokens: int) -> Decoder:
     """The fastest exact decoder for ``lm``: a :class:`~pyro_lm.lm.gpt2_decoder.GPT2Decoder`
     for plain GPT-2 models (when :data:`FAST_DECODING`), else an :class:`IncrementalDecoder`."""
-    from pyro_lm.lm.gpt2_decoder import GPT2Decoder, supports_fast_decoding
-
     if FAST_DECODING and supports_fast_decoding(lm.model):
         return GPT2Decoder(lm, input_ids, attention_mask, max_new_tokens)
     return IncrementalDecoder(lm, input_ids, attention_mask, max_new_tokens)

@@ -9,10 +9,10 @@ own weights. The prompt is still encoded by transformers (so left padding is
 handled by the library), and its KV cache is copied into preallocated buffers
 that later tokens fill in place; resampling reorders the buffers.
 
-The decoder has the interface of :class:`~pyro_lm.lm.decoding.IncrementalDecoder`
-and computes the same logits (tests compare them with transformers');
-:func:`pyro_lm.lm.decoding.make_decoder` picks it where it applies and the
-generic decoder elsewhere.
+The decoder is a :class:`~pyro_lm.lm.decoder.Decoder`, like
+:class:`~pyro_lm.lm.decoding.IncrementalDecoder`, and computes the same logits
+(tests compare them with transformers'); :func:`pyro_lm.lm.decoding.make_decoder`
+picks it where it applies and the generic decoder elsewhere.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pyro_lm.lm.decoding import filler_token
+from pyro_lm.lm.decoder import filler_token
 
 __all__ = ["GPT2Decoder", "supports_fast_decoding"]
 
@@ -41,7 +41,8 @@ def supports_fast_decoding(model) -> bool:
 
 
 class GPT2Decoder:
-    """Decoding state for ``N`` left-padded prompts of a GPT-2 model (static KV cache).
+    """Decoding state for ``N`` left-padded prompts of a GPT-2 model (static KV cache), a
+    :class:`~pyro_lm.lm.decoder.Decoder`.
 
     :param lm: a :class:`~pyro_lm.CausalLM` wrapping a ``GPT2LMHeadModel``.
     :param torch.Tensor input_ids: ``(N, L)`` prompt ids, left-padded.

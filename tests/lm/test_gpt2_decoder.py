@@ -1,10 +1,17 @@
 """The lean GPT-2 decoder computes exactly what transformers computes."""
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import pyro_lm
-from pyro_lm.lm import decoding, toy_lm
+from pyro_lm.lm import decoder as decoder_module
+from pyro_lm.lm import decoding, gpt2_decoder, toy_lm
+from pyro_lm.lm.decoder import Decoder
 from pyro_lm.lm.decoding import IncrementalDecoder, make_decoder
 from pyro_lm.lm.gpt2_decoder import GPT2Decoder, supports_fast_decoding
 
@@ -116,3 +123,24 @@ def test_sampling_agrees_with_log_prob_on_both_paths(monkeypatch):
         monkeypatch.setattr(decoding, "FAST_DECODING", fast)
         x, log_prob = dist.sample_with_log_prob((50,))
         assert torch.allclose(log_prob, dist.log_prob(x), atol=1e-4)
+
+
+def test_both_decoders_are_decoders(tiny_lm):
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    guide = tiny_lm.trainable_copy(lora=dict(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    for lm in (tiny_lm, guide):
+        decoder = make_decoder(lm, ids, torch.ones_like(ids), 3)
+        assert isinstance(decoder, Decoder)
+        decoder.reorder(torch.tensor([1, 1]))
+        decoder.advance(torch.full((2,), decoder.filler_token))
+        assert decoder.logits.shape == (2, lm.vocab_size)
+
+
+def test_decoder_modules_import_without_a_cycle():
+    # the decoders import the protocol, not decoding.py (which imports them)
+    for module in (decoder_module, gpt2_decoder):
+        imported = {node.module for node in ast.walk(ast.parse(Path(module.__file__).read_text()))
+                    if isinstance(node, ast.ImportFrom)}
+        assert "pyro_lm.lm.decoding" not in imported, module.__name__
+    for name in ("pyro_lm.lm.gpt2_decoder", "pyro_lm.lm.decoder"):  # fresh interpreters
+        subprocess.run([sys.executable, "-c", f"import {name}"], check=True)
