@@ -28,27 +28,8 @@ which is unbiased because the baseline of particle :math:`k` does not depend on
 :math:`x_k`. The :math:`-\log q` inside :math:`f_k` is the k1 estimate of the KL
 penalty folded into the reward, as in RLOO / PPO-style RLHF.
 
-With ``baseline="prefix"`` the credit is assigned per token instead. Write
-:math:`\log q(x) = \sum_t \ell^q_t`, :math:`\ell^q_t = \log q(x_t \mid x_{<t})`
-(likewise :math:`\ell^p_t` for :math:`p_0`), :math:`F` the summed factors and
-:math:`\Phi_s(x_{\le s})` the factors evaluated on the prefix of length :math:`s` (as
-token-level SMC does; see :mod:`pyro_lm.distributions.prefix`). Since
-:math:`E_q[\nabla \ell^q_t \, b(x_{<t})] = 0` for *any* function :math:`b` of the prefix,
-
-.. math::
-
-    g_{k,t} = F(x_k) - \Phi_{t-1}(x_{k,<t})
-        + w \sum_{s \ge t} \big(\ell^p_s - \ell^q_s\big)(x_k), \qquad
-    A_{k,t} = g_{k,t} - \operatorname{mean}_{j \ne k,\ j \text{ generating } t}\, g_{j,t},
-
-    \nabla_\theta \mathrm{ELBO} \approx \frac1K \sum_{k=1}^K \sum_{t=1}^T A_{k,t}\,
-        \nabla_\theta \ell^q_t(x_k)
-
-is still unbiased: the KL terms of earlier tokens are dropped (reward-to-go [4]), the
-prefix potential :math:`\Phi_{t-1}` is a state-dependent baseline [5, 6], and the
-leave-one-out mean per position is a baseline built from the other particles. For a
-reward that is a sum over tokens (e.g. :class:`~pyro_lm.rewards.Lexicon`),
-:math:`F - \Phi_{t-1}` is the reward collected from token :math:`t` on.
+With ``baseline="prefix"`` the credit is assigned per token instead, by
+:class:`~pyro_lm.infer.prefix_elbo.PrefixSequenceELBO` (:mod:`pyro_lm.infer.prefix_elbo`).
 
 References
 
@@ -60,10 +41,6 @@ References
     Free!*, ICLR 2019 DeepRLStructPred workshop.
 [4] R. J. Williams, *Simple statistical gradient-following algorithms for
     connectionist reinforcement learning*, Machine Learning 8, 1992.
-[5] L. Weaver, N. Tao, *The optimal reward baseline for gradient-based reinforcement
-    learning*, UAI 2001.
-[6] E. Greensmith, P. L. Bartlett, J. Baxter, *Variance reduction techniques for
-    gradient estimates in reinforcement learning*, JMLR 5, 2004.
 """
 
 from __future__ import annotations
@@ -72,10 +49,7 @@ import math
 import warnings
 
 import pyro
-import pyro.poutine as poutine
 import torch
-from pyro.distributions.score_parts import ScoreParts
-from pyro.distributions.util import scale_and_mask
 from pyro.infer.elbo import ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import (
@@ -84,13 +58,11 @@ from pyro.infer.util import (
     is_identically_zero,
     is_validation_enabled,
 )
-from pyro.poutine.util import prune_subsample_sites, site_is_subsample
-from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
+from pyro.util import check_if_enumerated
 
 from pyro_lm._validation import check_positive_int
-from pyro_lm.distributions.lm_distribution import after_first_eos, unwrap_lm
-from pyro_lm.infer._prefix_factors import prefix_factors
-from pyro_lm.infer.program import lm_site_names, plate_nesting
+from pyro_lm.distributions.lm_distribution import unwrap_lm
+from pyro_lm.infer.program import plate_nesting
 
 __all__ = ["SequenceELBO"]
 
@@ -102,8 +74,7 @@ BASELINES = ("loo", "prefix", "none")
 
 
 class SequenceELBO(ELBO):
-    r"""Vectorised score-function ELBO for LM sites, with a leave-one-out baseline or
-    per-token credit assignment.
+    r"""Vectorised score-function ELBO for LM sites, with a leave-one-out baseline.
 
     Use it as ``loss=`` of :class:`pyro.infer.SVI` with any guide whose LM sites
     are :class:`~pyro_lm.LMDistribution` (e.g. :class:`~pyro_lm.infer.AutoLMGuide`).
@@ -131,33 +102,8 @@ class SequenceELBO(ELBO):
     :math:`|\nabla \log q|^2` it can do worse than no baseline (``baseline="none"``).
     At the prior, a sparse reward leaves the mean little to remove.
 
-    ``baseline="prefix"`` assigns credit per token (see the module docstring):
-    token :math:`t` of particle :math:`k` gets
-
-    .. math::
-
-        A_{k,t} = g_{k,t} - \operatorname{mean}_{j \ne k} g_{j,t}, \qquad
-        g_{k,t} = F(x_k) - \Phi_{t-1}(x_{k,<t})
-                  + w \textstyle\sum_{s \ge t} \log \frac{p_0}{q}(x_{k,s} \mid x_{k,<s}),
-
-    and the surrogate is :math:`\frac1K \sum_{k,t} A_{k,t} \log q(x_{k,t} \mid x_{k,<t})`
-    instead of :math:`\frac1K \sum_k A_k \log q(x_k)`. Here :math:`F` is the sum of
-    the model's factors and :math:`\Phi_{t-1}` the same factors evaluated on the
-    prefix :math:`x_{<t}` (inside :func:`~pyro_lm.distributions.prefix_context`, as
-    token-level SMC sees them; :math:`\Phi_0 := 0`); the mean runs over the other
-    particles of the same prompt that are still generating at :math:`t` (not ended
-    by EOS). Every baseline term is a function of the prefix or of other particles,
-    so the gradient stays unbiased for any reward; it removes the most where the
-    reward is a sum over tokens (:class:`~pyro_lm.rewards.Lexicon`), where
-    :math:`F - \Phi_{t-1}` is the reward-to-go. On the peers' task (bench/svi.py:
-    vocab 64, 20 tokens, a sparse count reward) its gradient variance at the prior
-    is about 0.4× Trace_ELBO's, against 0.75× with ``"loo"``, and lower than
-    ``"loo"``'s along training too. Cost: one run of the model (its factors only, no
-    trace, no gradient) per prefix length up to the longest completion, ``T - 1``
-    per step (per particle when ``vectorize=False``): cheap for vectorised rewards,
-    ``T`` times the reward's cost in general (e.g. a classifier). Scope: the model's
-    only latent site is one plain :class:`~pyro_lm.LMDistribution` site (inside any
-    plates), and the guide samples only it; other models are a ``ValueError``.
+    ``baseline="prefix"`` assigns credit per token: ``SequenceELBO(baseline="prefix")``
+    makes a :class:`~pyro_lm.infer.prefix_elbo.PrefixSequenceELBO`, which documents it.
 
     :param int num_particles: completions per prompt ``K`` (at least 2 with the
         leave-one-out and prefix baselines).
@@ -187,6 +133,14 @@ class SequenceELBO(ELBO):
       :math:`\tilde p / q` of the first LM site, per prompt, averaged over prompts
       (between 1 and ``K``; ``K`` when :math:`q = p^*`).
     """
+
+    def __new__(cls, *args, **kwargs):
+        baseline = args[1] if len(args) > 1 else kwargs.get("baseline", "loo")
+        if cls is SequenceELBO and baseline == "prefix":
+            from pyro_lm.infer.prefix_elbo import PrefixSequenceELBO  # it subclasses this
+
+            cls = PrefixSequenceELBO
+        return super().__new__(cls)
 
     def __init__(self, num_particles: int = 8, baseline: str = "loo", vectorize: bool = True,
                  kl_weight: float = 1.0, max_plate_nesting: float = float("inf"),
@@ -220,45 +174,10 @@ class SequenceELBO(ELBO):
         self.max_plate_nesting = plate_nesting(model, guide, args, kwargs) + 1
 
     def _get_trace(self, model, guide, args, kwargs):
-        if self.baseline == "prefix":
-            return self._get_token_trace(model, guide, args, kwargs)
         model_trace, guide_trace = get_importance_trace(
             "flat", self.max_plate_nesting, model, guide, args, kwargs)
         if is_validation_enabled():
             check_if_enumerated(guide_trace)
-        return model_trace, guide_trace
-
-    def _get_token_trace(self, model, guide, args, kwargs):
-        """As :func:`pyro.infer.enum.get_importance_trace`, but the LM site is scored per
-        token: its ``token_log_prob`` ``(..., T)`` (unscaled) is kept in the site of both
-        traces, and its ``log_prob`` / ``score_parts`` are their sums (one forward each)."""
-        guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace),
-                                    graph_type="flat").get_trace(*args, **kwargs)
-        if is_validation_enabled():
-            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
-            check_if_enumerated(guide_trace)
-        guide_trace = prune_subsample_sites(guide_trace)
-        model_trace = prune_subsample_sites(model_trace)
-        name = _token_site(model_trace, guide_trace)
-        for trace in (model_trace, guide_trace):
-            site = trace.nodes[name]
-            tokens = site["fn"].token_log_probs(site["value"])
-            site["token_log_prob"] = tokens
-            site["unscaled_log_prob"] = tokens.sum(-1)
-            parts = ScoreParts(site["unscaled_log_prob"], site["unscaled_log_prob"], 0)
-            parts = parts.scale_and_mask(site["scale"], site["mask"])
-            if trace is guide_trace:
-                site["score_parts"] = parts
-            site["log_prob"] = parts.log_prob
-            site["log_prob_sum"] = parts.log_prob.sum()
-        model_trace.compute_log_prob()
-        guide_trace.compute_score_parts()
-        if is_validation_enabled():
-            for trace in (model_trace, guide_trace):
-                for site in trace.nodes.values():
-                    if site["type"] == "sample":
-                        check_site_shape(site, self.max_plate_nesting)
         return model_trace, guide_trace
 
     def _get_traces(self, model, guide, args, kwargs):
@@ -275,9 +194,9 @@ class SequenceELBO(ELBO):
     def _particle_terms(self, model_trace, guide_trace, model, args, kwargs,
                         need_signals: bool = True):
         """Per-particle totals, learning signals and the pathwise surrogate of one
-        pair of traces whose particle dim has ``k`` entries. ``model`` (without the
-        particle plate), ``args`` and ``kwargs`` re-run it on prefixes for the per-token
-        signals, which are skipped where ``need_signals`` is false."""
+        pair of traces whose particle dim has ``k`` entries; ``model`` (without the
+        particle plate), ``args``, ``kwargs`` and ``need_signals`` are passed on to
+        :meth:`_learning_signal`."""
         n, w = self.max_plate_nesting, self.kl_weight
         model_stacks = get_plate_stacks(model_trace)
         guide_stacks = get_plate_stacks(guide_trace)
@@ -316,51 +235,33 @@ class SequenceELBO(ELBO):
             log_f, log_l = factors.sum_to(frames), latent.sum_to(frames)
             log_w = torch.broadcast_to(log_f + log_l, score.shape)
             is_lm = unwrap_lm(site["fn"]) is not None
-            if "token_log_prob" in site:  # baseline="prefix": one signal per token
-                score, signal, active = self._token_signal(
-                    model_trace.nodes[site["name"]], site, log_f, model, args, kwargs,
-                    need_signals)
-            else:
-                signal, active = torch.broadcast_to(log_f + w * log_l, score.shape), None
-            signals.append((score, signal, log_w, is_lm, active))
+            score, signal, extra = self._learning_signal(model_trace, site, score, log_f, log_l,
+                                                         model, args, kwargs, need_signals)
+            signals.append((score, signal, log_w, is_lm, extra))
         return totals, signals, pathwise
 
-    def _token_signal(self, model_site, guide_site, log_f, model, args, kwargs,
-                      with_prefix: bool):
-        r"""Per-token score, signal and activity of the LM site (``baseline="prefix"``).
+    def _learning_signal(self, model_trace, guide_site, score, log_f, log_l, model, args,
+                         kwargs, need_signals):
+        r"""The score and learning signal of one score-function site of the guide.
 
-        :returns: ``(score, signal, active)``, each ``(k, *batch, T)``: the guide's
-            unscaled token log-probs :math:`\log q(x_t \mid x_{<t})` (differentiable),
-            :math:`g_t = F - \Phi_{t-1}(x_{<t}) + w \sum_{s \ge t} (\log p_0 - \log q)_s`
-            (detached; :math:`\Phi` is taken to be 0 where ``with_prefix`` is false), and
-            whether token ``t`` is generated (not after the first EOS).
+        :param score: the site's score function, :math:`\log q` of its value.
+        :param log_f: the model's factors summed down to the site's plates.
+        :param log_l: :math:`\sum (\log p - \log q)` of the latent sites, likewise.
+        :param bool need_signals: false where only the loss is wanted (a subclass may
+            then skip the dear part of its signal).
+        :returns: ``(score, signal, extra)``: ``signal`` shaped like ``score``, and
+            ``extra`` (``None`` here) what a subclass's :meth:`_advantage` needs, a
+            tensor with the particle dim where the score has it.
         """
-        value, dist = guide_site["value"], guide_site["fn"]  # value: (k, *batch, T)
-        score = guide_site["token_log_prob"]
-        log_p = _tokens_scaled(model_site["token_log_prob"].detach(), model_site)
-        log_q = _tokens_scaled(score.detach(), guide_site)
-        to_go = (log_p - log_q).flip(-1).cumsum(-1).flip(-1)  # sum over s >= t
-        signal = torch.as_tensor(log_f, dtype=to_go.dtype, device=to_go.device)[..., None]
-        signal = signal + self.kl_weight * to_go
-        active = ~after_first_eos(value, dist.lm.eos_token_id)
-        if with_prefix:
-            # Phi_0 (the empty prefix) is the same for every particle of a prompt: the
-            # leave-one-out mean removes it, so it is taken to be 0 rather than evaluated.
-            # Tokens that no particle generates (all ended before) have a zero score, so
-            # prefixes are evaluated only up to the longest completion (one host sync).
-            big_t = value.shape[-1]
-            live = int(active.reshape(-1, big_t).any(0).sum())
-            try:
-                phi = prefix_factors(model, guide_site["name"], value, range(1, live),
-                                     dist.lm.pad_token_id, args, kwargs,
-                                     owner="baseline='prefix'")  # (live - 1, k, *batch)
-            except ValueError as e:
-                raise ValueError(f"baseline='prefix': evaluating the model's factors on "
-                                 f"prefixes failed: {e}. Fix the model, or use "
-                                 "baseline='loo'") from e
-            phi = torch.nn.functional.pad(phi.movedim(0, -1), (1, big_t - live))
-            signal = signal - phi
-        return score, torch.broadcast_to(signal, score.shape), active
+        return score, torch.broadcast_to(log_f + self.kl_weight * log_l, score.shape), None
+
+    def _advantage(self, signal, extra, pdim: int):
+        """The centred learning signal: minus the mean of the other particles (leave-one-out)
+        along the particle dim ``pdim``, or as it is with ``baseline="none"``."""
+        if self.baseline == "none":
+            return signal
+        k = signal.shape[pdim]
+        return signal - (signal.sum(pdim, keepdim=True) - signal) / (k - 1)
 
     def _estimate(self, model, guide, args, kwargs, need_signals: bool = True):
         """``(loss, surrogate_loss, metrics)``: the first and last detached. Without
@@ -378,18 +279,9 @@ class SequenceELBO(ELBO):
         finite = torch.ones((), dtype=torch.bool, device=zero.device)
         ess = None
         for i in range(len(blocks[0][1])):
-            score, signal, log_w, is_lm, active = _cat_site(blocks, i, n)
+            score, signal, log_w, is_lm, extra = _cat_site(blocks, i, n)
             pdim = log_w.dim() - n
-            if active is not None:  # per token: the mean over the others generating token t
-                signal_in = torch.where(active, signal, torch.zeros_like(signal))
-                count = active.sum(pdim, keepdim=True) - active.long()
-                others = (signal_in.sum(pdim, keepdim=True) - signal_in) / count.clamp(min=1)
-                advantage = signal - others
-            elif self.baseline == "loo":
-                others = (signal.sum(pdim, keepdim=True) - signal) / (k - 1)
-                advantage = signal - others
-            else:
-                advantage = signal
+            advantage = self._advantage(signal, extra, pdim)
             finite = finite & torch.isfinite(advantage).all()
             surrogate = surrogate - (advantage.detach() * score).sum() / k
             if ess is None and is_lm:
@@ -464,57 +356,15 @@ def _cat(parts, dim):
 
 
 def _cat_site(blocks, i: int, n: int):
-    """The ``i``-th score site's ``(score, signal, log_w, is_lm, active)``, its tensors
+    """The ``i``-th score site's ``(score, signal, log_w, is_lm, extra)``, its tensors
     concatenated over the blocks' particle dims (``log_w`` has the site's batch shape;
-    the others may have one more, token, dim on the right)."""
+    the others may have more dims on the right)."""
     pdim = blocks[0][1][i][2].dim() - n
     parts = [_cat([b[1][i][j] for b in blocks], pdim) for j in (0, 1, 2)]
-    active = blocks[0][1][i][4]
-    if active is not None:
-        active = _cat([b[1][i][4] for b in blocks], pdim)
-    return (*parts, blocks[0][1][i][3], active)
-
-
-def _tokens_scaled(tokens: torch.Tensor, site) -> torch.Tensor:
-    """Token log-probs ``(..., T)`` scaled and masked like the site's ``log_prob`` ``(...)``."""
-    scale, mask = site["scale"], site["mask"]
-    if isinstance(scale, torch.Tensor) and scale.dim():
-        scale = scale[..., None]
-    if isinstance(mask, torch.Tensor) and mask.dim():
-        mask = mask[..., None]
-    return scale_and_mask(tokens, scale, mask)
-
-
-def _token_site(model_trace, guide_trace) -> str:
-    """The name of the one LM site that ``baseline="prefix"`` scores per token.
-
-    :raises ValueError: unless the model's only latent site is one plain
-        :class:`~pyro_lm.LMDistribution` site and the guide samples exactly it.
-    """
-    names = lm_site_names(model_trace)
-    if len(names) != 1:
-        raise ValueError(f"baseline='prefix' credits the tokens of exactly one LM site; the "
-                         f"model has {len(names)} ({names}). Use baseline='loo' for this model")
-    name = names[0]
-    latent = [n for n, s in model_trace.nodes.items() if s["type"] == "sample"
-              and not s["is_observed"] and not site_is_subsample(s) and n != name]
-    if latent:
-        raise ValueError(f"baseline='prefix': the model has latent sites {latent} besides the "
-                         f"LM site {name!r}; condition them (pyro.condition), or use "
-                         "baseline='loo'")
-    guided = [n for n, s in guide_trace.nodes.items() if s["type"] == "sample"
-              and not s["is_observed"] and not site_is_subsample(s)]
-    if guided != [name]:
-        raise ValueError(f"baseline='prefix': the guide must sample only the LM site {name!r}, "
-                         f"it samples {guided}; use baseline='loo'")
-    for trace, who in ((model_trace, "model"), (guide_trace, "guide")):
-        fn = trace.nodes[name]["fn"]
-        if unwrap_lm(fn) is not fn:
-            raise ValueError(f"baseline='prefix': the {who}'s site {name!r} wraps its "
-                             f"LMDistribution in {type(fn).__name__}; token log-probs need the "
-                             "plain distribution: mask or scale it with poutine.mask / "
-                             "poutine.scale instead, or use baseline='loo'")
-    return name
+    extra = blocks[0][1][i][4]
+    if extra is not None:
+        extra = _cat([b[1][i][4] for b in blocks], pdim)
+    return (*parts, blocks[0][1][i][3], extra)
 
 
 def _device_of(totals) -> torch.device:

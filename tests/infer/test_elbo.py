@@ -1,6 +1,7 @@
 """SequenceELBO: exact checks of its loss and gradient on enumerable problems, training
 targets, the collapse of pure reward maximisation, and stock Pyro ELBOs on the same program."""
 
+import copy
 import math
 
 import pyro
@@ -14,6 +15,7 @@ from pyro_lm.distributions.lm_distribution import after_first_eos
 from pyro_lm.distributions.prefix import prefix_context, prefix_length
 from pyro_lm.exact import enumerate_model
 from pyro_lm.infer import AutoLMGuide, SequenceELBO
+from pyro_lm.infer.prefix_elbo import PrefixSequenceELBO
 from pyro_lm.lm import toy_lm
 from pyro_lm.rewards import Callable, Lexicon
 
@@ -425,3 +427,15 @@ def test_works_with_a_hand_written_guide_program(tiny_lm):
 def test_bad_arguments_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SequenceELBO(**kwargs)
+
+
+def test_prefix_baseline_makes_the_per_token_estimator():
+    for elbo in (SequenceELBO(num_particles=4, baseline="prefix"), SequenceELBO(4, "prefix"),
+                 PrefixSequenceELBO(num_particles=4)):
+        assert type(elbo) is PrefixSequenceELBO and elbo.baseline == "prefix"
+        assert elbo.num_particles == 4
+        assert type(copy.deepcopy(elbo)) is PrefixSequenceELBO
+    for baseline in ("loo", "none"):
+        assert type(SequenceELBO(num_particles=4, baseline=baseline)) is SequenceELBO
+    with pytest.raises(ValueError, match="baseline"):
+        PrefixSequenceELBO(num_particles=4, baseline="loo")
