@@ -72,10 +72,42 @@ def test_beta_must_be_positive(tiny_lm, beta):
         pyro_lm.exact.posterior(tiny_lm, reward, beta, "<eos>", 2)
 
 
-def test_enumerate_model_requires_one_lm_site(tiny_lm):
+def test_enumerate_model_enumerates_sites_jointly(tiny_lm):
     def model():
-        pyro.sample("a", LMDistribution(tiny_lm, "<eos>", 2))
+        a = pyro.sample("a", LMDistribution(tiny_lm, "<eos>", 2))
         pyro.sample("b", LMDistribution(tiny_lm, "<eos>", 2))
+        pyro.factor("f", (a == 1).sum(-1).float())
 
-    with pytest.raises(ValueError, match="site: the model has LM sites"):
-        pyro_lm.exact.enumerate_model(model)
+    exact = pyro_lm.exact.enumerate_model(model)
+    single = LMDistribution(tiny_lm, "<eos>", 2)
+    n = single.support_size()
+    assert exact.log_joint.shape == (n * n,)
+    # b is untouched by the factor: its marginal is the prior; a's is the tilted prior
+    values, probs = exact.marginal("b")
+    assert torch.allclose(probs, single.log_prob(values).exp(), atol=1e-6)
+    values, probs = exact.marginal("a")
+    tilted = single.log_prob(values) + (values == 1).sum(-1).float()
+    assert torch.allclose(probs, torch.softmax(tilted, 0), atol=1e-6)
+    assert torch.allclose(exact.log_Z, tilted.logsumexp(0), atol=1e-5)
+
+
+def test_enumerate_model_refuses_what_it_cannot_enumerate(tiny_lm):
+    def continuous():
+        pyro.sample("mu", pyro.distributions.Normal(0.0, 1.0))
+        pyro.sample("x", LMDistribution(tiny_lm, "<eos>", 2))
+
+    with pytest.raises(ValueError, match="'mu'.*no finite support"):
+        pyro_lm.exact.enumerate_model(continuous)
+
+    def hidden():
+        x = pyro.sample("x", LMDistribution(tiny_lm, "<eos>", 2))
+        with pyro.poutine.block():
+            y = pyro.sample("y", LMDistribution(tiny_lm, "<eos>", 2))
+        pyro.factor("f", (x[..., 0] + y[..., 0]).float())
+
+    with pytest.raises(ValueError, match="randomness that the enumeration does not see"):
+        pyro_lm.exact.enumerate_model(hidden)
+
+    with pytest.raises(ValueError, match="max_joint"):
+        pyro_lm.exact.enumerate_model(lambda: pyro.sample(
+            "x", LMDistribution(tiny_lm, "<eos>", 6)), max_joint=100)

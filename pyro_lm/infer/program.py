@@ -37,7 +37,7 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import check_site_shape
 
 from pyro_lm.distributions.lm_distribution import unwrap_lm
-from pyro_lm.ops.plates import aligned, sum_to_batch
+from pyro_lm.ops.plates import aligned, check_plated, sum_to_batch
 from pyro_lm.poutine import DecodeLMMessenger, SkipLMMessenger, decoded_log_prob
 
 __all__ = ["PARTICLES", "Execution", "execute", "plate_nesting", "lm_site_names",
@@ -182,6 +182,7 @@ class Execution:
         return sum_to_batch(log_prob, self.batch_shape, name)
 
     def _check_shape(self, site):
+        check_plated(site["fn"].batch_shape, _plate_dims(site), self.nesting, site["name"])
         try:
             check_site_shape(site, self.nesting + 1)
         except ValueError as e:
@@ -279,11 +280,13 @@ def _is_scaled(site) -> bool:
 
 
 def execute(model, guide=None, num: int = 1, args=(), kwargs=None, nesting: int | None = None,
-            owner: str = "model") -> Execution:
+            owner: str = "model", assign=None) -> Execution:
     """Run ``model`` ``num`` times at once, its latent sites proposed by ``guide`` (or drawn
     from the model itself), every LM site decoded in one batched call; no gradient.
 
     :param str owner: the algorithm, for error messages.
+    :param assign: instead of a guide, a messenger that sets every latent site's value
+        (e.g. exact enumeration); every latent site is then scored (``fixed``).
     :raises ValueError: for subsample plates (a sampler weighs whole plates), or Python
         control flow on latent values (the program must run vectorised).
     """
@@ -295,7 +298,9 @@ def execute(model, guide=None, num: int = 1, args=(), kwargs=None, nesting: int 
         with torch.no_grad(), poutine.block():
             guide_trace = None
             run = vectorize(model, num, dim)
-            if guide is not None:
+            if assign is not None:
+                run = assign(run)
+            elif guide is not None:
                 guide_trace = poutine.trace(DecodeLMMessenger()(vectorize(guide, num, dim))
                                             ).get_trace(*args, **kwargs)
                 run = poutine.replay(run, trace=guide_trace)
@@ -311,7 +316,7 @@ def execute(model, guide=None, num: int = 1, args=(), kwargs=None, nesting: int 
                     f"model: site {site['name']!r} is in a subsampled plate; {owner} weighs "
                     "whole plates (a subsample's scaled density is no density of its prompts). "
                     "Drop subsample_size for sampling, or subsample in SVI")
-    return Execution(model_trace, guide_trace, num, nesting)
+    return Execution(model_trace, guide_trace, num, nesting, fixed=assign is not None)
 
 
 def single_lm_site(model, args=(), kwargs=None, owner: str = "model"):
@@ -337,16 +342,16 @@ def single_lm_site(model, args=(), kwargs=None, owner: str = "model"):
         raise ValueError(f"model: latent sites {latent} besides the LM site {name!r}; "
                          f"{owner} infers one LM site (condition the others, or use "
                          "Importance)")
+    for _, s in scored_sites(trace):
+        if any(f.full_size is not None and f.full_size != f.size for f in s["cond_indep_stack"]):
+            raise ValueError(f"model: site {s['name']!r} is in a subsampled plate; {owner} "
+                             "weighs whole plates: drop subsample_size")
     site = trace.nodes[name]
     fn = site["fn"]
     if unwrap_lm(fn) is not fn or _is_scaled(site):
         raise ValueError(f"model: site {name!r} is scaled, masked or wraps its LMDistribution "
                          f"(poutine.scale / mask, .mask, .to_event); {owner} needs the plain, "
                          "unscaled LM site: scale the factors instead, or use Importance")
-    for _, s in scored_sites(trace):
-        if any(f.full_size is not None and f.full_size != f.size for f in s["cond_indep_stack"]):
-            raise ValueError(f"model: site {s['name']!r} is in a subsampled plate; {owner} "
-                             "weighs whole plates: drop subsample_size")
     nesting = max([0] + [-f.dim for _, s in scored_sites(trace)
                          for f in s["cond_indep_stack"] if f.vectorized])
     batch = torch.Size((1,) * (nesting - len(fn.batch_shape)) + tuple(fn.batch_shape))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["aligned", "sum_to_batch"]
+__all__ = ["aligned", "sum_to_batch", "check_plated"]
 
 
 def aligned(log_prob, n: int, name: str = "site") -> torch.Tensor:
@@ -41,3 +41,23 @@ def sum_to_batch(log_prob, batch: torch.Size, name: str = "site") -> torch.Tenso
     t = aligned(log_prob, len(batch), name)
     dims = [d for d, size in enumerate(batch, start=1) if size == 1 and t.shape[d] != 1]
     return t.sum(dims, keepdim=True) if dims else t
+
+
+def check_plated(shape, plate_dims, n: int, name: str = "site") -> None:
+    """Check that a site's batch ``shape`` (aligned to ``n`` plate dims on the right, any
+    particle dims on the left) has a size above 1 only in dims that its plates declare.
+
+    :param plate_dims: the negative dims of the site's plates.
+    :raises ValueError: naming the site and the dim: a factor outside a plate whose value
+        keeps that plate's dim (``reward(x).sum(-1)`` where ``keepdim=True`` was meant)
+        would otherwise land on another dim.
+    """
+    shape = tuple(shape)[-n:] if n else ()
+    for d in range(-len(shape), 0):
+        if shape[d] > 1 and d not in plate_dims:
+            raise ValueError(
+                f"site {name!r}: its log-density has a batch dim {d} of size {shape[d]} that no "
+                "plate around it declares. The program runs vectorised, with a particle dim "
+                "left of its plates, so a site outside a plate must keep that plate's dim "
+                "with size 1: pyro.factor('r', reward(x).sum(-1, keepdim=True)), or sit "
+                "inside the plate")

@@ -8,7 +8,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from pyro_lm.ops.plates import sum_to_batch
+from pyro_lm.ops.plates import check_plated, sum_to_batch
 
 __all__ = ["LogFactorsMessenger"]
 
@@ -74,6 +74,9 @@ class LogFactorsMessenger(Messenger):
             scale = msg["scale"]
             if isinstance(scale, torch.Tensor) or scale != 1.0 or msg["mask"] is not None:
                 log_prob = scale_and_mask(log_prob, scale, msg["mask"])
+            n = len(self.batch_shape)
+            check_plated(log_prob.shape, {f.dim for f in msg["cond_indep_stack"]
+                                          if f.vectorized}, n, msg["name"])
             term = sum_to_batch(log_prob, self.batch_shape, msg["name"])
             for d, size in enumerate(self.batch_shape, start=1):
                 if size > 1 and term.shape[d] == 1:
