@@ -52,17 +52,13 @@ from pyro_lm.distributions.prefix import prefix_context
 from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
 from pyro_lm.infer.program import single_lm_site
 from pyro_lm.infer.resampling import RESAMPLERS
+from pyro_lm.infer.smc_population import Populations
+from pyro_lm.infer.smc_proposals import BootstrapProposal, LookaheadProposal
 from pyro_lm.lm.causal_lm import CausalLM
 from pyro_lm.lm.decoding import make_decoder
 from pyro_lm.poutine import LogFactorsMessenger
 
 __all__ = ["SMC"]
-
-
-def _draw(logits: torch.Tensor) -> torch.Tensor:
-    """One draw per row from ``softmax(logits)`` by Gumbel-max, ``argmax(logits - log E)``,
-    ``E ~ Exp(1)``. A ``-inf`` logit is never drawn unless its whole row is ``-inf``."""
-    return (logits - torch.rand_like(logits).log_().neg_().log_()).argmax(-1)
 
 
 def _check_lookahead(lookahead):
@@ -187,23 +183,94 @@ class SMC:
                            else check_positive_int(sync_every, "sync_every"))
         self.lookahead = _check_lookahead(lookahead)
 
-    # ------------------------------------------------------------------ set-up
-    def _lm_site(self, args, kwargs):
-        site, prior, batch = single_lm_site(self.model, args, kwargs, owner="SMC")
-        proposal = prior if self.guide is None else prior.with_lm(self.guide.lm)
-        return site, prior, proposal, batch
+    # --------------------------------------------------------------------- run
+    def run(self, *args, **kwargs) -> WeightedPosterior:
+        """Run SMC on the model's arguments; see the class docstring."""
+        with torch.no_grad(), prompt_cache():  # the model runs once per token on the same prompts
+            # the first run of the model (params, reward caches) is outside inference mode
+            site, prior, batch = single_lm_site(self.model, args, kwargs, owner="SMC")
+            proposal = prior if self.guide is None else prior.with_lm(self.guide.lm)
+            potential = _Potential(self.model, site, batch, self.twist, args, kwargs)
+            with torch.inference_mode():  # the loop: less overhead per tensor operation
+                pop = self._run(prior, proposal, batch, potential)
+                x, log_w, hist = pop.values, pop.log_w, pop.history()
+            # inference tensors must not escape (autograd refuses them): copy them out
+            x, log_w = x.clone(), log_w.clone()
+            hist = {k: v.clone() for k, v in hist.items()}
+            return self._posterior(site, x, log_w, batch, hist, prior.lm)
 
-    def _potential(self, x, t, final, args, kwargs):
-        """``(N * B,)`` log-potential of the prefixes ``x`` ``(N, *batch, T)`` of length ``t``,
+    def _run(self, prior, proposal, batch, potential) -> Populations:
+        n, big_t = self.num_particles, prior.max_new_tokens
+        lead = batch[: len(batch) - len(prior.batch_shape)]  # plate dims the site is not in
+        ids, mask = prior.prompts_for(torch.Size((n,)) + lead)
+        sync_every = self.sync_every or (1 if ids.device.type == "cpu" else 8)
+        decoder_q = make_decoder(proposal.lm, ids, mask, big_t)
+        decoder_p = make_decoder(prior.lm, ids, mask, big_t) if proposal is not prior else None
+        decoders = (decoder_q,) if decoder_p is None else (decoder_q, decoder_p)
+        shape = torch.Size((n,)) + batch
+        eos, pad = prior.lm.eos_token_id, prior.lm.pad_token_id
+        pop = Populations(shape, big_t, eos, pad, self.ess_threshold, self.resampling, decoders,
+                          ids.device)
+        if self.lookahead is None:
+            step = BootstrapProposal(potential, decoder_q, decoder_p)
+        else:
+            top_k = None if self.lookahead == "full" else self.lookahead
+            step = LookaheadProposal(potential, decoder_q, decoder_p, top_k, shape, pad)
+        for t in range(big_t):
+            last = t + 1 == big_t
+            ended = pop.done  # rows that had ended before this token
+            token = step.draw(pop, t, last)
+            pop.append(t, token)
+            final = last or ((t + 1) % sync_every == 0 and bool(pop.done.all()))
+            pop.reweight(*step.weigh(pop, token, t, ended, final, last))
+            if final:
+                pop.stop()
+                break
+            pop.resample()
+            pop.advance(t)
+        return pop
+
+    def _posterior(self, site, view, log_w, batch, hist, lm):
+        n = self.num_particles
+        log_w = log_w.view((n,) + tuple(batch))
+        check_log_weights(
+            log_w, "SMC", nan_cause="the twist or a factor returned NaN (or +inf) on some prefix",
+            fix="Use more particles, a guide closer to the posterior, the lookahead proposal, "
+                "or a twist that steers prefixes away from the -inf region")
+        shape = (-1,) + tuple(batch)
+        lse, lse2 = hist["lse"], hist["lse2"]
+        hist = {"ess": torch.exp(2 * lse - lse2).view(shape),
+                "resampled": hist["resampled"].view(shape),
+                "log_Z": (lse - math.log(n)).view(shape)}
+        log_z = torch.logsumexp(log_w, 0) - math.log(n)
+        return WeightedPosterior({site: view}, log_w, lms={site: lm}, log_normalizer=log_z,
+                                 history=hist, algorithm="SMC")
+
+
+class _Potential:
+    """The log-potential of prefixes in one SMC run: the model's factors (on prefixes inside
+    :func:`~pyro_lm.distributions.prefix_context`, in full at the end) or the twist.
+
+    :param model: the Pyro model; ``site``, ``batch``: its LM site and plates' shape.
+    :param twist: ``None`` or ``twist(x, t) -> (N, *batch)``.
+    :param tuple args: the model's arguments; ``kwargs`` likewise.
+    """
+
+    def __init__(self, model, site, batch, twist, args, kwargs):
+        self.factors = LogFactorsMessenger(model, site, batch, owner="SMC")
+        self.twist, self.args, self.kwargs = twist, args, kwargs
+
+    def __call__(self, x, t, final):
+        """``(M * B,)`` log-potential of the prefixes ``x`` ``(M, *batch, T)`` of length ``t``,
         flattened particle-major (row ``i * B + j``, like the decoding rows)."""
         if final or self.twist is None:
             # no particle plate: the values carry the particle dim on the left, and the
             # model's plates broadcast around it (saves re-expanding the LM site per token)
             if final:
-                phi = self._factors.evaluate(x, args, kwargs)
+                phi = self.factors.evaluate(x, self.args, self.kwargs)
             else:
                 with prefix_context(t):
-                    phi = self._factors.evaluate(x, args, kwargs)
+                    phi = self.factors.evaluate(x, self.args, self.kwargs)
             name = "factors"
         else:
             with prefix_context(t):
@@ -217,179 +284,3 @@ class SMC:
         except RuntimeError:
             raise ValueError(f"{name}: returned shape {tuple(phi.shape)}, expected one value per "
                              f"particle and prompt {tuple(x.shape[:-1])}") from None
-
-    def _score_candidates(self, x, t, done, phi, log_q, full, last, args, kwargs):
-        r"""Lookahead: :math:`\hat\Delta` ``(R, V)`` and the candidates' potentials
-        ``(C, R)`` for the ``R`` decoding rows ``x`` ``(R, T)`` at step ``t``."""
-        rows, big_t = x.shape
-        if full:
-            cand = self._vocab_column  # (V, R): candidate c is token c
-        else:
-            cand = log_q.topk(self.lookahead, -1).indices.T  # (k, R)
-        c = cand.shape[0]
-        buf = self._cand_buffer
-        if buf is None or buf.shape != (c, rows, big_t):
-            buf = self._cand_buffer = torch.full((c, rows, big_t), self._pad_id, dtype=x.dtype,
-                                                 device=x.device)  # columns > t stay padding
-        buf[:, :, : t + 1].copy_(x[None, :, : t + 1].expand(c, rows, t + 1))
-        buf[:, :, t] = torch.where(done, self._pad, cand)  # ended rows only append padding
-        shape = (c * self.num_particles,) + tuple(self._batch) + (big_t,)
-        cand_phi = self._potential(buf.view(shape), t + 1, last, args, kwargs).view(c, rows)
-        # a particle already at -inf stays there (avoid -inf - -inf = NaN)
-        # (ended rows: their draw is replaced by padding and their increment is the true one)
-        delta = (cand_phi - phi).masked_fill_(torch.isneginf(phi), -math.inf).T  # (R, C)
-        if full:
-            return delta, cand_phi
-        return torch.zeros_like(log_q).scatter_(-1, cand.T, delta), cand_phi
-
-    # --------------------------------------------------------------------- run
-    def run(self, *args, **kwargs) -> WeightedPosterior:
-        """Run SMC on the model's arguments; see the class docstring."""
-        with torch.no_grad(), prompt_cache():  # the model runs once per token on the same prompts
-            try:
-                # the first run of the model (params, reward caches) is outside inference mode
-                site, prior, proposal, batch = self._lm_site(args, kwargs)
-                self._site, self._batch = site, batch
-                with torch.inference_mode():  # the loop: less overhead per tensor operation
-                    x, log_w, hist = self._run(prior, proposal, args, kwargs)
-            finally:
-                self._factors = None
-                self._cand_buffer = self._vocab_column = None
-            # inference tensors must not escape (autograd refuses them): copy them out
-            x, log_w = x.clone(), log_w.clone()
-            hist = {k: v.clone() for k, v in hist.items()}
-            return self._posterior(x, log_w, batch, hist, prior.lm)
-
-    def _run(self, prior, proposal, args, kwargs):
-        site, batch = self._site, self._batch
-        self._factors = LogFactorsMessenger(self.model, site, batch, owner="SMC")
-        n, big_t = self.num_particles, prior.max_new_tokens
-        b = batch.numel()
-        lm_q, lm_p = proposal.lm, prior.lm
-        eos, pad = lm_p.eos_token_id, lm_p.pad_token_id
-        lead = batch[: len(batch) - len(prior.batch_shape)]  # plate dims the site is not in
-        ids, mask = prior.prompts_for(torch.Size((n,)) + lead)
-        device = ids.device
-        on_cpu = device.type == "cpu"
-        single = b == 1 and on_cpu  # one population on the host: scalar control flow
-        sync_every = self.sync_every or (1 if on_cpu else 8)
-        decoder_q = make_decoder(lm_q, ids, mask, big_t)
-        decoder_p = make_decoder(lm_p, ids, mask, big_t) if proposal is not prior else None
-        rows = n * b
-        x = torch.full((rows, big_t), pad, dtype=torch.long, device=device)
-        view = x.view((n,) + tuple(batch) + (big_t,))
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        self._pad = torch.tensor(pad, dtype=torch.long, device=device)
-        self._pad_id = pad
-        look = self.lookahead is not None
-        full = look and (self.lookahead == "full" or self.lookahead >= decoder_q.logits.shape[-1])
-        if full:
-            vocab = decoder_q.logits.shape[-1]
-            self._vocab_column = torch.arange(vocab, device=device)[:, None].expand(vocab, rows)
-        self._cand_buffer = None
-        # Phi_0 is a constant per prompt: it cancels from the weights, so it is taken to be 0
-        phi = torch.zeros(rows, device=device)  # (R,), particle-major, like the decoding rows
-        log_w = torch.zeros(rows, device=device)
-        offsets = torch.arange(b, device=device)
-        keep = torch.arange(n, device=device)[:, None].expand(n, b)
-        # resample when ESS = exp(2 lse - lse2) < threshold * N, i.e. lse2 - 2 lse > -log(...)
-        log_bound = -math.log(self.ess_threshold * n) if self.ess_threshold > 0 else math.inf
-        lse_hist, lse2_hist, resampled_hist = [], [], []
-        for t in range(big_t):
-            last = t + 1 == big_t
-            logits = decoder_q.logits
-            ended = done  # rows that had ended before this token
-            if not look:
-                token = _draw(logits)
-            else:
-                log_q = logits.log_softmax(-1)
-                delta_hat, cand_phi = self._score_candidates(x, t, done, phi, log_q, full, last,
-                                                             args, kwargs)
-                log_r = log_q + delta_hat
-                log_l = log_r.logsumexp(-1)  # (R,)
-                stuck = torch.isneginf(log_l)  # every candidate forbidden: the particle dies
-                token = _draw(torch.where(stuck[:, None], log_q, log_r))
-            token.masked_fill_(ended, pad)
-            x[:, t] = token
-            done = ended | (token == eos)
-            final = last or ((t + 1) % sync_every == 0 and bool(done.all()))
-            if full and final == last:
-                # "full": the drawn token's potential was scored already, and exactly
-                new_phi = cand_phi.gather(0, token[None]).squeeze(0)
-                inc = torch.where(ended, new_phi - phi, log_l)
-            else:
-                new_phi = self._potential(view, t + 1, final, args, kwargs)
-                inc = new_phi - phi
-                if look:
-                    hat = delta_hat.gather(-1, token[:, None]).squeeze(-1)
-                    inc += (log_l - hat).masked_fill_(ended, 0.0)
-            if decoder_p is not None:
-                log_p = decoder_p.logits.log_softmax(-1)
-                log_ratio = log_p - (log_q if look else logits.log_softmax(-1))
-                inc += log_ratio.gather(-1, token[:, None]).squeeze(-1).masked_fill_(ended, 0.0)
-            # a particle whose potential was already -inf stays dead (avoid -inf - -inf)
-            dead = torch.isneginf(phi)
-            if look:
-                dead |= stuck & ~ended
-            log_w += inc.masked_fill_(dead, -math.inf)
-            phi = new_phi
-            weights = log_w.view(n, b)
-            lse = weights.logsumexp(0)  # (B,)
-            lse2 = (2 * weights).logsumexp(0)
-            lse_hist.append(lse)
-            lse2_hist.append(lse2)
-            if final:
-                resampled_hist.append(False if single else
-                                      torch.zeros(b, dtype=torch.bool, device=device))
-                break
-            if single:  # one prompt on the host: decide with one scalar read
-                need = torch.sub(lse2, lse, alpha=2).item() > log_bound
-                act = need
-            else:
-                need = torch.sub(lse2, lse, alpha=2) > log_bound  # (B,)
-                act = not on_cpu or bool(need.any())
-            resampled_hist.append(need)
-            if act:
-                ancestors = RESAMPLERS[self.resampling](weights)  # (N, B)
-                log_mean = lse - math.log(n)
-                if single:
-                    index = ancestors.reshape(-1)
-                    log_w.copy_(log_mean.expand(rows))
-                else:  # the prompts that do not need it keep their particles
-                    index = (torch.where(need, ancestors, keep) * b + offsets).reshape(-1)
-                    log_w = torch.where(need, log_mean, weights).reshape(-1)
-                x = x.index_select(0, index)
-                view = x.view(view.shape)
-                done = done.index_select(0, index)
-                phi = phi.index_select(0, index)
-                token = x[:, t]
-                decoder_q.reorder(index, logits=False)  # advance replaces them
-                if decoder_p is not None:
-                    decoder_p.reorder(index, logits=False)
-            # ended rows are fed a non-pad filler (their outputs are unused), so transformers
-            # does not take them for unmasked padding
-            token = token.masked_fill(done, decoder_q.filler_token)
-            decoder_q.advance(token)
-            if decoder_p is not None:
-                decoder_p.advance(token)
-        resampled = (torch.tensor(resampled_hist, dtype=torch.bool, device=device)[:, None]
-                     if single else torch.stack(resampled_hist))
-        hist = {"lse": torch.stack(lse_hist), "lse2": torch.stack(lse2_hist),
-                "resampled": resampled}
-        return view, log_w, hist
-
-    def _posterior(self, view, log_w, batch, hist, lm):
-        n = self.num_particles
-        log_w = log_w.view((n,) + tuple(batch))
-        check_log_weights(
-            log_w, "SMC", nan_cause="the twist or a factor returned NaN (or +inf) on some prefix",
-            fix="Use more particles, a guide closer to the posterior, the lookahead proposal, "
-                "or a twist that steers prefixes away from the -inf region")
-        shape = (-1,) + tuple(batch)
-        lse, lse2 = hist["lse"], hist["lse2"]
-        hist = {"ess": torch.exp(2 * lse - lse2).view(shape),
-                "resampled": hist["resampled"].view(shape),
-                "log_Z": (lse - math.log(n)).view(shape)}
-        log_z = torch.logsumexp(log_w, 0) - math.log(n)
-        return WeightedPosterior({self._site: view}, log_w, lms={self._site: lm},
-                                 log_normalizer=log_z, history=hist)

@@ -437,3 +437,43 @@ def test_model_building_prompt_tensors_inside(tiny_lm):
 
     post = SMC(model, num_particles=4, lookahead="full").run(3)
     assert post.log_weights.shape == (4, 3)
+
+
+@pytest.mark.parametrize("lookahead", [None, 2])
+@pytest.mark.parametrize("batched", [False, True])
+def test_run_keeps_no_state_and_is_reentrant(tiny_lm, batched, lookahead):
+    # a twist that runs SMC on other prompts, once, from inside a run: with the same SMC
+    # object (re-entrant) and with a second one, the same draws give the same results
+    model = make_model(tiny_lm, batched=batched)
+    prompts, others = (["<eos>", "<eos> t1"], ["<eos> t2"]) if batched else ("<eos>", "t2")
+
+    def nesting(inner_smc):
+        inner = {}
+
+        def twist(x, t):
+            if t == 1 and "post" not in inner:
+                inner["post"] = None  # the inner run calls this twist too
+                inner["post"] = inner_smc().run(others)
+            return torch.zeros(x.shape[:-1], device=x.device)
+
+        return twist, inner
+
+    options = dict(num_particles=6, ess_threshold=0.9, lookahead=lookahead)
+    twist_a, inner_a = nesting(lambda: smc_a)
+    smc_a = SMC(model, twist=twist_a, **options)
+    twist_b, inner_b = nesting(lambda: SMC(model, twist=lambda x, t: torch.zeros(x.shape[:-1]),
+                                          **options))
+    smc_b = SMC(model, twist=twist_b, **options)
+    before = dict(vars(smc_a))
+    pyro.set_rng_seed(0)
+    post_a = smc_a.run(prompts)
+    pyro.set_rng_seed(0)
+    post_b = smc_b.run(prompts)
+    assert vars(smc_a).keys() == before.keys()
+    assert all(vars(smc_a)[k] is v for k, v in before.items())
+    for a, b in ((post_a, post_b), (inner_a["post"], inner_b["post"])):
+        assert a.algorithm == "SMC"
+        torch.testing.assert_close(a.samples["x"], b.samples["x"])
+        torch.testing.assert_close(a.log_weights, b.log_weights)
+        for key in ("ess", "resampled", "log_Z"):
+            torch.testing.assert_close(a.history[key], b.history[key])

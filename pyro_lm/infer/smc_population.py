@@ -1,0 +1,139 @@
+r"""The particles of token-level SMC and their resampling.
+
+:class:`Populations` holds ``B`` populations (one per prompt) of ``N`` particles
+each, in ``R = N B`` rows flattened particle-major (row ``i B + j`` is particle
+``i`` of prompt ``j``, like the decoding rows): the tokens so far, which rows have
+ended, their potentials and log-weights, and the decoders whose KV caches follow
+the rows. After each token it records every population's
+
+.. math::
+
+    \mathrm{ESS} = \frac{(\sum_i w_i)^2}{\sum_i w_i^2}, \qquad
+    \log \hat Z_t = \log \frac1N \sum_i w_i,
+
+and resamples the populations whose ESS is below ``ess_threshold * N``: their rows
+are replaced by ancestors drawn from the weights, every weight set to the
+population's mean (so :math:`\hat Z` is unchanged), and the decoders' caches
+reordered in place instead of recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pyro_lm.infer.resampling import RESAMPLERS
+
+__all__ = ["Populations"]
+
+
+class Populations:
+    r"""The particle populations of one SMC run.
+
+    :param torch.Size shape: ``(N, *batch)``: particles per prompt, then the batch.
+    :param int max_new_tokens: ``T``, the columns of the token buffer.
+    :param int eos: ``eos_token_id``; a row ends at its first EOS.
+    :param int pad: ``pad_token_id``, the token of ended rows.
+    :param float ess_threshold: resample a population when
+        :math:`\mathrm{ESS} < \text{ess\_threshold} \cdot N` (0: never).
+    :param str resampling: a key of :data:`~pyro_lm.infer.resampling.RESAMPLERS`.
+    :param decoders: the :class:`~pyro_lm.lm.decoder.Decoder` s over the ``R`` rows,
+        fed each row's token and reordered with the rows.
+    :param torch.device device: where the rows live.
+
+    On accelerators every population is resampled at every step (those with a high
+    ESS keep their own particles), so that the decision costs no host sync; on the
+    host only the populations that need it are, and one prompt is decided with one
+    scalar read.
+    """
+
+    def __init__(self, shape: torch.Size, max_new_tokens: int, eos: int, pad: int,
+                 ess_threshold: float, resampling: str, decoders, device: torch.device):
+        n, b = shape[0], shape[1:].numel()
+        rows = n * b
+        self.shape, self.num_particles, self.num_populations = shape, n, b
+        self.eos, self.decoders = eos, decoders
+        self.x = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
+        self.values = self.x.view(tuple(shape) + (max_new_tokens,))  # (N, *batch, T)
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+        # Phi_0 is a constant per prompt: it cancels from the weights, so it is taken to be 0
+        self.phi = torch.zeros(rows, device=device)
+        self.log_w = torch.zeros(rows, device=device)
+        self._pad = pad
+        self._on_cpu = device.type == "cpu"
+        self._single = b == 1 and self._on_cpu  # one population on the host: scalar control
+        self._resample = RESAMPLERS[resampling]
+        self._offsets = torch.arange(b, device=device)
+        self._keep = torch.arange(n, device=device)[:, None].expand(n, b)
+        # ESS = exp(2 lse - lse2) < threshold * N, i.e. lse2 - 2 lse > -log(threshold * N)
+        self._log_bound = -math.log(ess_threshold * n) if ess_threshold > 0 else math.inf
+        self._lse, self._lse2, self._resampled = [], [], []
+
+    def append(self, t: int, token: torch.Tensor) -> None:
+        """Write ``token`` ``(R,)`` at column ``t`` (padding, in place, on rows that had
+        ended) and mark the rows that emit EOS as ended."""
+        token.masked_fill_(self.done, self._pad)
+        self.x[:, t] = token
+        self.done = self.done | (token == self.eos)
+
+    def reweight(self, phi: torch.Tensor, increment: torch.Tensor) -> None:
+        """Add ``increment`` ``(R,)`` to the log-weights, keep the new potentials ``phi``
+        and record every population's :math:`\\log \\sum w` and :math:`\\log \\sum w^2`."""
+        self.log_w += increment
+        self.phi = phi
+        weights = self.log_w.view(self.num_particles, self.num_populations)
+        self._lse.append(weights.logsumexp(0))  # (B,)
+        self._lse2.append((2 * weights).logsumexp(0))
+
+    def resample(self) -> None:
+        """Resample the populations whose ESS is below the threshold: rows, potentials,
+        weights and the decoders' caches (their logits are left to the next ``advance``)."""
+        n, b = self.num_particles, self.num_populations
+        lse, lse2 = self._lse[-1], self._lse2[-1]
+        if self._single:
+            need = torch.sub(lse2, lse, alpha=2).item() > self._log_bound
+            act = need
+        else:
+            need = torch.sub(lse2, lse, alpha=2) > self._log_bound  # (B,)
+            act = not self._on_cpu or bool(need.any())
+        self._resampled.append(need)
+        if not act:
+            return
+        weights = self.log_w.view(n, b)
+        ancestors = self._resample(weights)  # (N, B)
+        log_mean = lse - math.log(n)
+        if self._single:
+            index = ancestors.reshape(-1)
+            self.log_w.copy_(log_mean.expand(n))
+        else:  # the populations that do not need it keep their particles
+            index = (torch.where(need, ancestors, self._keep) * b + self._offsets).reshape(-1)
+            self.log_w = torch.where(need, log_mean, weights).reshape(-1)
+        self.x = self.x.index_select(0, index)
+        self.values = self.x.view(self.values.shape)
+        self.done = self.done.index_select(0, index)
+        self.phi = self.phi.index_select(0, index)
+        for decoder in self.decoders:
+            decoder.reorder(index, logits=False)  # advance replaces them
+
+    def advance(self, t: int) -> None:
+        """Feed every decoder the rows' tokens at column ``t``. Ended rows are fed a
+        non-pad filler (their outputs are unused), so that transformers does not take
+        them for unmasked padding."""
+        token = self.x[:, t].masked_fill(self.done, self.decoders[0].filler_token)
+        for decoder in self.decoders:
+            decoder.advance(token)
+
+    def stop(self) -> None:
+        """Record the last step, after which nothing is resampled."""
+        self._resampled.append(False if self._single else
+                               torch.zeros(self.num_populations, dtype=torch.bool,
+                                           device=self.x.device))
+
+    def history(self) -> dict:
+        """Per step ``(T',)`` + ``B``: ``"lse"`` and ``"lse2"`` (:math:`\\log \\sum w`,
+        :math:`\\log \\sum w^2`) and ``"resampled"``."""
+        resampled = (torch.tensor(self._resampled, dtype=torch.bool, device=self.x.device)[:, None]
+                     if self._single else torch.stack(self._resampled))
+        return {"lse": torch.stack(self._lse), "lse2": torch.stack(self._lse2),
+                "resampled": resampled}
