@@ -28,6 +28,12 @@ population's mean, so that at any time
 
 is the standard SMC estimator, unbiased for :math:`Z` [1].
 
+The particles and their resampling are
+:class:`~pyro_lm.infer.smc_population.Populations`; the two proposals are in
+:mod:`pyro_lm.infer.smc_proposals`. Everything a run needs is made by that run, so
+an :class:`SMC` object may be run again from inside one of its runs (from a twist or
+a reward).
+
 References:
 
 [1] P. Del Moral, *Feynman-Kac Formulae: Genealogical and Interacting Particle
