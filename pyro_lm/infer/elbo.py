@@ -62,7 +62,7 @@ from pyro.util import check_if_enumerated
 
 from pyro_lm._validation import check_positive_int
 from pyro_lm.distributions.lm_distribution import unwrap_lm
-from pyro_lm.infer.program import plate_nesting
+from pyro_lm.infer.program import check_vectorized_sites, plate_nesting, raise_vectorized
 
 __all__ = ["SequenceELBO"]
 
@@ -188,7 +188,13 @@ class SequenceELBO(ELBO):
         sizes = [self.num_particles] if self.vectorize else [1] * self.num_particles
         for size in sizes:
             plate = pyro.plate(_PARTICLE_PLATE, size, dim=-self.max_plate_nesting)
-            yield self._get_trace(plate(model), plate(guide), args, kwargs)
+            try:
+                traces = self._get_trace(plate(model), plate(guide), args, kwargs)
+            except (RuntimeError, TypeError, ValueError) as e:
+                raise_vectorized(e, size, -self.max_plate_nesting)
+            for trace in traces:
+                check_vectorized_sites(trace, self.max_plate_nesting - 1)
+            yield traces
 
     # -------------------------------------------------------------- estimator
     def _particle_terms(self, model_trace, guide_trace, model, args, kwargs,
@@ -260,8 +266,8 @@ class SequenceELBO(ELBO):
         along the particle dim ``pdim``, or as it is with ``baseline="none"``."""
         if self.baseline == "none":
             return signal
-        k = signal.shape[pdim]
-        return signal - (signal.sum(pdim, keepdim=True) - signal) / (k - 1)
+        others = (signal.sum(pdim, keepdim=True) - signal) / (self.num_particles - 1)
+        return signal - others
 
     def _estimate(self, model, guide, args, kwargs, need_signals: bool = True):
         """``(loss, surrogate_loss, metrics)``: the first and last detached. Without

@@ -41,6 +41,7 @@ from pyro_lm.ops.plates import aligned, check_plated, sum_to_batch
 from pyro_lm.poutine import DecodeLMMessenger, SkipLMMessenger, decoded_log_prob
 
 __all__ = ["PARTICLES", "Execution", "execute", "plate_nesting", "lm_site_names",
+           "check_vectorized_sites", "raise_vectorized",
            "latent_site_names", "scored_sites", "single_lm_site", "vectorize"]
 
 #: Name of the outer plate that holds the ``N`` executions.
@@ -108,7 +109,9 @@ def plate_nesting(model, guide=None, args=(), kwargs=None) -> int:
                       for f in site["cond_indep_stack"] if f.vectorized])
 
 
-def _reraise_scalar(e: Exception, num: int, dim: int):
+def raise_vectorized(e: Exception, num: int, dim: int):
+    """Re-raise ``e``, explained, if it is Python control flow failing on a vectorised
+    latent value (``int(z)``, ``if z``); else as it is."""
     if any(text in str(e) for text in _SCALAR_ERRORS):
         raise ValueError(
             f"model: it is run vectorised, {num} executions at once in a plate at dim {dim} "
@@ -274,6 +277,16 @@ class Execution:
         return torch.device("cpu")
 
 
+def check_vectorized_sites(trace, nesting: int) -> None:
+    """Refuse a site whose batch has a dim of size > 1 that none of its plates declares
+    (:func:`~pyro_lm.ops.plates.check_plated`), in a trace with ``nesting`` model plates and
+    particle plates left of them."""
+    for _, site in scored_sites(trace):
+        dims = frozenset(f.dim for f in site["cond_indep_stack"]
+                         if f.vectorized and -f.dim <= nesting)
+        check_plated(site["fn"].batch_shape, dims, nesting, site["name"])
+
+
 def _is_scaled(site) -> bool:
     scale = site["scale"]
     return site["mask"] is not None or isinstance(scale, torch.Tensor) or scale != 1.0
@@ -306,7 +319,7 @@ def execute(model, guide=None, num: int = 1, args=(), kwargs=None, nesting: int 
                 run = poutine.replay(run, trace=guide_trace)
             model_trace = poutine.trace(DecodeLMMessenger()(run)).get_trace(*args, **kwargs)
     except (RuntimeError, TypeError, ValueError) as e:
-        _reraise_scalar(e, num, dim)
+        raise_vectorized(e, num, dim)
     for trace in (model_trace, guide_trace):
         for site in ([] if trace is None else trace.nodes.values()):
             if site["type"] == "sample" and any(

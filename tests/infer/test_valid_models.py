@@ -304,8 +304,6 @@ def test_elbo(prior, other, exacts, shape, loss):
 
 
 def plate_of_three(lm):
-    prompts = torch.tensor([[0], [2], [3]])
-
     def model(prompts):
         with pyro.plate("prompts", 3):
             x = pyro.sample("x", LMDistribution(lm, prompts, T))
