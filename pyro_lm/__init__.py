@@ -6,7 +6,9 @@ The pretrained LM is a prior :math:`p_0(x)`, a reward enters as the log-factor
 
 from pathlib import Path
 
-from pyro_lm import data, diagnostics, distributions, exact, infer, lm, programs, rewards
+import importlib
+
+from pyro_lm import data, diagnostics, distributions, infer, lm, ops, poutine, programs, rewards
 from pyro_lm.distributions import LMDistribution
 from pyro_lm.lm import CausalLM
 
@@ -22,5 +24,13 @@ def bundled_model_path(name: str = "tinylm") -> Path:
     return path
 
 
+def __getattr__(name):
+    # the exact oracle is for tests and benchmarks: nothing in the library imports it
+    if name == "exact":
+        return importlib.import_module("pyro_lm.exact")
+    raise AttributeError(f"module 'pyro_lm' has no attribute {name!r}")
+
+
 __all__ = ["CausalLM", "LMDistribution", "bundled_model_path", "data", "diagnostics",
-           "distributions", "exact", "infer", "lm", "programs", "rewards", "__version__"]
+           "distributions", "exact", "infer", "lm", "ops", "poutine", "programs", "rewards",
+           "__version__"]
