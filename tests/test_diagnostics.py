@@ -315,6 +315,56 @@ def test_to_inference_data_imh_chains(tiny_lm, arviz_backend):
         diag.to_inference_data(_posterior(tiny_lm, n=61, extras={"num_chains": 3}))
 
 
+def test_hand_built_imh_is_read_as_imh(tiny_lm, arviz_backend):
+    """A WeightedPosterior built by hand with algorithm="IMH" and IMH's own extras and
+    history (as pyro_lm.infer.IMH writes them) is read as IMH everywhere."""
+    chains, draws, burn_in = 2, 15, 3
+    accepted = torch.rand(draws + burn_in, chains, B) < 0.5
+    log_z = torch.tensor([0.1, -0.2])
+    post = WeightedPosterior(
+        _posterior(tiny_lm, n=chains * draws).samples, torch.zeros(chains * draws, B),
+        lms={"x": tiny_lm}, log_normalizer=log_z,
+        history={"accepted": accepted, "log_weight": torch.randn(draws + burn_in, chains, B)},
+        extras={"acceptance_rate": accepted.float().mean((0, 1)), "num_chains": chains,
+                "num_draws": draws, "burn_in": burn_in, "log_Z": log_z},
+        algorithm="IMH")
+    assert _algorithm_of(post) == "imh"
+    groups = _groups(diag.to_inference_data(post))
+    s = groups["sample_stats"]
+    assert s.attrs["algorithm"] == "imh" and s.attrs["num_chains"] == chains
+    assert groups["posterior"]["x"].shape == (chains, draws, B, T)
+    assert s["accepted"].dims == ("chain", "draw", "prompt")
+    assert s["history_log_weight"].dims == ("chain", "draw", "prompt")
+    df = diag.summary(post, warn=False)
+    assert df.attrs["algorithm"] == "imh" and (df["num_chains"] == chains).all()
+
+
+def _algorithm_of(post):
+    from pyro_lm.diagnostics.inference_data import algorithm_of
+
+    return algorithm_of(post)
+
+
+@pytest.mark.parametrize("algorithm, extras, history, expected", [
+    ("Importance", {"bound": torch.tensor([2.0, 3.0])}, None, "importance"),
+    ("Importance", {"algorithm": "qrs"}, None, "importance"),
+    ("QRS", None, {"ess": torch.full((3, B), 30.0)}, "qrs"),
+    ("SMC", {"num_chains": 1}, {"accepted": torch.ones(N, 1, B, dtype=torch.bool)}, "smc"),
+    (None, {"log_bound": torch.tensor([0.5, 1.0])}, None, "qrs"),  # the guess, as QRS writes
+    (None, {"num_chains": 1}, None, "imh"),
+    (None, None, {"resampled": torch.zeros(3, B, dtype=torch.bool)}, "smc"),
+    (None, None, None, "importance"),
+])
+def test_algorithm_field_wins_over_extras(tiny_lm, algorithm, extras, history, expected):
+    """post.algorithm decides; keys of extras / history are only a fallback guess for a
+    result built by hand with algorithm=None."""
+    base = _posterior(tiny_lm, history=history, extras=extras)
+    post = WeightedPosterior(base.samples, base.log_weights, lms=base.lms, history=history,
+                             extras=extras, algorithm=algorithm)
+    assert _algorithm_of(post) == expected
+    assert diag.summary(post, warn=False).attrs["algorithm"] == expected
+
+
 def test_to_inference_data_real_smc_and_imh(tiny_lm, arviz_backend):
     from pyro_lm.infer import IMH
     from pyro_lm.infer.smc import SMC

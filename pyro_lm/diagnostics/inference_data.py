@@ -16,6 +16,9 @@ batch shape ``batch`` (one dim is called ``prompt``) and LM sites of length
   ``extras`` (``acceptance_rate``, ``bound``) with dims ``(*batch)`` or ``()``.
 * ``log_likelihood``: ``log_weight`` again, ``(chain, draw, *batch)``.
 
+The algorithm is the result's :attr:`~pyro_lm.infer.WeightedPosterior.algorithm`
+(see :func:`algorithm_of` for results built by hand without one), stored in lower
+case as the ``algorithm`` attribute of every group.
 Importance, SMC and QRS results have one chain (``chain = 1``, ``draw = N``).
 An IMH result (``extras["num_chains"] = C``) is reshaped into ``C`` chains of
 ``N / C`` draws; its draws are stored chain-major (``.reshape(C, N / C, ...)``,
@@ -58,12 +61,23 @@ def _default_batch_dims(ndim: int) -> list[str]:
 
 
 def algorithm_of(post: WeightedPosterior) -> str:
-    """``"imh"``, ``"qrs"``, ``"smc"`` or ``"importance"``, from what the result records."""
+    """The algorithm that produced ``post``, in lower case (``"importance"``, ``"smc"``,
+    ``"qrs"``, ``"imh"``, ...): its documented field :attr:`WeightedPosterior.algorithm`
+    (``"IMH"`` is read as ``"imh"``).
+
+    Only a result built by hand with ``algorithm=None`` is guessed from what it records,
+    in this order: ``extras["algorithm"]``; IMH if ``extras`` has ``num_chains`` or
+    ``history`` has ``accepted``; QRS if ``extras`` has ``log_bound`` or ``bound``; SMC
+    if ``history`` has ``resampled`` or ``ess``; otherwise importance sampling. Pass
+    ``algorithm=`` when building one to make the guess unnecessary.
+    """
+    if post.algorithm is not None:
+        return str(post.algorithm).lower()
     if "algorithm" in post.extras:
-        return str(post.extras["algorithm"])
+        return str(post.extras["algorithm"]).lower()
     if "num_chains" in post.extras or "accepted" in post.history:
         return "imh"
-    if "bound" in post.extras:
+    if "log_bound" in post.extras or "bound" in post.extras:
         return "qrs"
     if "resampled" in post.history or "ess" in post.history:
         return "smc"
@@ -107,6 +121,7 @@ def _chain_shape(post: WeightedPosterior) -> tuple[int, int, str]:
 
 def _from_posterior(post: WeightedPosterior, decode: bool, batch_dims):
     chains, draws, layout = _chain_shape(post)
+    algorithm = algorithm_of(post)
     batch = tuple(post.log_weights.shape[1:])
     bdims = list(batch_dims) if batch_dims is not None else _default_batch_dims(len(batch))
     if len(bdims) != len(batch):
@@ -153,7 +168,8 @@ def _from_posterior(post: WeightedPosterior, decode: bool, batch_dims):
     for key, value in post.history.items():
         a = _numpy(value)
         name = key if key not in stats else f"history_{key}"
-        if chains > 1 and a.ndim >= 2 and a.shape[1] == chains and a.shape[0] >= draws:
+        if (algorithm == "imh" and chains > 1 and a.ndim >= 2 and a.shape[1] == chains
+                and a.shape[0] >= draws):
             a = np.swapaxes(a[-draws:], 0, 1)  # kept steps: (draws, C, ...) -> (chain, draw, ...)
             stats[name] = (dims_of(key, a.shape, sample_dims), a)
         elif a.ndim >= 1:
@@ -161,7 +177,7 @@ def _from_posterior(post: WeightedPosterior, decode: bool, batch_dims):
         else:
             stats[name] = ([], a)
     attrs = {"created_by": _CREATED_BY, "inference_library": "pyro_lm",
-             "algorithm": algorithm_of(post), "num_chains": chains}
+             "algorithm": algorithm, "num_chains": chains}
     for key, value in post.extras.items():
         if isinstance(value, (torch.Tensor, np.ndarray, float)):
             a = _numpy(value)

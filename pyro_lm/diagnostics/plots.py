@@ -8,10 +8,12 @@ is changed. Each function returns the figure and, given ``path``, saves it.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from pyro_lm.diagnostics.inference_data import _numpy
 from pyro_lm.diagnostics.weights import ess, psis_khat
 from pyro_lm.infer.posterior import WeightedPosterior
+from pyro_lm.ops.stats import log_mean_exp
 
 __all__ = ["plot_weights", "plot_ess", "plot_training"]
 
@@ -50,11 +52,12 @@ def plot_weights(result, ax=None, path=None, max_prompts: int = 4, bins: int = 4
     flat = lw.reshape(n, -1)
     khat = np.asarray(_numpy(psis_khat(flat, warn=False))).reshape(-1)
     e = np.asarray(_numpy(ess(flat))).reshape(-1)
+    t = torch.as_tensor(flat)
+    log_nw = (t - log_mean_exp(t, 0)).numpy()  # log(N w_bar): 0 is a uniform weight
     fig, (axis,) = _figure(ax)
     for b in range(min(flat.shape[1], max_prompts)):
-        col = flat[:, b]
-        col = col[np.isfinite(col)]
-        scaled = (col - np.logaddexp.reduce(col) + np.log(n)) / np.log(10)  # log10(N w_bar)
+        col = log_nw[:, b]
+        scaled = col[np.isfinite(col)] / np.log(10)  # log10(N w_bar)
         label = f"prompt {b}: k̂ = {khat[b]:.2f}, ESS = {e[b]:.0f}/{n}"
         axis.hist(scaled, bins=bins, alpha=0.6, label=label)
     axis.axvline(0.0, color="k", lw=0.8, ls="--")

@@ -4,7 +4,10 @@ Every function takes log-values with the draws on dimension 0, shape
 ``(N, *batch)``, as a :class:`torch.Tensor` (any device) or anything
 :func:`numpy.asarray` accepts, and returns one value per batch element, shape
 ``batch``, of the same kind (a tensor on the input's device, or a NumPy array).
-Computation is in float64.
+Computation is in float64. The estimators themselves (Kish ESS, :math:`\log \hat Z`
+and its error, the dead-weight check) are those of :mod:`pyro_lm.ops.stats`, which
+the samplers in :mod:`pyro_lm.infer` use too; this module adds the conversions,
+the checks on the inputs, :math:`\hat k`, the KL estimates and the bounds.
 
 For draws :math:`x_i \sim q` and an unnormalised target :math:`\tilde p` with
 :math:`Z = \sum_x \tilde p(x)`, the log-weights are
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 
 from pyro_lm.diagnostics import _arviz
+from pyro_lm.ops import stats
 
 __all__ = ["KHAT_THRESHOLD", "psis_khat", "ess", "log_normalizer", "kl_q_p_estimate",
            "kl_p_q_estimate", "LogZBounds", "log_z_bounds"]
@@ -60,11 +64,9 @@ def _as_tensor(value, name: str, allow_neg_inf: bool = True) -> tuple[torch.Tens
 
 
 def _check_alive(log_weights: torch.Tensor, name: str) -> None:
-    dead = torch.isneginf(log_weights).all(0)
-    if dead.any():
-        which = dead.reshape(-1).nonzero().flatten()[:8].tolist()
-        raise ValueError(f"{name}: every weight is zero (log-weight -inf) for batch element(s) "
-                         f"{which}; nothing can be estimated from these draws")
+    """:func:`pyro_lm.ops.stats.check_log_weights`, worded for estimates from given draws."""
+    stats.check_log_weights(log_weights, name, fix="Nothing can be estimated from these "
+                            "draws; draw more, or from a proposal closer to the posterior")
 
 
 def _out(value: torch.Tensor, like, was_tensor: bool):
@@ -146,18 +148,15 @@ def ess(log_weights):
     """
     lw, was_tensor = _as_tensor(log_weights, "log_weights")
     _check_alive(lw, "log_weights")
-    out = torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0))
-    return _out(out, log_weights if was_tensor else None, was_tensor)
+    return _out(stats.ess(lw), log_weights if was_tensor else None, was_tensor)
 
 
 def _log_normalizer(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n = lw.shape[0]
-    log_z = torch.logsumexp(lw, 0) - math.log(n)
-    if n < 2:
+    """``(log Z, se)`` of checked log-weights; the error is ``inf`` for a single draw."""
+    log_z = stats.log_normalizer(lw)
+    if lw.shape[0] < 2:
         return log_z, torch.full_like(log_z, math.inf)
-    w = torch.exp(lw - lw.max(0).values)  # finite max: checked alive
-    se = w.std(0, unbiased=True) / (math.sqrt(n) * w.mean(0))
-    return log_z, se
+    return log_z, stats.log_normalizer_stderr(lw)
 
 
 def log_normalizer(log_weights):
@@ -189,6 +188,14 @@ def _log_ratios(log_p_tilde, log_q, names=("log_p_tilde", "log_q")):
     return lp, lq.to(lp.device), was_tensor
 
 
+def _log_z_or_estimate(log_Z, lw: torch.Tensor) -> torch.Tensor:
+    """The given ``log_Z`` (checked, shape ``batch``) or the draws' own importance estimate."""
+    if log_Z is None:
+        return stats.log_normalizer(lw)
+    log_z, _ = _as_tensor(torch.as_tensor(log_Z).reshape(1, *lw.shape[1:]), "log_Z")
+    return log_z[0].to(lw.device)
+
+
 def kl_q_p_estimate(log_p_tilde, log_q, log_Z=None):
     r"""Reverse KL :math:`\mathrm{KL}(q \,\|\, p^*)` from draws of :math:`q`:
 
@@ -212,11 +219,7 @@ def kl_q_p_estimate(log_p_tilde, log_q, log_Z=None):
     if torch.isneginf(lw).any():
         out = torch.full(lw.shape[1:], math.inf, dtype=torch.float64, device=lw.device)
         return _out(out, log_p_tilde if was_tensor else None, was_tensor)
-    if log_Z is None:
-        log_z = _log_normalizer(lw)[0]
-    else:
-        log_z, _ = _as_tensor(torch.as_tensor(log_Z).reshape(1, *lw.shape[1:]), "log_Z")
-        log_z = log_z[0].to(lw.device)
+    log_z = _log_z_or_estimate(log_Z, lw)
     out = log_z - lw.mean(0)
     return _out(out, log_p_tilde if was_tensor else None, was_tensor)
 
@@ -241,11 +244,7 @@ def kl_p_q_estimate(log_p_tilde, log_q, log_Z=None):
     _check_alive(lw, "log_p_tilde")
     w_bar = torch.softmax(lw, 0)
     cross = torch.where(w_bar > 0, w_bar * lw, torch.zeros_like(lw)).sum(0)
-    if log_Z is None:
-        log_z = _log_normalizer(lw)[0]
-    else:
-        log_z, _ = _as_tensor(torch.as_tensor(log_Z).reshape(1, *lw.shape[1:]), "log_Z")
-        log_z = log_z[0].to(lw.device)
+    log_z = _log_z_or_estimate(log_Z, lw)
     out = cross - log_z
     return _out(out, log_p_tilde if was_tensor else None, was_tensor)
 
@@ -257,12 +256,6 @@ class LogZBounds(NamedTuple):
     lower_se: object
     upper: object
     upper_se: object
-
-
-def _mean_se(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n = x.shape[0]
-    se = x.std(0, unbiased=True) / math.sqrt(n) if n > 1 else torch.full_like(x[0], math.inf)
-    return x.mean(0), se
 
 
 def log_z_bounds(lower_from=None, upper_from=None, importance: bool = False) -> LogZBounds:
@@ -311,7 +304,7 @@ def log_z_bounds(lower_from=None, upper_from=None, importance: bool = False) -> 
             est, se = _log_normalizer(lw if k == 0 else -lw)
             est = est if k == 0 else -est
         else:
-            est, se = _mean_se(lw)
+            est, se = stats.mean_stderr(lw)
             se = torch.where(torch.isneginf(est), torch.full_like(se, math.inf), se)
         like = pair[0] if was_tensor else None
         result[2 * k] = _out(est, like, was_tensor)

@@ -27,7 +27,7 @@ import math
 import torch
 
 __all__ = ["log_mean_exp", "log_normalizer", "log_normalizer_stderr", "ess",
-           "check_log_weights"]
+           "check_log_weights", "mean_stderr"]
 
 
 def log_mean_exp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -49,6 +49,19 @@ def log_normalizer_stderr(log_weights: torch.Tensor) -> torch.Tensor:
     (\sqrt N\, \bar w)`, computed from weights scaled by their maximum."""
     w = (log_weights - log_weights.max(0).values).exp()
     return w.std(0, unbiased=True) / (math.sqrt(log_weights.shape[0]) * w.mean(0))
+
+
+def mean_stderr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Sample mean along dim 0 and its standard error :math:`\mathrm{sd}(x) / \sqrt N`
+    (unbiased sd; ``inf`` for a single draw, whose error cannot be estimated).
+
+    >>> [float(v) for v in mean_stderr(torch.tensor([1.0, 3.0]))]
+    [2.0, 1.0]
+    """
+    n = x.shape[0]
+    if n < 2:
+        return x.mean(0), torch.full_like(x[0], math.inf)
+    return x.mean(0), x.std(0, unbiased=True) / math.sqrt(n)
 
 
 def ess(log_weights: torch.Tensor) -> torch.Tensor:

@@ -303,7 +303,7 @@ class BayesianClassifier(Reward):
         device = self.lm.device
         self._w = torch.as_tensor(w, dtype=torch.float32, device=device)  # (S, D)
         self._b = torch.as_tensor(b, dtype=torch.float32, device=device)  # (S,)
-        self.inference_data, self.rhat_max, self.ess_bulk_min = _mcmc_diagnostics(mcmc)
+        self.inference_data, self.rhat_max, self.ess_bulk_min = _mcmc_convergence(mcmc)
         self._fitted = True
         if self.rhat_max > RHAT_THRESHOLD:
             warnings.warn(f"{self.name}: NUTS has not converged, max R-hat = {self.rhat_max:.3f} "
@@ -346,15 +346,37 @@ class BayesianClassifier(Reward):
         return f"BayesianClassifier(features={self.features!r}, {state})"
 
 
-def _mcmc_diagnostics(mcmc) -> tuple[object, float, float]:
-    """``(inference_data, max R-hat, min bulk ESS)`` of a finished NumPyro MCMC run, through
-    :mod:`pyro_lm.diagnostics._arviz` (R-hat is NaN for a single chain)."""
-    from pyro_lm.diagnostics import _arviz
+def _arviz():
+    """The ``arviz`` module, imported on first use (it is slow to import).
 
-    idata = _arviz.from_numpyro(mcmc)
-    posterior = _arviz.get_group(idata, "posterior")
-    rhat_max = _max_over(_arviz.rhat(posterior)) if posterior.sizes["chain"] > 1 else math.nan
-    return idata, rhat_max, _min_over(_arviz.ess(posterior, method="bulk"))
+    ArviZ 0.x and the ArviZ 1.x meta-package both export ``from_numpyro``, ``rhat`` and
+    ``ess`` at the top level with the arguments used here, so nothing else is needed to
+    support both (1.x returns an :class:`xarray.DataTree` instead of an ``InferenceData``).
+    """
+    try:
+        with warnings.catch_warnings():
+            # ArviZ 0.23 announces its 1.0 refactor with a FutureWarning on import
+            warnings.simplefilter("ignore", FutureWarning)
+            import arviz
+    except ImportError as e:  # pragma: no cover - arviz is a dependency
+        raise ImportError("BayesianClassifier.fit reports R-hat and ESS through ArviZ: "
+                          "pip install arviz") from e
+    return arviz
+
+
+def _mcmc_convergence(mcmc) -> tuple[object, float, float]:
+    r"""``(inference_data, max R-hat, min bulk ESS)`` of a finished NumPyro MCMC run, from
+    ArviZ's ``from_numpyro``, ``rhat`` (rank-normalised split :math:`\hat R`; NaN for a
+    single chain) and ``ess`` (bulk)."""
+    import xarray as xr
+
+    az = _arviz()
+    idata = az.from_numpyro(mcmc, log_likelihood=False)
+    posterior = idata["posterior"]
+    if not isinstance(posterior, xr.Dataset):  # ArviZ 1.x: a DataTree node
+        posterior = posterior.to_dataset()
+    rhat_max = _max_over(az.rhat(posterior)) if posterior.sizes["chain"] > 1 else math.nan
+    return idata, rhat_max, _min_over(az.ess(posterior, method="bulk"))
 
 
 def _max_over(dataset) -> float:

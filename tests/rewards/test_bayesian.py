@@ -1,5 +1,8 @@
 """Tests for BayesianClassifier: posterior recovery on synthetic data, NUTS convergence
-(diagnosed by ArviZ 0.x and 1.x), and the reward's values, shapes, dtype and device."""
+(diagnosed by ArviZ 0.x and 1.x), and the reward's values, shapes, dtype and device.
+
+The reward reads ArviZ itself (it does not import pyro_lm.diagnostics); these tests use
+pyro_lm.diagnostics._arviz only as the reference, under both of its backends."""
 
 import math
 
@@ -12,8 +15,8 @@ from pyro_lm.diagnostics import _arviz
 from pyro_lm.diagnostics._arviz import arviz, get_group, group_names
 from pyro_lm.distributions.prefix import prefix_context
 from pyro_lm.lm import toy_lm
-from pyro_lm.rewards import BayesianClassifier, Reward
-from pyro_lm.rewards.bayesian import _mcmc_diagnostics, encode_completions
+from pyro_lm.rewards import BayesianClassifier, Reward, bayesian
+from pyro_lm.rewards.bayesian import _mcmc_convergence, encode_completions
 
 V, T, N_TRAIN = 6, 8, 400
 W_TRUE = np.array([1.0, -1.0, 0.5, 0.0, -0.5])  # on standardised counts of tokens 1..5
@@ -41,9 +44,9 @@ def fit_and_run(device):
     rng = np.random.default_rng(0)
     y = rng.random(N_TRAIN) < 1 / (1 + np.exp(-(z @ W_TRUE + B_TRUE)))
     runs = []
-    convert = _arviz.from_numpyro
     with pytest.MonkeyPatch.context() as mp:  # keep the run, to diagnose it again
-        mp.setattr(_arviz, "from_numpyro", lambda mcmc: convert(runs.append(mcmc) or mcmc))
+        mp.setattr(bayesian, "_mcmc_convergence",
+                   lambda mcmc: _mcmc_convergence(runs.append(mcmc) or mcmc))
         clf.fit(x, torch.as_tensor(y), num_warmup=200, num_samples=300, num_chains=2, seed=0,
                 chain_method="vectorized")
     return clf, device, runs[0]
@@ -77,13 +80,40 @@ def test_fit_converges(fitted):
     assert clf.fit_seconds > 0
 
 
-def test_fit_diagnostics_agree_across_arviz(fit_and_run, arviz_backend):
-    """The fitted run's inference data, R-hat and ESS under each ArviZ API (fit used the
-    installed one) against ArviZ 0.x's on the same draws."""
+def _arviz_1x_namespace():
+    """What the ``arviz >= 1`` meta-package exports at its top level (it re-exports
+    arviz-base's conversions and arviz-stats' diagnostics), from those two libraries."""
+    import types
+
+    import arviz_base
+    import arviz_stats
+
+    return types.SimpleNamespace(from_numpyro=arviz_base.from_numpyro, rhat=arviz_stats.rhat,
+                                 ess=arviz_stats.ess)
+
+
+def test_reward_does_not_import_diagnostics():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(bayesian))
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in names if m and m.startswith("pyro_lm.diagnostics")], names
+
+
+def test_fit_diagnostics_agree_across_arviz(fit_and_run, arviz_backend, monkeypatch):
+    """The reward's R-hat and ESS, read from ArviZ's top-level API (0.x, or the 1.x
+    meta-package's names), against pyro_lm.diagnostics._arviz under each of its backends
+    and ArviZ 0.x's own functions on the same draws."""
     if "0.x" not in _arviz.available_backends():
         pytest.skip("the reference, ArviZ 0.x, is not installed")
     clf, _, mcmc = fit_and_run
-    idata, rhat_max, ess_bulk_min = _mcmc_diagnostics(mcmc)
+    if arviz_backend == "1.x":
+        monkeypatch.setattr(bayesian, "_arviz", _arviz_1x_namespace)
+    idata, rhat_max, ess_bulk_min = _mcmc_convergence(mcmc)
+    ref_idata = _arviz.from_numpyro(mcmc)
+    assert type(ref_idata) is type(idata)
     assert isinstance(idata, xr.DataTree if arviz_backend == "1.x" else arviz().InferenceData)
     assert {"posterior", "sample_stats"} <= set(group_names(idata))
     post, ref = get_group(idata, "posterior"), get_group(clf.inference_data, "posterior")
@@ -96,6 +126,10 @@ def test_fit_diagnostics_agree_across_arviz(fit_and_run, arviz_backend):
     assert rhat_max == pytest.approx(clf.rhat_max, rel=1e-12)
     assert ess_bulk_min == pytest.approx(clf.ess_bulk_min, rel=1e-12)
     az = arviz()
+    ref_post = get_group(ref_idata, "posterior")
+    assert rhat_max == pytest.approx(float(_arviz.rhat(ref_post).to_array().max()), rel=1e-12)
+    assert ess_bulk_min == pytest.approx(
+        float(_arviz.ess(ref_post, method="bulk").to_array().min()), rel=1e-12)
     pairs = [(_arviz.rhat(post), az.rhat(ref))] + [
         (_arviz.ess(post, method=m), az.ess(ref, method=m))
         for m in ("bulk", "tail", "mean", "sd", "median", "mad")]
