@@ -68,8 +68,17 @@ class AutoLMGuide(nn.Module):
         drawn = None
         if self.latent_guide is not None:
             drawn = poutine.trace(self.latent_guide).get_trace(*args, **kwargs)
-        trace = poutine.trace(GuideLMMessenger(self.lm, drawn)(self.model)).get_trace(
-            *args, **kwargs)
+        try:
+            trace = poutine.trace(GuideLMMessenger(self.lm, drawn)(self.model)).get_trace(
+                *args, **kwargs)
+        except RuntimeError as e:
+            if "Multiple sample sites named" not in str(e):
+                raise
+            raise RuntimeError(
+                f"{str(e).splitlines()[0]}: another guide (e.g. an earlier part of an "
+                "AutoGuideList) drew that site already, and AutoLMGuide cannot see its value. "
+                "Pass that guide as AutoLMGuide(model, lm, latent_guide=...) instead: it runs "
+                "first and the model replays what it drew") from None
         values = {} if drawn is None else {
             name: site["value"] for name, site in drawn.nodes.items()
             if site["type"] == "sample" and not site["is_observed"]}

@@ -252,9 +252,11 @@ class Execution:
         if "log_proposal" not in self._cache:
             total = None
             for name in self._proposed():
-                if name not in self.model_trace.nodes:
+                if name not in self.model_trace.nodes and not \
+                        self.guide_trace.nodes[name]["infer"].get("is_auxiliary"):
                     raise ValueError(f"guide: it samples {name!r}, which the model does not "
-                                     "have; a guide draws only the model's latent sites")
+                                     "have; a guide draws only the model's latent sites (or "
+                                     "auxiliary ones, marked infer={'is_auxiliary': True})")
                 term = self.site_log_prob(name, "guide", scaled=False)
                 total = term if total is None else total + term
             self._cache["log_proposal"] = self._full(total)

@@ -108,3 +108,86 @@ def test_guide_lm_with_another_tokenizer_is_a_clear_error(setting):
         guide(questions, answers)
     with pytest.raises(TypeError, match="lm: expected a pyro_lm.CausalLM"):
         AutoLMGuide(two_site_model(prior, reward), other.model)
+
+
+# ------------------------------------------------------------ composing with other guides
+def topic_model(prior, reward):
+    """A latent topic z picks the prompt; the completion is rewarded."""
+    prompts = torch.tensor([[1], [2], [3]])
+
+    def model():
+        z = pyro.sample("z", pyro.distributions.Categorical(logits=torch.tensor([0.0, 1, -1])))
+        x = pyro.sample("x", LMDistribution(prior, prompts[z], T))
+        pyro.factor("reward", reward(x) / BETA)
+
+    return model
+
+
+def topic_guide():
+    probs = pyro.param("z_probs", torch.ones(3) / 3,
+                       constraint=pyro.distributions.constraints.simplex)
+    pyro.sample("z", pyro.distributions.Categorical(probs))
+
+
+def test_latent_guide_draws_the_other_latents_and_the_lm_site_follows_them(setting):
+    prior, policy, reward, _, _ = setting
+    model = topic_model(prior, reward)
+    guide = AutoLMGuide(model, policy, latent_guide=topic_guide)
+    pyro.param("z_probs", torch.tensor([0.0, 0.0, 1.0]),
+               constraint=pyro.distributions.constraints.simplex)
+    trace = poutine.trace(guide).get_trace()
+    assert trace.nodes["z"]["value"].item() == 2  # drawn by the latent guide, once
+    assert trace.nodes["x"]["fn"].prompt_ids.tolist() == [[3]]  # the prompt z chose
+    exact = enumerate_model(model)
+    # the exact KL of this guide program (z from the latent guide, x from the guide LM)
+    del pyro.get_param_store()["z_probs"]  # start again from uniform
+    start = exact.kl_q_p(guide).item()
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}),
+                         loss=SequenceELBO(num_particles=16))
+    for _ in range(150):
+        svi.step()
+    with torch.no_grad():
+        end = exact.kl_q_p(guide).item()
+    assert end < 0.5 * start, (start, end)
+    # the trained q(z) moved towards the exact posterior marginal of z
+    values, probs = exact.marginal("z")
+    q = pyro.param("z_probs").detach()
+    assert (q - probs).abs().sum() < (torch.ones(3) / 3 - probs).abs().sum()
+
+
+def test_latent_guide_can_be_a_pyro_autoguide(setting):
+    """A continuous latent drawn by AutoNormal: importance sampling with the composed guide
+    and with the prior estimate the same Z."""
+    prior, policy, reward, _, _ = setting
+
+    def model():
+        mu = pyro.sample("mu", pyro.distributions.Normal(0.0, 1.0))
+        x = pyro.sample("x", LMDistribution(prior, "t1", T))
+        pyro.factor("reward", reward(x) * mu - mu**2)
+
+    latent = pyro.infer.autoguide.AutoNormal(poutine.block(skip_lm(model), expose=["mu"]),
+                                             init_scale=0.5)
+    # the LM part is the prior's own copy: the weights differ only through mu
+    guide = AutoLMGuide(model, prior.trainable_copy(), latent_guide=latent)
+    a = pyro_lm_importance(model, None)
+    b = pyro_lm_importance(model, guide)
+    se = (a.log_normalizer_stderr() ** 2 + b.log_normalizer_stderr() ** 2).sqrt()
+    assert (a.log_normalizer() - b.log_normalizer()).abs() < 4 * se + 1e-3
+    assert "mu" in b.samples and b.samples["mu"].shape == (4000,)
+
+
+def pyro_lm_importance(model, guide):
+    from pyro_lm.infer import Importance
+
+    with torch.no_grad():
+        return Importance(model, guide=guide, num_samples=4000).run()
+
+
+def test_inside_an_autoguidelist_it_says_to_use_latent_guide(setting):
+    prior, policy, reward, _, _ = setting
+    model = topic_model(prior, reward)
+    guides = pyro.infer.autoguide.AutoGuideList(model)
+    guides.append(topic_guide)
+    guides.append(AutoLMGuide(model, policy))
+    with pytest.raises(RuntimeError, match="latent_guide"):
+        poutine.trace(guides).get_trace()
