@@ -62,9 +62,14 @@ class AutoLMGuide(nn.Module):
         self.lm = lm
         self.name = name
 
-    def forward(self, *args, **kwargs):
-        if any(p.requires_grad for p in self.lm.parameters()):  # a frozen LM has no params
+    def register_params(self) -> None:
+        """Register the guide LM's trainable parameters with ``pyro.module`` (none for a
+        frozen LM, e.g. a fixed proposal)."""
+        if any(p.requires_grad for p in self.lm.parameters()):
             pyro.module(self.name, self.lm)
+
+    def forward(self, *args, **kwargs):
+        self.register_params()
         drawn = None
         if self.latent_guide is not None:
             drawn = poutine.trace(self.latent_guide).get_trace(*args, **kwargs)

@@ -82,7 +82,6 @@ from __future__ import annotations
 
 import math
 
-import pyro
 import torch
 import torch.nn.functional as F
 from pyro.infer import ELBO
@@ -207,7 +206,7 @@ class DPG(ELBO):
             raise ValueError("proposal: 'prior' draws every latent site from the prior, but the "
                              "guide has a latent_guide for some; use proposal='guide' or a "
                              "CausalLM (both draw those sites from the latent_guide)")
-        pyro.module(guide.name, guide.lm)  # so SVI sees (and steps) the guide's parameters
+        guide.register_params()  # so SVI sees (and steps) the guide's parameters
         proposal, num = self._proposal(model, guide), self.num_particles
         nesting = plate_nesting(model, proposal, args, kwargs)
         if self.max_plate_nesting != float("inf"):

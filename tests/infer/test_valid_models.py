@@ -19,6 +19,9 @@ from pyro_lm.exact import enumerate_model
 from pyro_lm.infer import DPG, IMH, QRS, SMC, AutoLMGuide, Importance, SequenceELBO, fit_moments
 from pyro_lm.lm import toy_lm
 
+pytestmark = pytest.mark.filterwarnings(  # the TraceEnum_ELBO column enumerates nothing here
+    "ignore:TraceEnum_ELBO found no sample sites configured for enumeration")
+
 T = 2  # 13 completions per LM site with vocab 4: small enough to enumerate pairs of sites
 BETA = 0.5
 
@@ -90,7 +93,7 @@ def factor_outside_no_keepdim(lm, factor=True):
         with pyro.plate("prompts", 2):
             x = pyro.sample("x", LMDistribution(lm, prompts, T))
         pyro.factor("reward", reward(x).sum(-1) if factor else torch.zeros(x.shape[:-2] + (1,)))
-    return model, (prompts,), {"shape"} if factor else set()
+    return model, (prompts,), {"shape"} if factor else {"coupled"}
 
 
 def latent_prompt(lm, factor=True):
@@ -395,6 +398,15 @@ def test_guide_equal_to_prior_gives_zero_weights_and_zero_kl(prior, exacts, shap
         post = Importance(model, guide=g, num_samples=64).run(*args)
         gap = (post.log_weights - exact.log_Z).abs().max()
         assert gap <= bound + 1e-6, (g, gap)
+    for proposal in (None, guide):
+        for algo in (QRS(model, proposal, num_samples=8, batch_size=32),
+                     IMH(model, proposal, num_steps=4, num_chains=8)):
+            gap = (algo.run(*args).extras["log_Z"] - exact.log_Z).abs().max()
+            assert gap <= 1e-4, (type(algo).__name__, proposal, gap)
+    if not refused(kinds, {"latent", "chain", "coupled"}) and shape is not conditioned:
+        for g in (None, guide):
+            post = SMC(model, guide=g, num_particles=16).run(*args)
+            assert post.log_weights.abs().max() <= (0.0 if g is None else 1e-4)
     elbo = SequenceELBO(num_particles=8)
     elbo.loss(model, guide, *args)
     assert abs(elbo.metrics["kl"]) < 1e-4
