@@ -4,9 +4,8 @@ The pretrained LM is a prior :math:`p_0(x)`, a reward enters as the log-factor
 :math:`r(x)/\\beta`, and the target is :math:`p^*(x) \\propto p_0(x)\\exp(r(x)/\\beta)`.
 """
 
-from pathlib import Path
-
 import importlib
+from pathlib import Path
 
 from pyro_lm import data, diagnostics, distributions, infer, lm, ops, poutine, programs, rewards
 from pyro_lm.distributions import LMDistribution
