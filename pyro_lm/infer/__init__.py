@@ -9,11 +9,12 @@ from pyro_lm.infer.imh import IMH
 from pyro_lm.infer.importance import Importance
 from pyro_lm.infer.moments import MomentConstraint, MomentFit, fit_moments
 from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
+from pyro_lm.infer.prefix_elbo import PrefixSequenceELBO
 from pyro_lm.infer.qrs import QRS, pick_log_bound
 from pyro_lm.infer.smc import SMC
 from pyro_lm.infer.twist import TwistFit, ValueTwist, fit_twist
 
 __all__ = ["AutoLMGuide", "WeightedPosterior", "check_log_weights",
-           "SequenceELBO", "fit", "DPG", "QRS", "pick_log_bound", "IMH",
+           "SequenceELBO", "PrefixSequenceELBO", "fit", "DPG", "QRS", "pick_log_bound", "IMH",
            "MomentConstraint", "MomentFit", "fit_moments", "Importance", "SMC",
            "ValueTwist", "TwistFit", "fit_twist"]

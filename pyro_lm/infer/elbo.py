@@ -136,10 +136,15 @@ class SequenceELBO(ELBO):
 
     def __new__(cls, *args, **kwargs):
         baseline = args[1] if len(args) > 1 else kwargs.get("baseline", "loo")
-        if cls is SequenceELBO and baseline == "prefix":
+        if baseline == "prefix":
             from pyro_lm.infer.prefix_elbo import PrefixSequenceELBO  # it subclasses this
 
-            cls = PrefixSequenceELBO
+            if cls is SequenceELBO:
+                cls = PrefixSequenceELBO
+            elif not issubclass(cls, PrefixSequenceELBO):
+                raise ValueError(f"baseline: 'prefix' is the per-token estimator "
+                                 f"PrefixSequenceELBO; {cls.__name__} subclasses SequenceELBO, "
+                                 "so subclass PrefixSequenceELBO instead")
         return super().__new__(cls)
 
     def __init__(self, num_particles: int = 8, baseline: str = "loo", vectorize: bool = True,

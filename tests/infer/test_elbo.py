@@ -439,3 +439,12 @@ def test_prefix_baseline_makes_the_per_token_estimator():
         assert type(SequenceELBO(num_particles=4, baseline=baseline)) is SequenceELBO
     with pytest.raises(ValueError, match="baseline"):
         PrefixSequenceELBO(num_particles=4, baseline="loo")
+
+
+def test_a_subclass_asking_for_the_prefix_baseline_must_subclass_the_prefix_estimator():
+    class Mine(SequenceELBO):
+        pass
+
+    with pytest.raises(ValueError, match="subclass PrefixSequenceELBO"):
+        Mine(num_particles=4, baseline="prefix")
+    assert type(Mine(num_particles=4)) is Mine
