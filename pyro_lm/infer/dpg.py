@@ -136,7 +136,8 @@ class DPG(ELBO):
     :param float z_decay: ``None`` (default) tracks :math:`\hat Z` by the cumulative mean
         of all weights; a float in ``(0, 1)`` by an exponential moving average
         :math:`\hat Z \leftarrow \gamma \hat Z + (1 - \gamma) \hat Z_\text{batch}`.
-    :param int max_plate_nesting: the model's plate depth (default: read from the model).
+    :param int max_plate_nesting: the model's plate depth (default: read from the model and
+        guide on the first call, without decoding, and kept, as Pyro's ELBOs do).
 
     After each call :attr:`metrics` holds floats: ``loss`` (the divergence estimate),
     ``kl_pq`` (:math:`\widehat{\mathrm{KL}}(p^*\|q)`), ``log_Z`` (running
@@ -208,10 +209,10 @@ class DPG(ELBO):
                              "CausalLM (both draw those sites from the latent_guide)")
         guide.register_params()  # so SVI sees (and steps) the guide's parameters
         proposal, num = self._proposal(model, guide), self.num_particles
-        nesting = plate_nesting(model, proposal, args, kwargs)
-        if self.max_plate_nesting != float("inf"):
-            nesting = max(nesting, int(self.max_plate_nesting))
-        run = execute(model, proposal, num, args, kwargs, nesting, owner="DPG")
+        if self.max_plate_nesting == float("inf"):  # read once, as Pyro's ELBOs do
+            self.max_plate_nesting = plate_nesting(model, proposal, args, kwargs)
+        run = execute(model, proposal, num, args, kwargs, int(self.max_plate_nesting),
+                      owner="DPG")
         which = "model" if proposal is None else "guide"
         log_q, log_pi, log_prior = 0.0, 0.0, 0.0
         with torch.set_grad_enabled(backward):
