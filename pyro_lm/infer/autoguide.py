@@ -70,6 +70,11 @@ class AutoLMGuide(nn.Module):
 
     def forward(self, *args, **kwargs):
         self.register_params()
+        return self.propose(*args, **kwargs)
+
+    def propose(self, *args, **kwargs):
+        """The guide program without registering parameters: what a sampler runs to
+        propose (under ``poutine.block``, where a registration would be hidden anyway)."""
         drawn = None
         if self.latent_guide is not None:
             drawn = poutine.trace(self.latent_guide).get_trace(*args, **kwargs)

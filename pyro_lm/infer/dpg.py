@@ -196,8 +196,8 @@ class DPG(ELBO):
 
     def _proposal(self, model, guide):
         if isinstance(self.proposal, CausalLM):
-            return AutoLMGuide(model, self.proposal, latent_guide=guide.latent_guide)
-        return guide if self.proposal == "guide" else None
+            return AutoLMGuide(model, self.proposal, latent_guide=guide.latent_guide).propose
+        return guide.propose if self.proposal == "guide" else None
 
     def _loss(self, model, guide, args, kwargs, backward: bool) -> float:
         if not isinstance(guide, AutoLMGuide):

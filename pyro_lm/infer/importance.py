@@ -25,6 +25,7 @@ import torch
 from pyro_lm._validation import check_positive_int
 from pyro_lm.infer.posterior import WeightedPosterior
 from pyro_lm.infer.program import execute, plate_nesting
+from pyro_lm.infer.proposal import as_guide
 
 __all__ = ["Importance"]
 
@@ -35,7 +36,8 @@ class Importance:
     :param model: a Pyro model: LM sites (sampled or observed), other latent sites,
         plates, factors.
     :param guide: ``None`` to propose from the model's own sites (the prior),
-        or a guide program, e.g. :class:`~pyro_lm.infer.AutoLMGuide`.
+        or a guide program, e.g. :class:`~pyro_lm.infer.AutoLMGuide` (a
+        :class:`~pyro_lm.CausalLM` stands for ``AutoLMGuide(model, lm)``).
     :param int num_samples: ``N``, samples per independent problem (prompt).
     :param int batch_size: samples per batched decode (default: all ``N`` at
         once); bounds memory.
@@ -58,7 +60,8 @@ class Importance:
         if not callable(model):
             raise TypeError(f"model: expected a callable Pyro model, got {type(model).__name__}")
         if guide is not None and not callable(guide):
-            raise TypeError(f"guide: expected None or a callable guide, got {type(guide).__name__}")
+            raise TypeError(f"guide: expected None, a CausalLM or a callable guide, got "
+                            f"{type(guide).__name__}")
         self.model = model
         self.guide = guide
         self.num_samples = check_positive_int(num_samples, "num_samples")
@@ -68,11 +71,12 @@ class Importance:
     @torch.no_grad()
     def run(self, *args, **kwargs) -> WeightedPosterior:
         """Draw ``num_samples`` weighted samples for the model's arguments."""
-        nesting = plate_nesting(self.model, self.guide, args, kwargs)
+        guide = as_guide(self.model, self.guide, "guide")
+        nesting = plate_nesting(self.model, guide, args, kwargs)
         size = self.batch_size or self.num_samples
         weights, parts, lms = [], [], {}
         for start in range(0, self.num_samples, size):
-            run = execute(self.model, self.guide, min(size, self.num_samples - start), args,
+            run = execute(self.model, guide, min(size, self.num_samples - start), args,
                           kwargs, nesting, owner="Importance")
             weights.append(run.log_weights())
             parts.append(run.samples())

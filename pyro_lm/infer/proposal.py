@@ -28,7 +28,9 @@ def as_guide(model, proposal, name: str = "proposal"):
     :class:`~pyro_lm.infer.AutoLMGuide` or another guide as is, a
     :class:`~pyro_lm.CausalLM` as ``AutoLMGuide(model, proposal)``."""
     if isinstance(proposal, CausalLM):
-        return AutoLMGuide(model, proposal)
+        return AutoLMGuide(model, proposal).propose
+    if isinstance(proposal, AutoLMGuide):
+        return proposal.propose
     if proposal is None or callable(proposal):
         return proposal
     raise TypeError(f"{name}: expected an AutoLMGuide (or another guide), a CausalLM or None "
