@@ -62,6 +62,7 @@ from pyro_lm.infer.smc_population import Populations
 from pyro_lm.infer.smc_proposals import BootstrapProposal, LookaheadProposal
 from pyro_lm.lm.causal_lm import CausalLM
 from pyro_lm.lm.decoding import make_decoder
+from pyro_lm.ops.stats import log_normalizer
 from pyro_lm.poutine import LogFactorsMessenger
 
 __all__ = ["SMC"]
@@ -248,9 +249,9 @@ class SMC:
         hist = {"ess": torch.exp(2 * lse - lse2).view(shape),
                 "resampled": hist["resampled"].view(shape),
                 "log_Z": (lse - math.log(n)).view(shape)}
-        log_z = torch.logsumexp(log_w, 0) - math.log(n)
-        return WeightedPosterior({site: view}, log_w, lms={site: lm}, log_normalizer=log_z,
-                                 history=hist, algorithm="SMC")
+        return WeightedPosterior({site: view}, log_w, lms={site: lm},
+                                 log_normalizer=log_normalizer(log_w), history=hist,
+                                 algorithm="SMC")
 
 
 class _Potential:
