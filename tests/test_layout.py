@@ -59,3 +59,40 @@ def test_no_reward_imports_diagnostics(name):
 def test_doctests(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+def module_imports(name):
+    """The pyro_lm modules (not packages) that module ``name`` imports, deferred imports
+    inside functions included (they only hide a cycle)."""
+    tree = ast.parse(open(importlib.util.find_spec(name).origin).read())
+    out = set()
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pyro_lm"):
+            targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names if a.name.startswith("pyro_lm")]
+        out.update(t for t in targets if t in MODULES and not is_package(t))
+    return out
+
+
+def is_package(name):
+    return importlib.util.find_spec(name).submodule_search_locations is not None
+
+
+def test_no_import_cycle_between_modules():
+    graph = {m: module_imports(m) for m in MODULES if not is_package(m)}
+    state = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == "open":
+                raise AssertionError(f"import cycle: {' -> '.join(path + [node, nxt])}")
+            if nxt not in state:
+                visit(nxt, path + [node])
+        state[node] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module, [])

@@ -134,17 +134,21 @@ class SequenceELBO(ELBO):
       (between 1 and ``K``; ``K`` when :math:`q = p^*`).
     """
 
+    #: ``baseline`` → the subclass that implements it, filled in by that subclass's module
+    #: (``"prefix"``: :class:`~pyro_lm.infer.PrefixSequenceELBO`); ``SequenceELBO(baseline=...)``
+    #: makes one.
+    VARIANTS: dict = {}
+
     def __new__(cls, *args, **kwargs):
         baseline = args[1] if len(args) > 1 else kwargs.get("baseline", "loo")
-        if baseline == "prefix":
-            from pyro_lm.infer.prefix_elbo import PrefixSequenceELBO  # it subclasses this
-
+        variant = SequenceELBO.VARIANTS.get(baseline)
+        if variant is not None:
             if cls is SequenceELBO:
-                cls = PrefixSequenceELBO
-            elif not issubclass(cls, PrefixSequenceELBO):
-                raise ValueError(f"baseline: 'prefix' is the per-token estimator "
-                                 f"PrefixSequenceELBO; {cls.__name__} subclasses SequenceELBO, "
-                                 "so subclass PrefixSequenceELBO instead")
+                cls = variant
+            elif not issubclass(cls, variant):
+                raise ValueError(f"baseline: {baseline!r} is the estimator {variant.__name__}; "
+                                 f"{cls.__name__} subclasses SequenceELBO, so subclass "
+                                 f"{variant.__name__} instead")
         return super().__new__(cls)
 
     def __init__(self, num_particles: int = 8, baseline: str = "loo", vectorize: bool = True,

@@ -268,3 +268,6 @@ def _token_site(model_trace, guide_trace) -> str:
                              "plain distribution: mask or scale it with poutine.mask / "
                              "poutine.scale instead, or use baseline='loo'")
     return name
+
+
+SequenceELBO.VARIANTS["prefix"] = PrefixSequenceELBO
