@@ -223,6 +223,11 @@ class DPG(ELBO):
                 log_q = log_q + run.to_batch(dist.log_prob(site["value"]), name)
                 log_pi = log_pi + run.site_log_prob(name, which, scaled=False)
                 log_prior = log_prior + run.site_log_prob(name, "model", scaled=False)
+        if not isinstance(log_q, torch.Tensor):
+            raise ValueError("model: DPG fits the guide's LM to the model's LM sites, and the "
+                             "model has no unobserved LM site (observed text is evidence, not a "
+                             "site to fit); infer its other latents with Importance or "
+                             "SequenceELBO")
         log_q_d = log_q.detach()
         log_w = run.log_weights()
         log_p = log_w + log_pi  # log p~ less what q and pi share (non-LM proposals)

@@ -118,6 +118,35 @@ def chained(lm, factor=True):
     return model, (), {"chain"}
 
 
+def observed_text(lm, factor=True):
+    """Observed text tells which latent prompt produced it; nothing else is latent."""
+    prompts = torch.tensor([[1], [2], [3]])
+    text = torch.tensor([3, 1])
+
+    def model(prompts):
+        z = pyro.sample("z", dist.Categorical(logits=torch.tensor([0.0, 1.0, -1.0])))
+        pyro.sample("review", LMDistribution(lm, prompts[z], T), obs=text)
+        if factor:
+            pyro.factor("prior_on_z", (z == 2).float())
+    return model, (prompts,), {"latent", "no_lm"}
+
+
+def latent_and_chain_in_plate(lm, factor=True):
+    """Per prompt: a latent choosing the first prompt, then a completion continuing it."""
+    prompts = torch.tensor([[1], [2], [3]])
+
+    def model(prompts):
+        with pyro.plate("items", 2):
+            z = pyro.sample("z", dist.Categorical(logits=torch.tensor([0.0, 1.0, -1.0])))
+            first = LMDistribution(lm, prompts[z], T)
+            x1 = pyro.sample("x1", first)
+            ids, mask = first.prompt_with(x1)
+            x2 = pyro.sample("x2", LMDistribution(lm, ids, T, attention_mask=mask))
+            if factor:
+                pyro.factor("reward", reward(x2) + (z == 1).float())
+    return model, (prompts,), {"latent", "chain"}
+
+
 def subsample(lm, factor=True):
     prompts = torch.tensor([[0], [2], [3]])
 
@@ -161,7 +190,8 @@ def scalar_style(lm, factor=True):
 
 
 SHAPES = [one_site, plate, nested_plates, factor_outside, factor_outside_no_keepdim,
-          latent_prompt, chained, subsample, scaled, masked, conditioned, blocked, scalar_style]
+          latent_prompt, chained, observed_text, latent_and_chain_in_plate, subsample, scaled,
+          masked, conditioned, blocked, scalar_style]
 ERRORS = {  # what an algorithm that cannot take a program must say
     "scalar": "run vectorised",
     "shape": "keepdim",
@@ -170,6 +200,7 @@ ERRORS = {  # what an algorithm that cannot take a program must say
     "chain": "one LM site",
     "coupled": "outside (a|their) plate",
     "scaled": "scaled",
+    "no_lm": "one LM site|no unobserved LM",
 }
 
 
@@ -192,14 +223,18 @@ def within(estimate, exact, stderr, name):
     assert ((estimate - exact).abs() <= tol).all(), (name, estimate, exact, tol)
 
 
-def last_lm(post_or_exact):
-    values = getattr(post_or_exact, "values", None) or post_or_exact.samples
-    return [n for n in ("x2", "x") if n in values][0]
-
-
 def indicator(values):
-    """The statistic every posterior is checked on: does the completion start with token 1."""
+    """Does the completion start with token 1."""
     return (values[..., 0] == 1).double()
+
+
+def statistic(values: dict):
+    """The statistic every posterior is checked on: the last LM site's :func:`indicator`,
+    or whether the latent ``z`` is 2 where no LM site is latent."""
+    for name in ("x2", "x"):
+        if name in values:
+            return indicator(values[name])
+    return (values["z"] == 2).double()
 
 
 # ----------------------------------------------------------------------------- the matrix
@@ -217,9 +252,8 @@ def exacts(prior):
 
 
 def expectation(exact):
-    """E_{p*}[indicator] of the last LM site, per weight column."""
-    values = exact.values[last_lm(exact)]
-    stat = indicator(values)
+    """E_{p*}[statistic], per weight column."""
+    stat = statistic(exact.values)
     stat = stat.reshape(stat.shape + (1,) * (exact.probs.dim() - stat.dim()))
     probs = exact.probs.reshape(exact.probs.shape + (1,) * (stat.dim() - exact.probs.dim()))
     return (probs * stat).sum(0)
@@ -247,18 +281,18 @@ def test_importance(prior, other, exacts, shape, use_guide):
     post, exact = run(*args), exacts(shape)
     within(post.log_normalizer(), exact.log_Z, post.log_normalizer_stderr(), "log Z")
     w = post.normalized_weights().double()
-    stat = indicator(post.samples[last_lm(post)])
+    stat = statistic(post.samples)
     stat = stat.reshape(stat.shape + (1,) * (w.dim() - stat.dim()))
     w = w.reshape(w.shape + (1,) * (stat.dim() - w.dim()))
     mean = (w * stat).sum(0)
     se = ((w**2 * (stat - mean) ** 2).sum(0)).sqrt()  # delta-method error of the SNIS mean
-    within(mean, expectation(exact), se, "E[first token is 1]")
+    within(mean, expectation(exact), se, "E[statistic]")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.__name__)
 def test_smc(prior, other, exacts, shape):
     model, args, kinds = shape(prior)
-    match = refused(kinds, {"subsample", "latent", "chain", "coupled", "scaled"})
+    match = refused(kinds, {"subsample", "latent", "chain", "coupled", "scaled", "no_lm"})
     if shape is conditioned:  # z is observed: its log p(z) is a factor outside the LM site
         match = None
     smc = SMC(model, guide=AutoLMGuide(model, other), num_particles=64)
@@ -288,7 +322,7 @@ def test_elbo(prior, other, exacts, shape, loss):
     model, args, kinds = shape(prior)
     guide = AutoLMGuide(model, other)
     elbo = ELBOS[loss]()
-    unsupported = {"latent", "chain"} if loss == "SequenceELBO-prefix" else set()
+    unsupported = {"latent", "chain", "no_lm"} if loss == "SequenceELBO-prefix" else set()
     match = refused(kinds - {"shape"} if loss.startswith("Trace") else kinds, unsupported)
     if loss.startswith("Trace") and "scalar" in kinds:
         match = "only one element"  # stock Pyro: its own message
@@ -329,7 +363,7 @@ def test_dpg(prior, other, exacts, shape):
     model, args, kinds = shape(prior)
     guide = AutoLMGuide(model, other)
     loss = DPG(num_particles=64)
-    match = refused(kinds, {"subsample"})
+    match = refused(kinds, {"subsample", "no_lm"})
     if match:
         return assert_error(lambda: loss.loss(model, guide, *args), match)
     exact = exacts(shape)
@@ -354,12 +388,12 @@ def test_qrs_imh(prior, exacts, shape, sampler):
     if match:
         return assert_error(lambda: algo.run(*args), match)
     post, exact = algo.run(*args), exacts(shape)
-    stat = indicator(post.samples[last_lm(post)])
+    stat = statistic(post.samples)
     mean = stat.mean(0)
     expected = expectation(exact)
     expected = expected.reshape(mean.shape) if expected.numel() == mean.numel() else expected
     se = (expected * (1 - expected) / stat.shape[0]).sqrt()
-    within(mean, expected, se, "E[first token is 1]")
+    within(mean, expected, se, "E[statistic]")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.__name__)
@@ -367,7 +401,7 @@ def test_fit_moments(prior, exacts, shape):
     model, args, kinds = shape(prior)
     features = lambda x: indicator(x).float()  # noqa: E731
     run = lambda: fit_moments(model, features, 0.5, *args, num_samples=4000)  # noqa: E731
-    match = refused(kinds, {"subsample", "latent", "chain", "coupled"})
+    match = refused(kinds, {"subsample", "latent", "chain", "coupled", "no_lm"})
     if match:
         return assert_error(run, match)
     fit = run()
@@ -385,6 +419,8 @@ def test_fit_moments(prior, exacts, shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.__name__)
 def test_guide_equal_to_prior_gives_zero_weights_and_zero_kl(prior, exacts, shape):
     model, args, kinds = shape(prior, factor=False)
+    if "no_lm" in kinds:  # observed text is evidence: each weight is its likelihood
+        return
     guide = AutoLMGuide(model, prior)
     if "subsample" in kinds:  # only SVI takes it: a fresh subsample, scaled, each step
         elbo = SequenceELBO(num_particles=8)
