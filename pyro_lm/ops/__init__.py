@@ -8,7 +8,8 @@ from pyro_lm.ops.stats import (
     log_mean_exp,
     log_normalizer,
     log_normalizer_stderr,
+    mean_stderr,
 )
 
 __all__ = ["aligned", "check_plated", "sum_to_batch", "check_log_weights", "ess", "log_mean_exp",
-           "log_normalizer", "log_normalizer_stderr"]
+           "log_normalizer", "log_normalizer_stderr", "mean_stderr"]
