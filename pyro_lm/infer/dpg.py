@@ -90,7 +90,7 @@ from pyro_lm.distributions.lm_distribution import unwrap_lm
 from pyro_lm.infer.autoguide import AutoLMGuide
 from pyro_lm.infer.program import execute, lm_site_names, plate_nesting
 from pyro_lm.lm.causal_lm import CausalLM
-from pyro_lm.ops.stats import check_log_weights
+from pyro_lm.ops.stats import check_log_weights, log_normalizer
 
 __all__ = ["DPG", "DIVERGENCES"]
 
@@ -180,7 +180,7 @@ class DPG(ELBO):
 
     def _update_log_z(self, log_w: torch.Tensor) -> torch.Tensor:
         num = log_w.shape[0]
-        batch_log_z = torch.logsumexp(log_w, 0) - math.log(num)
+        batch_log_z = log_normalizer(log_w)
         if self._log_z is None or self._log_z.shape != batch_log_z.shape:
             self._log_z, self._count = batch_log_z, num
         elif self.z_decay is None:

@@ -33,13 +33,12 @@ References
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pyro_lm.infer.posterior import WeightedPosterior, align_to, check_log_weights
 from pyro_lm.infer.program import plate_nesting
 from pyro_lm.infer.proposal import as_guide, propose
+from pyro_lm.ops.stats import log_normalizer
 
 __all__ = ["IMH"]
 
@@ -102,7 +101,7 @@ class IMH:
         log_w = torch.cat(log_w)
         batch = tuple(log_w.shape[1:])
         check_log_weights(log_w, "log_weights")
-        log_z = torch.logsumexp(log_w, 0) - math.log(total)
+        log_z = log_normalizer(log_w)
         log_w = log_w.reshape((steps, chains) + batch)
         values = {name: torch.cat(parts).reshape((steps, chains) + parts[0].shape[1:])
                   for name, parts in values.items()}

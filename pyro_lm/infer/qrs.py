@@ -34,14 +34,13 @@ References
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pyro_lm._validation import check_positive_int
 from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights, take
 from pyro_lm.infer.program import plate_nesting
 from pyro_lm.infer.proposal import as_guide, propose
+from pyro_lm.ops.stats import log_mean_exp, log_normalizer
 
 __all__ = ["QRS", "pick_log_bound"]
 
@@ -146,15 +145,15 @@ class QRS:
         samples = {name: take(torch.cat(parts), keep) for name, parts in values.items()}
         return WeightedPosterior(
             samples, torch.zeros(keep.shape, dtype=log_w.dtype, device=log_w.device),
-            lms=prop.lms, log_normalizer=torch.logsumexp(log_w, 0) - math.log(drawn),
+            lms=prop.lms, log_normalizer=log_normalizer(log_w),
             extras=self._diagnostics(log_w, accepted, log_bound), algorithm="QRS")
 
     @staticmethod
     def _diagnostics(log_w: torch.Tensor, accepted: torch.Tensor, log_bound: torch.Tensor):
         n = log_w.shape[0]
-        log_z = torch.logsumexp(log_w, 0) - math.log(n)
+        log_z = log_normalizer(log_w)
         log_min = torch.minimum(log_w, log_bound.expand_as(log_w))
-        log_z_beta = torch.logsumexp(log_min, 0) - math.log(n)
+        log_z_beta = log_mean_exp(log_min, 0)
         tv = 0.5 * ((log_w - log_z).exp() - (log_min - log_z_beta).exp()).abs().mean(0)
         return {"acceptance_rate": accepted.float().mean(0), "log_bound": log_bound,
                 "bound": log_bound.exp(), "num_proposals": n, "log_Z": log_z,
