@@ -40,7 +40,8 @@ from pyro_lm.distributions.lm_distribution import unwrap_lm
 from pyro_lm.ops.plates import aligned, check_plated, sum_to_batch
 from pyro_lm.poutine import DecodeLMMessenger, SkipLMMessenger, decoded_log_prob
 
-__all__ = ["PARTICLES", "Execution", "execute", "plate_nesting", "lm_site_names",
+__all__ = ["PARTICLES", "Execution", "execute", "plate_nesting", "structure_trace",
+           "lm_site_names",
            "check_vectorized_sites", "raise_vectorized",
            "latent_site_names", "scored_sites", "single_lm_site", "vectorize"]
 
@@ -85,8 +86,11 @@ def _plate_dims(site) -> frozenset:
                      if f.vectorized and f.name != PARTICLES)
 
 
-def _structure_trace(model, guide, args, kwargs):
-    """Model (and guide) traced with placeholder LM values: plates and names only."""
+def structure_trace(model, guide=None, args=(), kwargs=None):
+    """``(model_trace, guide_trace)``: the model (replaying the guide, if any) traced with
+    placeholder LM values (:class:`~pyro_lm.poutine.SkipLMMessenger`): plates and names only,
+    never prompts or factors."""
+    kwargs = kwargs or {}
     try:
         with poutine.block():
             guide_trace = None if guide is None else poutine.trace(
@@ -103,7 +107,7 @@ def _structure_trace(model, guide, args, kwargs):
 def plate_nesting(model, guide=None, args=(), kwargs=None) -> int:
     """The deepest vectorised plate dim of ``model`` (and ``guide``), read from one run in
     which LM sites hold placeholders (structure only)."""
-    traces = _structure_trace(model, guide, args, kwargs or {})
+    traces = structure_trace(model, guide, args, kwargs or {})
     return max([0] + [-f.dim for trace in traces if trace is not None
                       for site in trace.nodes.values() if site["type"] == "sample"
                       for f in site["cond_indep_stack"] if f.vectorized])
@@ -346,7 +350,7 @@ def single_lm_site(model, args=(), kwargs=None, owner: str = "model"):
         LM site, no other latent site, no subsampled plate, and every factor in the LM
         site's plates.
     """
-    trace, _ = _structure_trace(model, None, args, kwargs or {})
+    trace, _ = structure_trace(model, None, args, kwargs or {})
     names = lm_site_names(trace)
     if len(names) != 1:
         raise ValueError(f"model: {owner} drives exactly one LM site, the model has {names}; "

@@ -56,9 +56,15 @@ from pyro_lm._validation import check_positive_int
 from pyro_lm.distributions.lm_distribution import prompt_cache
 from pyro_lm.distributions.prefix import prefix_context
 from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
-from pyro_lm.infer.program import single_lm_site
+from pyro_lm.infer.program import (
+    latent_site_names,
+    lm_site_names,
+    single_lm_site,
+    structure_trace,
+)
 from pyro_lm.infer.resampling import RESAMPLERS
 from pyro_lm.infer.smc_population import Populations
+from pyro_lm.infer.smc_program import run_program
 from pyro_lm.infer.smc_proposals import BootstrapProposal, LookaheadProposal
 from pyro_lm.lm.causal_lm import CausalLM
 from pyro_lm.lm.decoding import make_decoder
@@ -194,6 +200,8 @@ class SMC:
     def run(self, *args, **kwargs) -> WeightedPosterior:
         """Run SMC on the model's arguments; see the class docstring."""
         with torch.no_grad(), prompt_cache():  # the model runs once per token on the same prompts
+            if not _one_lm_site(self.model, args, kwargs):
+                return self._run_program(args, kwargs)
             # the first run of the model (params, reward caches) is outside inference mode
             site, prior, batch = single_lm_site(self.model, args, kwargs, owner="SMC")
             proposal = prior if self.guide is None else prior.with_lm(self.guide.lm)
@@ -237,6 +245,24 @@ class SMC:
             pop.advance(t)
         return pop
 
+    def _run_program(self, args, kwargs) -> WeightedPosterior:
+        """SMC over a whole program (:mod:`pyro_lm.infer.smc_program`)."""
+        if self.twist is not None or self.lookahead is not None:
+            raise ValueError("twist: SMC over a program (several LM sites, or other latent "
+                             "sites) uses the bootstrap proposal and the model's factors; pass "
+                             "twist=None and lookahead=None")
+        with torch.inference_mode():
+            values, log_w, hists, lms, batch = run_program(self, args, kwargs)
+            values = {k: v.clone() for k, v in values.items()}
+            log_w = log_w.clone()
+            hist = {key: torch.cat([h[key] for h in hists]).clone() for key in
+                    ("lse", "lse2", "resampled")} if hists else None
+        if hist is None:  # nothing decoded: one step, the final weights
+            lse = torch.logsumexp(log_w, 0)[None]
+            hist = {"lse": lse, "lse2": torch.logsumexp(2 * log_w, 0)[None],
+                    "resampled": torch.zeros(lse.shape, dtype=torch.bool, device=lse.device)}
+        return self._posterior(values, None, log_w.reshape(-1), batch, hist, lms)
+
     def _posterior(self, site, view, log_w, batch, hist, lm):
         n = self.num_particles
         log_w = log_w.view((n,) + tuple(batch))
@@ -249,7 +275,8 @@ class SMC:
         hist = {"ess": torch.exp(2 * lse - lse2).view(shape),
                 "resampled": hist["resampled"].view(shape),
                 "log_Z": (lse - math.log(n)).view(shape)}
-        return WeightedPosterior({site: view}, log_w, lms={site: lm},
+        samples, lms = (site, lm) if isinstance(site, dict) else ({site: view}, {site: lm})
+        return WeightedPosterior(samples, log_w, lms=lms,
                                  log_normalizer=log_normalizer(log_w), history=hist,
                                  algorithm="SMC")
 
@@ -291,3 +318,9 @@ class _Potential:
         except RuntimeError:
             raise ValueError(f"{name}: returned shape {tuple(phi.shape)}, expected one value per "
                              f"particle and prompt {tuple(x.shape[:-1])}") from None
+
+
+def _one_lm_site(model, args, kwargs) -> bool:
+    """Whether the program's only latent site is one LM site (SMC's token-level fast path)."""
+    trace, _ = structure_trace(model, None, args, kwargs)
+    return len(latent_site_names(trace)) == 1 and len(lm_site_names(trace)) == 1

@@ -86,9 +86,12 @@ class Populations:
         self._lse.append(weights.logsumexp(0))  # (B,)
         self._lse2.append((2 * weights).logsumexp(0))
 
-    def resample(self) -> None:
+    def resample(self):
         """Resample the populations whose ESS is below the threshold: rows, potentials,
-        weights and the decoders' caches (their logits are left to the next ``advance``)."""
+        weights and the decoders' caches (their logits are left to the next ``advance``).
+
+        :returns: the rows' ancestor index ``(R,)``, or ``None`` if nothing was resampled
+            (for state kept outside, e.g. the earlier sites of a program)."""
         n, b = self.num_particles, self.num_populations
         lse, lse2 = self._lse[-1], self._lse2[-1]
         if self._single:
@@ -99,7 +102,7 @@ class Populations:
             act = not self._on_cpu or bool(need.any())
         self._resampled.append(need)
         if not act:
-            return
+            return None
         weights = self.log_w.view(n, b)
         ancestors = self._resample(weights)  # (N, B)
         log_mean = lse - math.log(n)
@@ -115,6 +118,7 @@ class Populations:
         self.phi = self.phi.index_select(0, index)
         for decoder in self.decoders:
             decoder.reorder(index, logits=False)  # advance replaces them
+        return index
 
     def advance(self, t: int) -> None:
         """Feed every decoder the rows' tokens at column ``t``. Ended rows are fed a

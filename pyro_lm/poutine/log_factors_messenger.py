@@ -13,6 +13,10 @@ from pyro_lm.ops.plates import check_plated, sum_to_batch
 __all__ = ["LogFactorsMessenger"]
 
 
+class _PartialEnd(Exception):
+    """A partial run reached a latent site with no held value."""
+
+
 class LogFactorsMessenger(Messenger):
     r"""Runs ``model`` with its LM site ``site`` held at a value and sums every observed
     site's scaled, masked log-density (factors and data) into one tensor
@@ -27,8 +31,12 @@ class LogFactorsMessenger(Messenger):
     :param torch.Size batch_shape: the value's shape less its leading particle dim and
         its last (token) dim, aligned to the model's plates (1 for a summed plate).
     :param str owner: who asks, for error messages.
+    :param bool partial: a latent site with no held value ends the run (the log-densities
+        summed so far are the result: a *partial program*, as SMC over a program sees it);
+        else it is an error.
     :raises ValueError: naming ``owner`` if the model reaches another latent site (its
-        value would be arbitrary), or if a factor lies outside a plate of ``batch_shape``.
+        value would be arbitrary) and not ``partial``, or if a factor lies outside a plate
+        of ``batch_shape``.
 
     >>> import pyro
     >>> from pyro_lm import LMDistribution
@@ -42,29 +50,37 @@ class LogFactorsMessenger(Messenger):
     [2.0, 0.0]
     """
 
-    def __init__(self, model, site: str, batch_shape: torch.Size, owner: str = "model"):
+    def __init__(self, model, site: str | None, batch_shape: torch.Size, owner: str = "model",
+                 partial: bool = False):
         super().__init__()
-        self.site, self.batch_shape, self.owner = site, batch_shape, owner
-        self.value, self.total = None, 0.0
+        self.site, self.batch_shape, self.owner, self.partial = site, batch_shape, owner, partial
+        self.values, self.total = None, 0.0
         self._run = self(model)
 
     def evaluate(self, value: torch.Tensor, args=(), kwargs=None):
         """Run the model with its LM site at ``value`` ``(N, *batch_shape, T)``; the sum
         of its observed sites' log-densities, ``(N, *batch_shape)`` (the float 0.0 if it
         has none)."""
-        self.value, self.total = value, 0.0
+        return self.evaluate_values({self.site: value}, args, kwargs)
+
+    def evaluate_values(self, values: dict, args=(), kwargs=None):
+        """:meth:`evaluate` with several latent sites held: ``values`` site → value, each
+        with the leading particle dim."""
+        self.values, self.total = values, 0.0
         try:
             self._run(*args, **(kwargs or {}))
-            return self.total
+        except _PartialEnd:
+            pass
         finally:
-            self.value = self.total = None
+            total, self.values, self.total = self.total, None, None
+        return total
 
     def _pyro_sample(self, msg):
         msg["stop"] = True
         if site_is_subsample(msg):
             return
-        if msg["name"] == self.site:
-            msg["value"], msg["is_observed"], msg["done"] = self.value, True, True
+        if msg["name"] in self.values:
+            msg["value"], msg["is_observed"], msg["done"] = self.values[msg["name"]], True, True
         elif msg["is_observed"]:
             fn, value = msg["fn"], msg["value"]
             if type(fn) is Unit and value.shape[:-1] == fn.log_factor.shape:  # pyro.factor
@@ -88,6 +104,8 @@ class LogFactorsMessenger(Messenger):
                         "give such programs one joint weight per sample)")
             first = isinstance(self.total, float) and self.total == 0.0
             self.total = term if first else self.total + term
+        elif self.partial:
+            raise _PartialEnd
         else:
             raise ValueError(f"{self.owner}: latent site {msg['name']!r} besides the LM site "
                              f"{self.site!r}; {self.owner} infers one LM site, condition the "

@@ -263,8 +263,11 @@ def test_bad_models(tiny_lm):
         pyro.sample("x", pyro_lm.LMDistribution(tiny_lm, prompt, T))
         pyro.sample("y", pyro_lm.LMDistribution(tiny_lm, prompt, T))
 
-    with pytest.raises(ValueError, match="exactly one LM site"):
-        SMC(two_sites, num_particles=4).run("t1")
+    # a program of two LM sites is SMC over a program: no factor, so every weight is 0
+    post = SMC(two_sites, num_particles=4).run("t1")
+    assert sorted(post.samples) == ["x", "y"] and bool((post.log_weights == 0).all())
+    with pytest.raises(ValueError, match="twist=None and lookahead=None"):
+        SMC(two_sites, num_particles=4, lookahead="full").run("t1")
 
     def bad_twist(x, t):
         return torch.zeros(3)

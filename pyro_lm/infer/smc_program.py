@@ -1,0 +1,197 @@
+r"""Token-level SMC over a whole program: several LM sites, other latent sites, observed text.
+
+The particles run the program in order. Each unobserved LM site is a *stage*, decoded
+token by token (a step is a token of the current site) with the prompts of each
+particle's own execution (a prompt built from an earlier choice or completion is
+built from that particle's value); other latent sites are drawn from their prior when
+the program reaches them (their density cancels from the weight). After every token
+the potential is the program's log-factors evaluated on the *partial program*: the
+finished sites and latents, the current site's prefix (inside
+:func:`~pyro_lm.distributions.prefix_context`), and nothing past the next undrawn
+latent site,
+
+.. math::
+
+    \Phi_{k,t} = \sum_{f \text{ reached}} f\big(z, x_{<k}, x_{k, \le t}\big), \qquad
+    \log w \mathrel{+}= \log \frac{p_0(x_{k,t} \mid \cdot)}{q(x_{k,t} \mid \cdot)}
+        + \Phi_{k,t} - \Phi_{\text{before}} .
+
+The potentials telescope to the program's full log-factor, so the final weights target
+the posterior exactly and :math:`\log \hat Z` is unbiased for :math:`Z`. Resampling
+reorders every particle's earlier values with its KV cache.
+
+References:
+
+[1] A. K. Lew, T. Zhi-Xuan, G. Grand, V. K. Mansinghka, "Sequential Monte Carlo
+steering of large language models using probabilistic programs", 2023.
+"""
+
+from __future__ import annotations
+
+import pyro.poutine as poutine
+import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+from pyro_lm.distributions.lm_distribution import unwrap_lm
+from pyro_lm.distributions.prefix import prefix_context
+from pyro_lm.infer.program import (
+    Execution,
+    raise_vectorized,
+    scored_sites,
+    structure_trace,
+    vectorize,
+)
+from pyro_lm.infer.smc_population import Populations
+from pyro_lm.infer.smc_proposals import BootstrapProposal
+from pyro_lm.lm.decoding import make_decoder
+from pyro_lm.poutine import LogFactorsMessenger
+
+__all__ = ["run_program"]
+
+
+class _Reached(Exception):
+    """The advancing run reached the next LM site."""
+
+
+class _Advance(Messenger):
+    """Runs the vectorised program with the drawn sites held at their values, draws each
+    new non-LM latent site from its prior, and stops at the next unobserved LM site,
+    keeping ``(name, fn)`` in :attr:`lm_site`."""
+
+    def __init__(self, values: dict):
+        super().__init__()
+        self.values, self.lm_site = values, None
+
+    def _pyro_sample(self, msg):
+        if site_is_subsample(msg) or msg["is_observed"]:
+            return
+        name = msg["name"]
+        if name in self.values:
+            msg["value"], msg["done"] = self.values[name], True
+            return
+        if _is_scaled(msg):
+            raise ValueError(f"model: site {name!r} is scaled or masked (poutine.scale / mask); "
+                             "SMC over a program draws latent sites from their own "
+                             "distribution: scale the factors instead, or use Importance")
+        fn = msg["fn"]
+        if unwrap_lm(fn) is not None:
+            if unwrap_lm(fn) is not fn:
+                raise ValueError(f"model: site {name!r} wraps its LMDistribution (.mask, "
+                                 ".to_event); SMC needs the plain distribution")
+            self.lm_site = (name, fn)
+            raise _Reached
+        msg["value"], msg["done"] = fn(), True  # from its prior: the proposal, so it cancels
+        self.values[name] = msg["value"]
+
+
+def _is_scaled(msg) -> bool:
+    scale = msg["scale"]
+    return msg["mask"] is not None or isinstance(scale, torch.Tensor) or scale != 1.0
+
+
+def _rows(value: torch.Tensor, shape: torch.Size, event: int) -> torch.Tensor:
+    """``value`` ``(N, ...)`` expanded to ``shape`` ``(N, *batch)`` plus its event dims and
+    flattened to one row per particle and batch element."""
+    tail = value.shape[value.dim() - event:] if event else ()
+    lead = value.reshape((1,) * (len(shape) + event - value.dim()) + tuple(value.shape))
+    return lead.expand(tuple(shape) + tuple(tail)).reshape((shape.numel(),) + tuple(tail))
+
+
+def run_program(smc, args, kwargs):
+    """Run SMC ``smc`` (its particles, threshold, resampling, guide) over a whole program.
+
+    :returns: ``(values, log_w, history, lms, batch)``: every latent site's values with the
+        leading particle dim, the final log-weights ``(N, *batch)``, the concatenated
+        per-step history, the LM sites' prior LMs and the weights' batch shape.
+    """
+    model, n = smc.model, smc.num_particles
+    trace, _ = structure_trace(model, None, args, kwargs)
+    nesting = max([0] + [-f.dim for _, s in scored_sites(trace)
+                         for f in s["cond_indep_stack"] if f.vectorized])
+    for _, s in scored_sites(trace):
+        if any(f.full_size is not None and f.full_size != f.size for f in s["cond_indep_stack"]):
+            raise ValueError(f"model: site {s['name']!r} is in a subsampled plate; SMC weighs "
+                             "whole plates: drop subsample_size")
+    batch = Execution(trace, None, 1, nesting).batch_shape
+    shape = torch.Size((n,)) + batch
+    factors = LogFactorsMessenger(model, None, batch, owner="SMC", partial=True)
+    values, lms, history = {}, {}, []
+    log_w = phi = None
+    vectorized = vectorize(model, n, -(nesting + 1))
+    while True:
+        advance = _Advance(values)
+        with poutine.block():
+            try:
+                advance(vectorized)(*args, **kwargs)
+            except _Reached:
+                pass
+            except (RuntimeError, TypeError, ValueError) as e:
+                raise_vectorized(e, n, -(nesting + 1))
+        if advance.lm_site is None:
+            break  # every latent site is drawn
+        name, prior = advance.lm_site
+        if tuple(prior.batch_shape) != tuple(shape):
+            raise ValueError(f"model: LM site {name!r} has batch shape "
+                             f"{tuple(prior.batch_shape[1:])}, not the weights' {tuple(batch)}; "
+                             "SMC over a program needs every LM site in every plate the "
+                             "weights keep (a site outside a plate couples its elements)")
+        proposal = prior if smc.guide is None else prior.with_lm(smc.guide.lm)
+        pop = _decode(smc, name, prior, proposal, shape, values, factors, args, kwargs,
+                      log_w, phi)
+        values[name] = pop.values
+        lms[name] = prior.lm
+        log_w, phi = pop.log_w, pop.phi
+        history.append(pop.history())
+    final = torch.as_tensor(factors.evaluate_values(values, args, kwargs),
+                            dtype=torch.float32)
+    final = final.expand(shape).reshape(-1)
+    if log_w is None:  # no LM site to decode: importance sampling from the prior
+        log_w, phi = torch.zeros_like(final), torch.zeros_like(final)
+    log_w = (log_w + final - phi).masked_fill(torch.isneginf(phi), -float("inf"))
+    return values, log_w.view(shape), history, lms, batch
+
+
+def _decode(smc, name, prior, proposal, shape, values, factors, args, kwargs, log_w, phi):
+    """Decode LM site ``name`` token by token for every particle; the Populations after it."""
+    big_t = prior.max_new_tokens
+    ids, mask = prior.prompts_for()  # one row per particle and batch element
+    sync_every = smc.sync_every or (1 if ids.device.type == "cpu" else 8)
+    decoder_q = make_decoder(proposal.lm, ids, mask, big_t)
+    decoder_p = make_decoder(prior.lm, ids, mask, big_t) if proposal.lm is not prior.lm \
+        else None
+    decoders = (decoder_q,) if decoder_p is None else (decoder_q, decoder_p)
+    pop = Populations(shape, big_t, prior.lm.eos_token_id, prior.lm.pad_token_id,
+                      smc.ess_threshold, smc.resampling, decoders, ids.device)
+    if log_w is not None:  # the weights and potentials of the earlier stages
+        pop.log_w, pop.phi = log_w.clone(), phi.clone()
+
+    def potential(x, t, final):
+        held = dict(values)
+        held[name] = x
+        if final:
+            total = factors.evaluate_values(held, args, kwargs)
+        else:
+            with prefix_context(t):
+                total = factors.evaluate_values(held, args, kwargs)
+        return torch.as_tensor(total, dtype=torch.float32).expand(shape).reshape(-1)
+
+    step = BootstrapProposal(potential, decoder_q, decoder_p)
+    for t in range(big_t):
+        last = t + 1 == big_t
+        ended = pop.done
+        token = step.draw(pop, t, last)
+        pop.append(t, token)
+        final = last or ((t + 1) % sync_every == 0 and bool(pop.done.all()))
+        pop.reweight(*step.weigh(pop, token, t, ended, final, last))
+        if final:
+            pop.stop()
+            break
+        index = pop.resample()
+        if index is not None:  # the earlier sites and latents follow their particles
+            for key, value in values.items():
+                event = value.dim() - len(shape)
+                values[key] = _rows(value, shape, max(event, 0)).index_select(0, index).reshape(
+                    tuple(shape) + tuple(value.shape[len(shape):]) if event > 0 else shape)
+        pop.advance(t)
+    return pop
