@@ -84,9 +84,20 @@ def _check_lookahead(lookahead):
 
 
 class SMC:
-    r"""Token-level SMC for a model with one :class:`~pyro_lm.LMDistribution` site.
+    r"""Token-level SMC over a program's :class:`~pyro_lm.LMDistribution` sites.
 
-    :param model: a Pyro model: one LM sample site, inside any plates, and factors.
+    A program with one LM site and no other latent site runs the token-level loop
+    below (with the options ``twist`` and ``lookahead``). Any other program (several
+    LM sites, chained or not; latent sites that choose prompts; observed text) runs as
+    SMC over a program (:mod:`pyro_lm.infer.smc_program`): the LM sites are decoded one
+    after another, token by token, with each particle's own prompts, other latent sites
+    are *sampled* from their prior when the program reaches them (not enumerated), and
+    the factors are re-evaluated on the partial program; there the proposal is the
+    bootstrap one (no ``twist``, no ``lookahead``) and every LM site must lie in every
+    plate that the weights keep.
+
+    :param model: a Pyro model: LM sample sites inside any plates, other latent sites,
+        factors, observed text.
     :param guide: ``None`` to propose tokens from the prior, or a guide exposing
         ``lm`` (:class:`~pyro_lm.infer.AutoLMGuide`) whose LM proposes them.
     :param int num_particles: ``N``, particles per prompt.
