@@ -233,6 +233,32 @@ class LMDistribution(TorchDistribution):
         index = self._prompt_index(torch.Size(shape) + self.batch_shape)
         return self.prompt_ids.index_select(0, index), self.prompt_mask.index_select(0, index)
 
+    def encode_value(self, texts) -> torch.Tensor:
+        """Observed text as a value of this distribution: its tokens (no BOS), then EOS, then
+        padding to ``T`` tokens (a text of exactly ``T`` tokens is a truncated completion, with
+        no EOS), for ``pyro.sample(name, dist, obs=dist.encode_value(text))``.
+
+        :param texts: a string (value ``(T,)``) or a list of strings (``(len, T)``).
+        :raises ValueError: naming the text whose tokens (with EOS) do not fit in ``T``.
+
+        >>> from pyro_lm.lm import toy_lm
+        >>> d = LMDistribution(toy_lm(vocab_size=4), "t1", 3)
+        >>> d.encode_value(["t2 t3", "t1"]).tolist()
+        [[2, 3, 0], [1, 0, 0]]
+        """
+        single = isinstance(texts, str)
+        rows = []
+        for i, text in enumerate([texts] if single else list(texts)):
+            ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > self.max_new_tokens:
+                raise ValueError(f"texts[{i}]: {text!r} has {len(ids)} tokens, more than "
+                                 f"max_new_tokens={self.max_new_tokens}; raise max_new_tokens")
+            tail = [self.lm.eos_token_id] if len(ids) < self.max_new_tokens else []
+            pad = [self.lm.pad_token_id] * (self.max_new_tokens - len(ids) - len(tail))
+            rows.append(ids + tail + pad)
+        value = torch.tensor(rows, dtype=torch.long, device=self.prompt_ids.device)
+        return value[0] if single else value
+
     def prompt_with(self, value: torch.Tensor, keep_eos: bool = False):
         """The prompts followed by the completions ``value``, left-padded again: the
         prompt of a later LM call that continues this one.

@@ -276,3 +276,13 @@ def test_pyro_infer_discrete_shapes_with_obs_site(tiny_lm):
     tr = poutine.trace(model).get_trace()
     tr.compute_log_prob()
     assert tr.nodes["x"]["log_prob"].shape == (2,)
+
+
+def test_encode_value_gives_the_observed_completion(tiny_lm):
+    d = pyro_lm.LMDistribution(tiny_lm, "t1", 3)
+    value = d.encode_value(["t2 t3", "t1 t2 t3", ""])
+    assert value.tolist() == [[2, 3, 0], [1, 2, 3], [0, 0, 0]]
+    d._validate_sample(value)  # canonical: pad after the first EOS
+    assert tiny_lm.decode(value) == ["t2 t3", "t1 t2 t3", ""]
+    with pytest.raises(ValueError, match=r"texts\[0\].*more than max_new_tokens=3"):
+        d.encode_value("t1 t2 t3 t1")

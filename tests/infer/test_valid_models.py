@@ -467,3 +467,13 @@ def test_guide_equal_to_prior_gives_zero_weights_and_zero_kl(prior, exacts, shap
     dpg = DPG(num_particles=8)
     dpg.loss(model, guide, *args)
     assert abs(dpg.metrics["kl_q_prior"]) < 1e-4
+
+
+def test_trace_enum_elbo_enumerates_the_latent_behind_observed_text(prior):
+    """Observed text and a discrete latent that chose its prompt: with z enumerated in the
+    model and an empty guide, TraceEnum_ELBO's loss is -log Z exactly (no sampling)."""
+    model, args, _ = observed_text(prior)
+    exact = enumerate_model(model, *args)
+    elbo = TraceEnum_ELBO(max_plate_nesting=0)
+    loss = elbo.loss(pyro.infer.config_enumerate(model), lambda *a: None, *args)
+    assert abs(loss + exact.log_Z.item()) < 1e-4, (loss, -exact.log_Z)
