@@ -10,6 +10,14 @@ tokens, reward = count of token 7 in the completion (prefix-decomposable), beta 
 
 Targets: bootstrap SMC costs at most 1.3x plain sampling of the same number of sequences;
 lookahead SMC's final ESS is at least 2x importance sampling's.
+
+In the same run, SMC on a two-site program (issue #12, deliverable 6): ``x1`` from the
+prompt, a factor on it, ``x2`` continuing ``prompt + x1`` (``prompt_with``), a factor on
+it, decoded by SMC over the program (``pyro_lm/infer/smc_program.py``) against plain
+sampling of both sites for the same number of sequences, with one-site SMC on ``x1`` alone
+(the fast path) against plain sampling of ``x1`` for the per-site cost; on the bundled LM
+(64 and 256 particles; 64 only with --quick) and on the peers' task model (64). Target: two-site SMC costs at
+most 1.3x plain sampling of both sites on the bundled LM.
 """
 
 from __future__ import annotations
@@ -106,6 +114,7 @@ def main(args):
         return cells + ["", "", ""]
 
     bundled = bundled_lm_ratios(args, device)
+    two_site = two_site_ratios(args, device, lm)
     rows = [row("plain sampling (LMDistribution.sample)", "sample"),
             row("plain sampling inside torch.inference_mode()", "sample_im"),
             row("pyro_lm SMC, bootstrap proposal", "smc"),
@@ -144,7 +153,8 @@ def main(args):
             + "\n\nSMC's own cost per token is roughly fixed (one run of the Pyro model on the "
             "prefixes, the weights, and on resampling a reorder of the KV cache), so its ratio to "
             "plain sampling falls as the decoder's step gets dearer: the peers' 2-layer, 64-wide "
-            "model decodes a step of 64 rows in about 0.4 ms here.")
+            "model decodes a step of 64 rows in about 0.4 ms here.\n\n"
+            + two_site_section(args, two_site))
     if not args.quick:
         write_section("smc", body)
     print(body)
@@ -167,6 +177,105 @@ def bundled_lm_ratios(args, device):
                           repeats=args.repeats, device=device)
         out.append((k, med["sample"], med["smc"]))
     return out
+
+
+def two_site_program(prior, prompt, reward, beta, t):
+    """``(model, plain)``: the two-site program (``x1``, a factor, ``x2`` continuing
+    ``prompt + x1``, a factor) and ``plain(n)``, the same two LMDistribution samples drawn
+    directly for ``n`` sequences (no Pyro, no factors)."""
+
+    def model(prompt):
+        first = pyro_lm.LMDistribution(prior, prompt, t)
+        x1 = pyro.sample("x1", first)
+        pyro.factor("r1", reward(x1) / beta)
+        ids, mask = first.prompt_with(x1)  # prompt + x1, left-padded again
+        x2 = pyro.sample("x2", pyro_lm.LMDistribution(prior, ids, t, attention_mask=mask))
+        pyro.factor("r2", reward(x2) / beta)
+
+    def plain(n):
+        first = pyro_lm.LMDistribution(prior, prompt, t)
+        x1 = first.sample((n,))
+        ids, mask = first.prompt_with(x1)
+        return x1, pyro_lm.LMDistribution(prior, ids, t, attention_mask=mask).sample()
+
+    return model, plain
+
+
+def one_site_program(prior, reward, beta, t):
+    """The first site of :func:`two_site_program` alone (SMC's one-site fast path)."""
+
+    def model(prompt):
+        x1 = pyro.sample("x1", pyro_lm.LMDistribution(prior, prompt, t))
+        pyro.factor("r1", reward(x1) / beta)
+
+    return model
+
+
+def two_site_ratios(args, device, peers_lm):
+    """``[(label, particles, {contender: s}, median final ESS)]``: SMC on the two-site
+    program against plain sampling of both sites, and one-site SMC on ``x1`` against plain
+    sampling of ``x1``, interleaved; on the bundled LM and on the peers' task model."""
+    from pyro_lm.programs import REVIEW_PROMPT, positive_reviews_reward
+
+    t, n = args.max_new_tokens, args.num_particles
+    bundled = pyro_lm.CausalLM.from_pretrained(pyro_lm.bundled_model_path(), device=device)
+    setups = [("bundled LM", bundled, REVIEW_PROMPT, positive_reviews_reward(bundled.tokenizer),
+               0.5, (n,) if args.quick else (n, 4 * n)),
+              ("peers' task model", peers_lm, torch.zeros(1, dtype=torch.long, device=device),
+               Callable(count_token, name="count7"), BETA, (n,))]
+    out = []
+    for label, prior, prompt, reward, beta, sizes in setups:
+        model, plain = two_site_program(prior, prompt, reward, beta, t)
+        first = pyro_lm.LMDistribution(prior, prompt, t)
+        for k in sizes:
+            smc2 = SMC(model, num_particles=k)
+            smc1 = SMC(one_site_program(prior, reward, beta, t), num_particles=k)
+            med = interleaved({"plain2": lambda k=k: plain(k),
+                               "smc2": lambda: smc2.run(prompt),
+                               "plain1": lambda k=k: first.sample((k,)),
+                               "smc1": lambda: smc1.run(prompt)},
+                              repeats=args.repeats, device=device)
+            ess = statistics.median(float(smc2.run(prompt).ess())
+                                    for _ in range(max(1, args.ess_runs // 2)))
+            out.append((label, k, med, ess))
+            print(label, k, {c: f"{v * 1e3:.1f} ms" for c, v in med.items()},
+                  f"ESS {ess:.1f}", flush=True)
+    return out
+
+
+def two_site_section(args, rows):
+    """The "SMC on a two-site program" part of the section."""
+    t = args.max_new_tokens
+    cells = []
+    for label, k, med, ess in rows:
+        cells.append([label, str(k), f"{med['plain2'] * 1e3:.1f}", f"{med['smc2'] * 1e3:.1f}",
+                      f"{med['smc2'] / med['plain2']:.2f}", f"{ess:.1f}",
+                      f"{med['plain1'] * 1e3:.1f}", f"{med['smc1'] * 1e3:.1f}",
+                      f"{med['smc1'] / med['plain1']:.2f}",
+                      f"{(med['smc2'] - med['plain2']) * 1e3 / (2 * t):.2f}",
+                      f"{(med['smc1'] - med['plain1']) * 1e3 / t:.2f}"])
+    head = [r for r in rows if r[0] == "bundled LM" and r[1] == args.num_particles]
+    target = (f"{head[0][2]['smc2'] / head[0][2]['plain2']:.2f}" if head else "not measured")
+    return ("### SMC on a two-site program\n\n"
+            f"`x1` ({t} new tokens) from the prompt, a factor `r(x1) / beta`, `x2` ({t} new "
+            "tokens) continuing `prompt + x1` (`first.prompt_with(x1)`), a factor `r(x2) / beta`: "
+            "SMC over the program (`pyro_lm/infer/smc_program.py`, both sites decoded token by "
+            "token, the potential re-evaluated on the partial program after every token) against "
+            "plain sampling of both sites for the same number of sequences (`first.sample((N,))`, "
+            "`prompt_with`, then the second `LMDistribution(...).sample()`, no Pyro). The per-site "
+            "columns time one-site SMC on `x1` alone (SMC's single-site fast path) against "
+            "`first.sample((N,))`. Bundled LM: the review prompt, the positive-reviews Lexicon, "
+            f"beta 0.5; peers' task model: BOS prompt, count of token {TOKEN}, beta {BETA}. "
+            f"Medians of {args.repeats} interleaved calls (the four contenders of a row "
+            f"alternate); final ESS: median over {max(1, args.ess_runs // 2)} runs.\n\n"
+            + table(["model", "particles N", "plain, both sites, ms", "two-site SMC, ms",
+                     "÷ plain", "final ESS", "plain x1, ms", "one-site SMC on x1, ms",
+                     "÷ plain x1", "SMC's excess per token, two-site, ms",
+                     "SMC's excess per token, one-site, ms"], cells)
+            + f"\n\nTarget (two-site SMC ÷ plain sampling of both sites ≤ 1.3, bundled LM, "
+            f"{args.num_particles} particles): {target}. The last two columns are SMC's time over "
+            f"plain sampling per decoded token ({2 * t} tokens on the program, {t} on `x1`): "
+            "what the program path adds per token, against what the one-site fast path adds.")
 
 
 def parse_args(argv=None):
