@@ -108,6 +108,42 @@ def check_bayesian_reward(module, out, printed, tmp_path):
     assert math.isfinite(out["log_Z"])
 
 
+def check_topic_inference(module, out, printed, tmp_path):
+    posteriors = out["posteriors"]
+    assert set(posteriors) == {"Importance", "SMC", "exact"}
+    for p in posteriors.values():
+        assert p.shape == (len(module.SENTIMENTS),) and (p >= 0).all()
+        assert abs(float(p.sum()) - 1) < 1e-5
+    # each sampler's P(z = k) within 4 SNIS standard errors (sqrt((p(1-p) + 1/N) / ESS))
+    for name in ("Importance", "SMC"):
+        assert 1 <= out["ess"][name] <= out["num_samples"] + 1e-6
+        for got, want, tol in zip(posteriors[name].tolist(), posteriors["exact"].tolist(),
+                                  out["tolerance"][name], strict=True):
+            assert abs(got - want) < tol, (name, got, want, tol)
+    # the default review is neutral: the exact posterior says so, against its 0.2 prior
+    assert module.SENTIMENTS[int(posteriors["exact"].argmax())] == "neutral"
+    assert all(math.isfinite(v) for v in out["log_Z"].values())
+    rec = out["recovery"]
+    assert rec["n"] == 4 and 0 <= rec["accuracy"] <= 1 and int(rec["confusion"].sum()) == 4
+    assert "held-out reviews" in printed
+    assert (tmp_path / "out" / "topic_posterior.png").stat().st_size > 0
+
+
+def check_plan_then_write(module, out, printed, tmp_path):
+    for key in ("smc_texts", "guide_texts"):
+        assert out[key] and all(isinstance(t, str) and t.startswith(module.PROMPT)
+                                for t in out[key])
+    for key in ("smc", "guide"):
+        assert math.isfinite(out[key]["log_Z"]) and 1 <= out[key]["ess"] <= 32 + 1e-6
+    # tilting by exp(r) cannot lower the mean of r: SMC's weighted mean reward is at least
+    # the prior's, up to 4 standard errors of the prior mean and SMC's own noise (ESS)
+    prior_mean, prior_se = out["prior_reward"]
+    assert out["smc"]["reward"] >= prior_mean - 4 * prior_se - 4 * 4 / out["smc"]["ess"] ** 0.5
+    assert len(out["svi"]) == 3
+    assert all(math.isfinite(m["elbo"]) and math.isfinite(m["kl"]) for m in out["svi"])
+    assert "log Z" in printed and "ELBO" in printed
+
+
 CHECKS = {
     "demo": check_demo,
     "detoxify": check_detoxify,
@@ -117,6 +153,8 @@ CHECKS = {
     "gdc_biographies": check_gdc_biographies,
     "infilling_smc": check_infilling_smc,
     "bayesian_reward": check_bayesian_reward,
+    "topic_inference": check_topic_inference,
+    "plan_then_write": check_plan_then_write,
 }
 
 
