@@ -141,6 +141,7 @@ def check_plan_then_write(module, out, printed, tmp_path):
     assert out["smc"]["reward"] >= prior_mean - 4 * prior_se - 4 * 4 / out["smc"]["ess"] ** 0.5
     assert len(out["svi"]) == 3
     assert all(math.isfinite(m["elbo"]) and math.isfinite(m["kl"]) for m in out["svi"])
+    assert math.isfinite(out["svi_elbo_last"])
     assert "log Z" in printed and "ELBO" in printed
 
 
