@@ -230,6 +230,7 @@ def two_site_ratios(args, device, peers_lm):
         for k in sizes:
             smc2 = SMC(model, num_particles=k)
             smc1 = SMC(one_site_program(prior, reward, beta, t), num_particles=k)
+            load = os.getloadavg()[0]
             med = interleaved({"plain2": lambda k=k: plain(k),
                                "smc2": lambda: smc2.run(prompt),
                                "plain1": lambda k=k: first.sample((k,)),
@@ -237,7 +238,7 @@ def two_site_ratios(args, device, peers_lm):
                               repeats=args.repeats, device=device)
             ess = statistics.median(float(smc2.run(prompt).ess())
                                     for _ in range(max(1, args.ess_runs // 2)))
-            out.append((label, k, med, ess))
+            out.append((label, k, med, ess, (load, os.getloadavg()[0])))
             print(label, k, {c: f"{v * 1e3:.1f} ms" for c, v in med.items()},
                   f"ESS {ess:.1f}", flush=True)
     return out
@@ -247,13 +248,14 @@ def two_site_section(args, rows):
     """The "SMC on a two-site program" part of the section."""
     t = args.max_new_tokens
     cells = []
-    for label, k, med, ess in rows:
+    for label, k, med, ess, load in rows:
         cells.append([label, str(k), f"{med['plain2'] * 1e3:.1f}", f"{med['smc2'] * 1e3:.1f}",
                       f"{med['smc2'] / med['plain2']:.2f}", f"{ess:.1f}",
                       f"{med['plain1'] * 1e3:.1f}", f"{med['smc1'] * 1e3:.1f}",
                       f"{med['smc1'] / med['plain1']:.2f}",
                       f"{(med['smc2'] - med['plain2']) * 1e3 / (2 * t):.2f}",
-                      f"{(med['smc1'] - med['plain1']) * 1e3 / t:.2f}"])
+                      f"{(med['smc1'] - med['plain1']) * 1e3 / t:.2f}",
+                      f"{load[0]:.1f} / {load[1]:.1f}"])
     head = [r for r in rows if r[0] == "bundled LM" and r[1] == args.num_particles]
     target = (f"{head[0][2]['smc2'] / head[0][2]['plain2']:.2f}" if head else "not measured")
     return ("### SMC on a two-site program\n\n"
@@ -271,7 +273,7 @@ def two_site_section(args, rows):
             + table(["model", "particles N", "plain, both sites, ms", "two-site SMC, ms",
                      "÷ plain", "final ESS", "plain x1, ms", "one-site SMC on x1, ms",
                      "÷ plain x1", "SMC's excess per token, two-site, ms",
-                     "SMC's excess per token, one-site, ms"], cells)
+                     "SMC's excess per token, one-site, ms", "load before / after"], cells)
             + f"\n\nTarget (two-site SMC ÷ plain sampling of both sites ≤ 1.3, bundled LM, "
             f"{args.num_particles} particles): {target}. The last two columns are SMC's time over "
             f"plain sampling per decoded token ({2 * t} tokens on the program, {t} on `x1`): "
