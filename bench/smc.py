@@ -277,7 +277,19 @@ def two_site_section(args, rows):
             + f"\n\nTarget (two-site SMC ÷ plain sampling of both sites ≤ 1.3, bundled LM, "
             f"{args.num_particles} particles): {target}. The last two columns are SMC's time over "
             f"plain sampling per decoded token ({2 * t} tokens on the program, {t} on `x1`): "
-            "what the program path adds per token, against what the one-site fast path adds.")
+            "what the program path adds per token, against what the one-site fast path adds "
+            "(nominal: both paths and plain sampling stop when every sequence has ended).\n\n"
+            "Where the program path's excess goes (cProfile, bundled LM and peers' model, 64 "
+            "particles): the decoder's work (prefill and steps) is about plain sampling's; the "
+            "excess is mostly the potential, which re-runs the whole program after every token "
+            "under `LogFactorsMessenger(partial=True)`: while `x2` is decoded that rebuilds `x1`'s "
+            "`LMDistribution`, redoes `first.prompt_with(x1)` (cat, argsort, gather over N rows) "
+            "and re-scores `r(x1)`, all fixed during the stage, before building `x2`'s "
+            "distribution and scoring its prefix; then resampling (the KV reorder), as on the "
+            "one-site path. Caching the finished stages (their factors' sum, and the prompts "
+            "built from their values, reordered with the particles on resampling) or a "
+            "stage-local potential that scores only the factors after the current site would "
+            "bring the program path's per-token excess down toward the one-site path's.")
 
 
 def parse_args(argv=None):
