@@ -63,7 +63,7 @@ from pyro_lm.infer.program import (
     structure_trace,
 )
 from pyro_lm.infer.resampling import RESAMPLERS
-from pyro_lm.infer.smc_population import Populations
+from pyro_lm.infer.smc_population import Populations, decode
 from pyro_lm.infer.smc_program import run_program
 from pyro_lm.infer.smc_proposals import BootstrapProposal, LookaheadProposal
 from pyro_lm.lm.causal_lm import CausalLM
@@ -242,19 +242,7 @@ class SMC:
         else:
             top_k = None if self.lookahead == "full" else self.lookahead
             step = LookaheadProposal(potential, decoder_q, decoder_p, top_k, shape, pad)
-        for t in range(big_t):
-            last = t + 1 == big_t
-            ended = pop.done  # rows that had ended before this token
-            token = step.draw(pop, t, last)
-            pop.append(t, token)
-            final = last or ((t + 1) % sync_every == 0 and bool(pop.done.all()))
-            pop.reweight(*step.weigh(pop, token, t, ended, final, last))
-            if final:
-                pop.stop()
-                break
-            pop.resample()
-            pop.advance(t)
-        return pop
+        return decode(pop, step, sync_every)
 
     def _run_program(self, args, kwargs) -> WeightedPosterior:
         """SMC over a whole program (:mod:`pyro_lm.infer.smc_program`)."""

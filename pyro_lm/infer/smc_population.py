@@ -25,7 +25,7 @@ import torch
 
 from pyro_lm.infer.resampling import RESAMPLERS
 
-__all__ = ["Populations"]
+__all__ = ["Populations", "decode"]
 
 
 class Populations:
@@ -141,3 +141,29 @@ class Populations:
                      if self._single else torch.stack(self._resampled))
         return {"lse": torch.stack(self._lse), "lse2": torch.stack(self._lse2),
                 "resampled": resampled}
+
+
+def decode(pop: Populations, step, sync_every: int, on_resample=None) -> Populations:
+    """The token loop of SMC: draw, weigh and resample ``pop`` one token at a time until the
+    last column or until every row has ended (checked every ``sync_every`` tokens).
+
+    :param step: a proposal (:mod:`pyro_lm.infer.smc_proposals`).
+    :param on_resample: ``None`` or a callable of the rows' ancestor index, for state kept
+        outside the populations (the earlier sites of a program).
+    """
+    big_t = pop.x.shape[-1]
+    for t in range(big_t):
+        last = t + 1 == big_t
+        ended = pop.done  # rows that had ended before this token
+        token = step.draw(pop, t, last)
+        pop.append(t, token)
+        final = last or ((t + 1) % sync_every == 0 and bool(pop.done.all()))
+        pop.reweight(*step.weigh(pop, token, t, ended, final, last))
+        if final:
+            pop.stop()
+            break
+        index = pop.resample()
+        if index is not None and on_resample is not None:
+            on_resample(index)
+        pop.advance(t)
+    return pop

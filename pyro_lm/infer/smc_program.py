@@ -42,7 +42,7 @@ from pyro_lm.infer.program import (
     structure_trace,
     vectorize,
 )
-from pyro_lm.infer.smc_population import Populations
+from pyro_lm.infer.smc_population import Populations, decode
 from pyro_lm.infer.smc_proposals import BootstrapProposal
 from pyro_lm.lm.decoding import make_decoder
 from pyro_lm.poutine import LogFactorsMessenger
@@ -176,22 +176,10 @@ def _decode(smc, name, prior, proposal, shape, values, factors, args, kwargs, lo
                 total = factors.evaluate_values(held, args, kwargs)
         return torch.as_tensor(total, dtype=torch.float32).expand(shape).reshape(-1)
 
-    step = BootstrapProposal(potential, decoder_q, decoder_p)
-    for t in range(big_t):
-        last = t + 1 == big_t
-        ended = pop.done
-        token = step.draw(pop, t, last)
-        pop.append(t, token)
-        final = last or ((t + 1) % sync_every == 0 and bool(pop.done.all()))
-        pop.reweight(*step.weigh(pop, token, t, ended, final, last))
-        if final:
-            pop.stop()
-            break
-        index = pop.resample()
-        if index is not None:  # the earlier sites and latents follow their particles
-            for key, value in values.items():
-                event = value.dim() - len(shape)
-                values[key] = _rows(value, shape, max(event, 0)).index_select(0, index).reshape(
-                    tuple(shape) + tuple(value.shape[len(shape):]) if event > 0 else shape)
-        pop.advance(t)
-    return pop
+    def follow(index):  # the earlier sites and latents follow their particles
+        for key, value in values.items():
+            event = max(value.dim() - len(shape), 0)
+            values[key] = _rows(value, shape, event).index_select(0, index).reshape(
+                tuple(shape) + tuple(value.shape[len(shape):]) if event else shape)
+
+    return decode(pop, BootstrapProposal(potential, decoder_q, decoder_p), sync_every, follow)
