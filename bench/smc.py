@@ -16,8 +16,8 @@ prompt, a factor on it, ``x2`` continuing ``prompt + x1`` (``prompt_with``), a f
 it, decoded by SMC over the program (``pyro_lm/infer/smc_program.py``) against plain
 sampling of both sites for the same number of sequences, with one-site SMC on ``x1`` alone
 (the fast path) against plain sampling of ``x1`` for the per-site cost; on the bundled LM
-(64 and 256 particles; 64 only with --quick) and on the peers' task model (64). Target: two-site SMC costs at
-most 1.3x plain sampling of both sites on the bundled LM.
+(64 and 256 particles; 64 only with --quick) and on the peers' task model (64). Target:
+two-site SMC costs at most 1.3x plain sampling of both sites on the bundled LM.
 """
 
 from __future__ import annotations
@@ -231,10 +231,11 @@ def two_site_ratios(args, device, peers_lm):
             smc2 = SMC(model, num_particles=k)
             smc1 = SMC(one_site_program(prior, reward, beta, t), num_particles=k)
             load = os.getloadavg()[0]
-            med = interleaved({"plain2": lambda k=k: plain(k),
-                               "smc2": lambda: smc2.run(prompt),
-                               "plain1": lambda k=k: first.sample((k,)),
-                               "smc1": lambda: smc1.run(prompt)},
+            # (the calls run now, inside interleaved: binding the loop's values is for ruff)
+            med = interleaved({"plain2": lambda k=k, plain=plain: plain(k),
+                               "smc2": lambda smc2=smc2, prompt=prompt: smc2.run(prompt),
+                               "plain1": lambda k=k, first=first: first.sample((k,)),
+                               "smc1": lambda smc1=smc1, prompt=prompt: smc1.run(prompt)},
                               repeats=args.repeats, device=device)
             ess = statistics.median(float(smc2.run(prompt).ess())
                                     for _ in range(max(1, args.ess_runs // 2)))
