@@ -40,7 +40,8 @@ from pyro_lm.distributions.lm_distribution import unwrap_lm
 from pyro_lm.ops.plates import aligned, check_plated, sum_to_batch
 from pyro_lm.poutine import DecodeLMMessenger, SkipLMMessenger, decoded_log_prob
 
-__all__ = ["PARTICLES", "Execution", "execute", "plate_nesting", "structure_trace",
+__all__ = ["PARTICLES", "Execution", "execute", "plate_nesting", "trace_nesting",
+           "check_whole_plates", "is_scaled", "structure_trace",
            "lm_site_names",
            "check_vectorized_sites", "raise_vectorized",
            "latent_site_names", "scored_sites", "single_lm_site", "vectorize"]
@@ -107,10 +108,30 @@ def structure_trace(model, guide=None, args=(), kwargs=None):
 def plate_nesting(model, guide=None, args=(), kwargs=None) -> int:
     """The deepest vectorised plate dim of ``model`` (and ``guide``), read from one run in
     which LM sites hold placeholders (structure only)."""
-    traces = structure_trace(model, guide, args, kwargs or {})
+    return trace_nesting(*structure_trace(model, guide, args, kwargs or {}))
+
+
+def trace_nesting(*traces) -> int:
+    """The deepest vectorised plate dim of the sample sites of ``traces`` (``None`` skipped)."""
     return max([0] + [-f.dim for trace in traces if trace is not None
                       for site in trace.nodes.values() if site["type"] == "sample"
                       for f in site["cond_indep_stack"] if f.vectorized])
+
+
+def check_whole_plates(owner: str, *traces) -> None:
+    """Refuse a sample site of ``traces`` (``None`` skipped) that is in a subsampled plate.
+
+    :raises ValueError: naming ``owner``, a sampler, which weighs whole plates.
+    """
+    for trace in traces:
+        for site in ([] if trace is None else trace.nodes.values()):
+            if site["type"] == "sample" and any(
+                    f.full_size is not None and f.full_size != f.size
+                    for f in site["cond_indep_stack"]):
+                raise ValueError(
+                    f"model: site {site['name']!r} is in a subsampled plate; {owner} weighs "
+                    "whole plates (a subsample's scaled density is no density of its prompts). "
+                    "Drop subsample_size for sampling, or subsample in SVI")
 
 
 def raise_vectorized(e: Exception, num: int, dim: int):
@@ -204,7 +225,7 @@ class Execution:
         log-probability where the site was decoded from that very distribution."""
         trace = self.model_trace if which == "model" else self.guide_trace
         site = trace.nodes[name]
-        key = (name, which, scaled and _is_scaled(site))
+        key = (name, which, scaled and is_scaled(site))
         if key not in self._cache:
             log_prob = decoded_log_prob(site)
             if log_prob is None or (which == "model" and self.guide_trace is not None
@@ -242,7 +263,7 @@ class Execution:
                 if site["is_observed"]:
                     continue
                 if not (self.fixed or name in proposed):
-                    if not _is_scaled(site):
+                    if not is_scaled(site):
                         continue  # drawn from its own prior: cancels exactly
                     term = self.site_log_prob(name) - self.site_log_prob(name, scaled=False)
                 else:
@@ -293,7 +314,8 @@ def check_vectorized_sites(trace, nesting: int) -> None:
         check_plated(site["fn"].batch_shape, dims, nesting, site["name"])
 
 
-def _is_scaled(site) -> bool:
+def is_scaled(site) -> bool:
+    """Whether a site (or message) carries a scale other than 1 or a mask."""
     scale = site["scale"]
     return site["mask"] is not None or isinstance(scale, torch.Tensor) or scale != 1.0
 
@@ -326,15 +348,7 @@ def execute(model, guide=None, num: int = 1, args=(), kwargs=None, nesting: int 
             model_trace = poutine.trace(DecodeLMMessenger()(run)).get_trace(*args, **kwargs)
     except (RuntimeError, TypeError, ValueError) as e:
         raise_vectorized(e, num, dim)
-    for trace in (model_trace, guide_trace):
-        for site in ([] if trace is None else trace.nodes.values()):
-            if site["type"] == "sample" and any(
-                    f.full_size is not None and f.full_size != f.size
-                    for f in site["cond_indep_stack"]):
-                raise ValueError(
-                    f"model: site {site['name']!r} is in a subsampled plate; {owner} weighs "
-                    "whole plates (a subsample's scaled density is no density of its prompts). "
-                    "Drop subsample_size for sampling, or subsample in SVI")
+    check_whole_plates(owner, model_trace, guide_trace)
     return Execution(model_trace, guide_trace, num, nesting, fixed=assign is not None)
 
 
@@ -361,17 +375,13 @@ def single_lm_site(model, args=(), kwargs=None, owner: str = "model"):
         raise ValueError(f"model: latent sites {latent} besides the LM site {name!r}; "
                          f"{owner} infers one LM site (condition the others, or use "
                          "Importance)")
-    for _, s in scored_sites(trace):
-        if any(f.full_size is not None and f.full_size != f.size for f in s["cond_indep_stack"]):
-            raise ValueError(f"model: site {s['name']!r} is in a subsampled plate; {owner} "
-                             "weighs whole plates: drop subsample_size")
+    check_whole_plates(owner, trace)
     site = trace.nodes[name]
     fn = site["fn"]
-    if unwrap_lm(fn) is not fn or _is_scaled(site):
+    if unwrap_lm(fn) is not fn or is_scaled(site):
         raise ValueError(f"model: site {name!r} is scaled, masked or wraps its LMDistribution "
                          f"(poutine.scale / mask, .mask, .to_event); {owner} needs the plain, "
                          "unscaled LM site: scale the factors instead, or use Importance")
-    nesting = max([0] + [-f.dim for _, s in scored_sites(trace)
-                         for f in s["cond_indep_stack"] if f.vectorized])
+    nesting = trace_nesting(trace)
     batch = torch.Size((1,) * (nesting - len(fn.batch_shape)) + tuple(fn.batch_shape))
     return name, fn, batch

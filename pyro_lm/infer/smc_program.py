@@ -37,9 +37,11 @@ from pyro_lm.distributions.lm_distribution import unwrap_lm
 from pyro_lm.distributions.prefix import prefix_context
 from pyro_lm.infer.program import (
     Execution,
+    check_whole_plates,
+    is_scaled,
     raise_vectorized,
-    scored_sites,
     structure_trace,
+    trace_nesting,
     vectorize,
 )
 from pyro_lm.infer.smc_population import Populations, decode
@@ -70,7 +72,7 @@ class _Advance(Messenger):
         if name in self.values:
             msg["value"], msg["done"] = self.values[name], True
             return
-        if _is_scaled(msg):
+        if is_scaled(msg):
             raise ValueError(f"model: site {name!r} is scaled or masked (poutine.scale / mask); "
                              "SMC over a program draws latent sites from their own "
                              "distribution: scale the factors instead, or use Importance")
@@ -83,11 +85,6 @@ class _Advance(Messenger):
             raise _Reached
         msg["value"], msg["done"] = fn(), True  # from its prior: the proposal, so it cancels
         self.values[name] = msg["value"]
-
-
-def _is_scaled(msg) -> bool:
-    scale = msg["scale"]
-    return msg["mask"] is not None or isinstance(scale, torch.Tensor) or scale != 1.0
 
 
 def _rows(value: torch.Tensor, shape: torch.Size, event: int) -> torch.Tensor:
@@ -107,12 +104,8 @@ def run_program(smc, args, kwargs):
     """
     model, n = smc.model, smc.num_particles
     trace, _ = structure_trace(model, None, args, kwargs)
-    nesting = max([0] + [-f.dim for _, s in scored_sites(trace)
-                         for f in s["cond_indep_stack"] if f.vectorized])
-    for _, s in scored_sites(trace):
-        if any(f.full_size is not None and f.full_size != f.size for f in s["cond_indep_stack"]):
-            raise ValueError(f"model: site {s['name']!r} is in a subsampled plate; SMC weighs "
-                             "whole plates: drop subsample_size")
+    nesting = trace_nesting(trace)
+    check_whole_plates("SMC", trace)
     batch = Execution(trace, None, 1, nesting).batch_shape
     shape = torch.Size((n,)) + batch
     factors = LogFactorsMessenger(model, None, batch, owner="SMC", partial=True)
