@@ -36,6 +36,7 @@ from pyro_lm.infer.program import (
     vectorize,
 )
 from pyro_lm.lm.causal_lm import CausalLM
+from pyro_lm.ops.plates import sum_to_batch
 
 __all__ = ["ExactPosterior", "enumerate_model", "posterior", "MAX_JOINT"]
 
@@ -137,20 +138,17 @@ class ExactPosterior:
         """
         x = self.values[site]
         batch = self.log_joint.shape[1:]
-        flat = x.reshape(x.shape[0], -1)
-        if self.log_joint.dim() > 1 and x.shape[1:1 + len(batch)].numel() > 1 and \
-                batch.numel() == 1:
+        if batch.numel() == 1 and x.shape[1:1 + len(batch)].numel() > 1:
             raise ValueError(f"site: {site!r} has one value per element of a plate whose "
                              "elements share one weight; read .values and .probs jointly")
-        if self.log_joint.dim() > 1 and flat.shape[1] > 1:  # the same value in every column
-            flat = x.reshape((x.shape[0],) + tuple(batch) + (-1,)).reshape(
-                x.shape[0], -1, x.shape[-1] if x.dim() > len(batch) + 1 else 1)[:, 0]
-        unique, inverse = torch.unique(flat, dim=0, return_inverse=True)
+        # enumerated per problem: every batch element holds the same value at row m
+        first = x[(slice(None),) + (0,) * len(batch)]  # (M, *event)
+        unique, inverse = torch.unique(first.reshape(first.shape[0], -1), dim=0,
+                                       return_inverse=True)
         probs = torch.zeros((unique.shape[0],) + tuple(batch), dtype=self.probs.dtype,
                             device=self.probs.device)
         probs.index_add_(0, inverse, self.probs)
-        event = x.shape[1 + len(batch):]
-        return unique.reshape((unique.shape[0],) + tuple(event)), probs
+        return unique.reshape((unique.shape[0],) + tuple(first.shape[1:])), probs
 
     def log_prob_of(self, q) -> torch.Tensor:
         """:math:`\\log q(v)` over the support for a guide ``q`` (differentiable): another
@@ -172,10 +170,7 @@ class ExactPosterior:
             site = trace.nodes.get(name)
             if site is None:
                 raise ValueError(f"q: the guide does not draw the latent site {name!r}")
-            lp = site["fn"].log_prob(site["value"])
-            lp = lp.reshape((1,) * (len(batch) + 1 - lp.dim()) + tuple(lp.shape))
-            dims = [d for d, size in enumerate(batch, start=1) if size == 1 and lp.shape[d] > 1]
-            total = total + (lp.sum(dims, keepdim=True) if dims else lp)
+            total = total + sum_to_batch(site["fn"].log_prob(site["value"]), batch, name)
         return total
 
     def _log_q(self, q) -> torch.Tensor:
