@@ -48,3 +48,20 @@ def arviz_backend(request, monkeypatch):
         pytest.skip(f"the ArviZ {request.param} libraries are not installed")
     monkeypatch.setattr(_arviz, "BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture(scope="session")
+def real_model_dir(tmp_path_factory):
+    """``real_model_dir(arch)``: a saved tiny random ``arch`` model (one of
+    ``realistic.ARCHITECTURES``) with a tokenizer trained in this session, made once."""
+    from realistic import tiny_model_dir
+
+    root = tmp_path_factory.mktemp("real_models")
+    made = {}
+
+    def make(arch: str) -> str:
+        if arch not in made:
+            made[arch] = tiny_model_dir(arch, root)
+        return made[arch]
+
+    return make

@@ -28,6 +28,7 @@ from pyro_lm.data.grammar import (
     generate_review,
     vocabulary,
 )
+from pyro_lm.data.prose import prose, unprose
 
 __all__ = [
     "ASPECTS",
@@ -51,5 +52,7 @@ __all__ = [
     "generate_bio",
     "generate_corpus",
     "generate_review",
+    "prose",
+    "unprose",
     "vocabulary",
 ]

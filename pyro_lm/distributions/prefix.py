@@ -14,7 +14,8 @@ import contextvars
 
 import torch
 
-__all__ = ["prefix_context", "prefix_length", "generated_mask", "is_complete", "counted_mask"]
+__all__ = ["prefix_context", "prefix_length", "generated_mask", "is_complete", "counted_mask",
+           "is_eos"]
 
 _PREFIX_LENGTH: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "pyro_lm_prefix_length", default=None)
@@ -57,20 +58,39 @@ def generated_mask(x: torch.Tensor) -> torch.Tensor:
     return (torch.arange(x.shape[-1], device=x.device) < t).expand_as(x)
 
 
-def counted_mask(x: torch.Tensor, eos: int) -> torch.Tensor:
-    """Bool ``(..., T)``: generated positions before the first EOS (content tokens)."""
+def is_eos(x: torch.Tensor, eos) -> torch.Tensor:
+    """Bool, the shape of ``x``: tokens that end a completion.
+
+    :param eos: one EOS id, or a sequence of them (models that ship several, such as
+        instruct models ending a turn with one token and a document with another).
+    """
+    if isinstance(eos, int):
+        return x == eos
+    if len(eos) == 1:
+        return x == eos[0]
+    return torch.isin(x, torch.as_tensor(eos, dtype=x.dtype, device=x.device))
+
+
+def counted_mask(x: torch.Tensor, eos) -> torch.Tensor:
+    """Bool ``(..., T)``: generated positions before the first EOS (content tokens).
+
+    :param eos: an EOS id or a sequence of them (see :func:`is_eos`).
+    """
     # an EOS at a position >= t (padding may equal EOS) only moves later prefix sums, and
     # those positions are not generated: counting it changes nothing below t
-    before = (x == eos).cumsum(-1) == 0
+    before = is_eos(x, eos).cumsum(-1) == 0
     t = _PREFIX_LENGTH.get()
     if t is None or t >= x.shape[-1]:
         return before
     return before & (torch.arange(x.shape[-1], device=x.device) < t)
 
 
-def is_complete(x: torch.Tensor, eos: int) -> torch.Tensor:
-    """Bool ``(...)``: sequences whose value is final."""
+def is_complete(x: torch.Tensor, eos) -> torch.Tensor:
+    """Bool ``(...)``: sequences whose value is final.
+
+    :param eos: an EOS id or a sequence of them (see :func:`is_eos`).
+    """
     t = _PREFIX_LENGTH.get()
     if t is None or t >= x.shape[-1]:
         return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
-    return (x[..., :t] == eos).any(-1)
+    return is_eos(x[..., :t], eos).any(-1)
