@@ -28,6 +28,19 @@ run, so no run reuses another's forward passes. Offline, their byte-vocabulary
 builders (which reload the tokenizer by name from the hub) are replaced by one
 reading the in-memory tokenizer's tokens.
 
+In the same run, the two-site program of issue #12 (``bench/smc.py``'s
+``two_site_program``): ``x1`` (20 tokens) from the BOS prompt, the count potential on it,
+``x2`` (20 tokens) continuing BOS + ``x1`` (its EOS dropped), the count potential on it.
+
+* ``plain``: both sites sampled directly, no SMC (the cost SMC is measured against).
+* ``pyro_lm``: ``SMC(model, num_particles=N).run(prompt)``, SMC over the program.
+* ``hfppl``: one ``hfppl.Model`` whose ``step`` decodes ``x1`` in one ``LMContext``, then
+  opens a second ``LMContext`` on BOS + ``x1`` and decodes ``x2`` in it.
+* ``genlm-control``: its SMC samples one token sequence from one prompted LM, so a second
+  call whose prompt holds the first completion has no counterpart; the nearest it runs is
+  one 40-token sequence with the count potential over it (the same law when ``x1`` ends
+  without EOS), timed as the cost of the same amount of decoding.
+
 The peers live in their own virtual environment (their dependencies must not leak
 into ``.venv``); see bench/README.md. Under an interpreter without them, their rows
 say so and the rest still runs.
@@ -147,7 +160,7 @@ def hfppl_run(args, batch_size, timeout):
     return run, summary
 
 
-def genlm_run(args, batch_size, timeout):
+def genlm_run(args, batch_size, timeout, max_new_tokens=None):
     import genlm.backend.llm.base as backend_base
     from genlm.backend.tokenization.token import Token
 
@@ -159,7 +172,7 @@ def genlm_run(args, batch_size, timeout):
     backend = AsyncTransformer(lm.model, lm.tokenizer, batch_size=batch_size, timeout=timeout)
     llm = PromptedLLM(backend, prompt_ids=[lm.bos_token_id])
     sampler = direct_token_sampler(llm)
-    beta, t = args.beta, args.max_new_tokens
+    beta, t = args.beta, max_new_tokens or args.max_new_tokens
 
     def count(context):
         return sum(getattr(tok, "token_id", None) == TOKEN for tok in context)
@@ -184,6 +197,151 @@ def genlm_run(args, batch_size, timeout):
                                                   seqs.log_weights)
 
     return run, summary
+
+
+# --------------------------------------------------------- the two-site program
+def prompt_string(tokenizer, ids):
+    """A string that ``tokenizer.encode`` turns into exactly ``ids`` (with the BOS written
+    out, or added by the tokenizer itself): how an ``hfppl.LMContext`` is given a prompt."""
+    for text in (tokenizer.decode(ids), tokenizer.decode(ids[1:])):
+        if tokenizer.encode(text) == list(ids):
+            return text
+    raise ValueError(f"no string encodes to {ids}")
+
+
+def two_site_plain_run(args):
+    from smc import count_token, two_site_program
+
+    from pyro_lm.rewards import Callable
+
+    prior = make_lm()
+    _, plain = two_site_program(prior, bos_prompt(), Callable(count_token, name="count7"),
+                                args.beta, args.max_new_tokens)
+    return (lambda: plain(args.particles)), None
+
+
+def two_site_pyro_lm_run(args):
+    from smc import count_token, two_site_program
+
+    from pyro_lm.infer import SMC
+    from pyro_lm.rewards import Callable
+
+    prior = make_lm()
+    model, _ = two_site_program(prior, bos_prompt(), Callable(count_token, name="count7"),
+                                args.beta, args.max_new_tokens)
+    smc = SMC(model, num_particles=args.particles)
+
+    def summary(post):
+        counts = sum((post.samples[s] == TOKEN).sum(-1) for s in ("x1", "x2"))
+        return float(post.log_normalizer().sum()), weighted_count(counts, post.log_weights)
+
+    return (lambda: smc.run(bos_prompt())), summary
+
+
+def two_site_hfppl_run(args, batch_size, timeout):
+    import genlm_backend.llm.base as backend_base
+
+    backend_base.decode_vocab = offline_vocab()
+    import hfppl
+    from genlm_backend.llm import AsyncTransformer
+
+    lm = make_lm()
+    backend = AsyncTransformer(lm.model, lm.tokenizer, batch_size=batch_size, timeout=timeout)
+    clm = hfppl.CachedCausalLM(backend)
+    t, beta, eos, bos = args.max_new_tokens, args.beta, lm.eos_token_id, lm.bos_token_id
+
+    class TwoSite(hfppl.Model):
+        def __init__(self):
+            super().__init__()
+            self.context = hfppl.LMContext(clm, prompt_string(lm.tokenizer, [bos]))
+            self.site, self.t, self.x1 = 1, 0, []
+
+        async def step(self):
+            token = (await self.sample(self.context.next_token())).token_id
+            self.score(float(token == TOKEN) / beta)
+            self.t += 1
+            if self.site == 1:
+                if token != eos:
+                    self.x1.append(token)
+                if self.t == t or token == eos:  # x1 is done: the second call's prompt
+                    self.context = await hfppl.LMContext.create(
+                        clm, prompt_string(lm.tokenizer, [bos, *self.x1]))
+                    self.site, self.t = 2, 0
+            elif self.t == t or token == eos:
+                self.finish()
+
+    def run():
+        clm.clear_cache()
+        return asyncio.run(hfppl.smc_standard(TwoSite(), args.particles, ess_threshold=0.5))
+
+    def summary(particles):
+        log_w = torch.tensor([p.weight for p in particles], dtype=torch.float64)
+        counts = [p.x1.count(TOKEN)
+                  + p.context.tokens[p.context.prompt_token_count:].count(TOKEN)
+                  for p in particles]
+        return (float(log_w.logsumexp(0)) - math.log(len(particles)),
+                weighted_count(counts, log_w))
+
+    return run, summary
+
+
+def two_site_section(args, med, summaries, fns, notes):
+    """The "two-site program" table, ratios to plain sampling of both sites."""
+    plain = med["plain"]
+    rows = []
+    for name in notes:
+        if name in med:
+            log_z, count = (summaries[name](fns[name]()) if summaries[name] else ("—", "—"))
+            rows.append([name, f"{1e3 * med[name]:.1f}", f"{med[name] / plain:.2f}",
+                         log_z if isinstance(log_z, str) else f"{log_z:.1f}",
+                         count if isinstance(count, str) else f"{count:.1f}", notes[name]])
+        else:
+            rows.append([name, "—", "—", "—", "—", notes[name]])
+    lines = []
+    if "pyro_lm" in med and "hfppl, timeout 0" in med:
+        speedup = med["hfppl, timeout 0"] / med["pyro_lm"]
+        lines.append(f"- pyro_lm SMC over the program is **{speedup:.1f}×** faster than hfppl "
+                     f"on the same program (target ≥ 4× the faster peer: "
+                     f"{'met' if speedup >= 4 else 'NOT met'}).")
+    if "pyro_lm" in med and "genlm-control, 40 tokens" in med:
+        lines.append(f"- genlm-control's one-sequence stand-in costs "
+                     f"{med['genlm-control, 40 tokens'] / med['pyro_lm']:.1f}× pyro_lm's "
+                     "SMC over the program.")
+    return ("### The two-site program\n\n"
+            f"`x1` ({args.max_new_tokens} tokens) from the BOS prompt, potential count of token "
+            f"{TOKEN} / {args.beta}; `x2` ({args.max_new_tokens} tokens) continuing BOS + `x1`, "
+            f"the same potential; {args.particles} particles, resampling at ESS < N/2. Medians of "
+            f"{args.repeats} interleaved runs; log Ẑ and E[count over both sites] from one more "
+            "run (a sanity check, not a timing).\n\n"
+            + table(["contender", "ms / run", "÷ plain", "log Ẑ", "E[count]", "what is timed"],
+                    rows)
+            + "\n\n" + "\n".join(lines))
+
+
+def two_site(args):
+    n, t = args.particles, args.max_new_tokens
+    contenders = {
+        "plain": (lambda: two_site_plain_run(args),
+                  f"both sites sampled directly for {n} sequences (no SMC)"),
+        "pyro_lm": (lambda: two_site_pyro_lm_run(args),
+                    f"SMC(model, num_particles={n}).run(prompt), SMC over the program"),
+        "hfppl, timeout 0": (lambda: two_site_hfppl_run(args, n, 0.0),
+                             f"hfppl 0.1.2 smc_standard, two LMContexts, batch_size {n}, "
+                             "timeout 0"),
+        "genlm-control, 40 tokens": (
+            lambda: genlm_run(args, n, 0.0, max_new_tokens=2 * t),
+            f"genlm-control 0.4.1 SMC on one {2 * t}-token sequence (it cannot write the "
+            f"second call), batch_size {n}, timeout 0"),
+    }
+    fns, summaries, notes = {}, {}, {}
+    for name, (build, note) in contenders.items():
+        try:
+            fns[name], summaries[name] = build()
+            notes[name] = note
+        except ImportError as e:
+            notes[name] = f"not run: {type(e).__name__}: {e} (interpreter {sys.executable})"
+    med = interleaved(fns, repeats=args.repeats, warmup=args.warmup)
+    return two_site_section(args, med, summaries, fns, notes)
 
 
 # ------------------------------------------------------------------------ main
@@ -263,7 +421,8 @@ def main(args):
         "resample multinomially (pyro_lm and the floor: systematic). With their default "
         "20 ms timeout, short batches wait the full timeout. genlm-control's default "
         "(no `terminate_when`) instead forces EOS at `max_tokens` and weights by p(EOS); "
-        "here `terminate_when` truncates at 20 tokens like the others.")
+        "here `terminate_when` truncates at 20 tokens like the others.\n\n"
+        + two_site(args))
     if not args.quick:
         write_section("peers-smc", body)
     print(body)
