@@ -62,3 +62,83 @@ def test_lora_guide_trains_and_leaves_the_prior_untouched(device):
         assert torch.equal(v, weights[k]), k
     assert torch.equal(exact.log_prob_of(prior), outputs)
     assert not torch.equal(exact.log_prob_of(policy).detach(), outputs)
+
+
+def _perturbed_lora_guide(prior):
+    guide = prior.trainable_copy(lora=LORA)
+    with torch.no_grad():
+        for name, p in guide.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.3)
+    return guide
+
+
+def _storages(module):
+    return {t.data_ptr() for t in module.state_dict().values()}
+
+
+def test_merged_model_is_a_standalone_copy():
+    from pyro_lm.lm.export import merged_model
+
+    prior = toy_lm(vocab_size=5, n_layer=1, n_embd=16, seed=1, init_std=0.5)
+    guide = _perturbed_lora_guide(prior)
+    prompts = torch.tensor([[0], [2]])
+    x = LMDistribution(guide, prompts, 4).sample((16,))
+    with torch.no_grad():
+        expected = LMDistribution(guide, prompts, 4).log_prob(x)
+        prior_lp = LMDistribution(prior, prompts, 4).log_prob(x)
+    merged = merged_model(guide)
+    assert type(merged) is type(prior.model)
+    assert not any("lora_" in n for n in merged.state_dict())
+    assert not _storages(merged) & _storages(prior.model)  # owns every weight
+    lm = type(prior)(merged, prior.tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(LMDistribution(lm, prompts, 4).log_prob(x), expected,
+                                   atol=1e-5, rtol=1e-6)
+        for p in merged.parameters():  # training the merged model leaves the prior alone
+            p.add_(1.0)
+        assert torch.equal(LMDistribution(prior, prompts, 4).log_prob(x), prior_lp)
+        assert torch.equal(LMDistribution(guide, prompts, 4).log_prob(x), expected)
+    with pytest.raises(ValueError, match="^lm: .*no peft adapters"):
+        merged_model(prior)
+
+
+def test_guard_makes_peft_in_place_merges_safe():
+    """peft's merge_and_unload / merge_adapter merge into the weights a LoRA guide shares
+    with its prior; guard_shared_base turns them into a merged copy and an error."""
+    import copy
+    import pickle
+
+    from pyro_lm.lm.export import check_unmerged, guard_shared_base
+
+    prior = toy_lm(vocab_size=5, n_layer=1, n_embd=16, seed=1, init_std=0.5)
+    guide = _perturbed_lora_guide(prior)
+    assert guard_shared_base(guard_shared_base(guide.model)) is guide.model  # idempotent
+    prompts = torch.tensor([[0], [2]])
+    x = LMDistribution(guide, prompts, 4).sample((16,))
+    weights = {k: v.clone() for k, v in prior.model.state_dict().items()}
+    with torch.no_grad():
+        expected = LMDistribution(guide, prompts, 4).log_prob(x)
+        prior_lp = LMDistribution(prior, prompts, 4).log_prob(x)
+
+    for model in (guide.model, guide.model.base_model):
+        merged = model.merge_and_unload()
+        assert type(merged) is type(prior.model)
+        assert not _storages(merged) & _storages(prior.model)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                LMDistribution(type(prior)(merged, prior.tokenizer), prompts, 4).log_prob(x),
+                expected, atol=1e-5, rtol=1e-6)
+        with pytest.raises(RuntimeError, match="^merge_adapter: .*merged_model"):
+            model.merge_adapter()
+    check_unmerged(guide)  # the guide keeps its (unmerged) adapters
+    with torch.no_grad():
+        assert torch.equal(LMDistribution(guide, prompts, 4).log_prob(x), expected)
+        assert torch.equal(LMDistribution(prior, prompts, 4).log_prob(x), prior_lp)
+    for k, v in prior.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    # the guard travels with copies of the guide
+    for clone in (copy.deepcopy(guide.model), pickle.loads(pickle.dumps(guide.model))):
+        with pytest.raises(RuntimeError, match="^merge_adapter: "):
+            clone.merge_adapter()
+        assert clone.merge_and_unload.model is clone
