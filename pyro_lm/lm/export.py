@@ -40,7 +40,7 @@ import shutil
 
 from torch import nn
 
-from pyro_lm.lm.causal_lm import CausalLM
+# No import of pyro_lm.lm.causal_lm: CausalLM.save_pretrained delegates here.
 
 __all__ = ["save_pretrained", "merged_model", "guard_shared_base", "check_unmerged"]
 
@@ -48,7 +48,7 @@ __all__ = ["save_pretrained", "merged_model", "guard_shared_base", "check_unmerg
 _IN_PLACE_MERGES = ("merge_and_unload", "merge_adapter")
 
 
-def save_pretrained(lm: CausalLM, directory: str | os.PathLike, merge: bool = True,
+def save_pretrained(lm: nn.Module, directory: str | os.PathLike, merge: bool = True,
                     overwrite: bool = False, base_model_name_or_path: str | None = None,
                     **save_kwargs) -> str:
     """Write ``lm`` (a guide, or any :class:`~pyro_lm.CausalLM`) with its tokenizer and
@@ -71,7 +71,8 @@ def save_pretrained(lm: CausalLM, directory: str | os.PathLike, merge: bool = Tr
         model, e.g. ``max_shard_size="2GB"``.
     :returns: the export directory, as a string.
     """
-    if not isinstance(lm, CausalLM):
+    if _is_peft(lm) or not (hasattr(lm, "tokenizer") and isinstance(
+            getattr(lm, "model", None), nn.Module)):
         raise TypeError(f"lm: expected a pyro_lm.CausalLM, got {type(lm).__name__}; wrap a "
                         "transformers model as CausalLM(model, tokenizer) first")
     if not isinstance(merge, bool):
@@ -112,7 +113,7 @@ def save_pretrained(lm: CausalLM, directory: str | os.PathLike, merge: bool = Tr
     return target
 
 
-def merged_model(lm: CausalLM | nn.Module, **merge_kwargs) -> nn.Module:
+def merged_model(lm: nn.Module, **merge_kwargs) -> nn.Module:
     """A standalone transformers model with ``lm``'s LoRA adapters merged in.
 
     Unlike peft's ``merge_and_unload()``, nothing is merged in place: the result owns
@@ -123,7 +124,7 @@ def merged_model(lm: CausalLM | nn.Module, **merge_kwargs) -> nn.Module:
     :param merge_kwargs: passed to peft's ``merge_and_unload`` on the copy, e.g.
         ``adapter_names=[...]`` or ``safe_merge=True``.
     """
-    model = lm.model if isinstance(lm, CausalLM) else lm
+    model = _network(lm)
     if not _is_peft(model):
         raise ValueError("lm: it has no peft adapters to merge; a full model is already "
                          "standalone (copy.deepcopy(lm.model) for an independent copy)")
@@ -169,7 +170,7 @@ class _SharedBaseGuard:
             "pyro_lm.lm.export.save_pretrained(guide, directory) to export it")
 
 
-def check_unmerged(lm: CausalLM | nn.Module) -> None:
+def check_unmerged(lm: nn.Module) -> None:
     """Raise a :class:`RuntimeError` if a LoRA guide's adapters were merged in place.
 
     peft records each merge on the adapter layers (``merged``) and ``merge_and_unload()``
@@ -178,7 +179,7 @@ def check_unmerged(lm: CausalLM | nn.Module) -> None:
 
     :param lm: a :class:`~pyro_lm.CausalLM` or a (peft) model; one without adapters passes.
     """
-    model = lm.model if isinstance(lm, CausalLM) else lm
+    model = _network(lm)
     if not _is_peft(model):
         return
     layers = _tuner_layers(model)
@@ -205,6 +206,13 @@ def _is_peft(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - depends on the environment
         return False
     return isinstance(model, PeftModel)
+
+
+def _network(lm: nn.Module) -> nn.Module:
+    """The network of a :class:`~pyro_lm.CausalLM`; a bare (peft) model as it is."""
+    if _is_peft(lm) or not hasattr(lm, "tokenizer"):
+        return lm
+    return lm.model
 
 
 def _base(model: nn.Module) -> nn.Module:
