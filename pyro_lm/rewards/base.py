@@ -1,9 +1,40 @@
-r"""The reward interface.
+r"""The reward interface, and the contract a reward keeps on prefixes.
 
-A reward maps completions ``x`` of shape ``(*batch, T)`` to float tensors of
-shape ``(*batch,)`` on the same device. In a model it enters as a log-factor,
-``pyro.factor("reward", reward(x) / beta)``. ``-inf`` is a legal value (a hard
-constraint); NaN is an error naming the reward.
+A reward maps completions ``x`` of shape ``(*batch, T)`` (LongTensor; every
+position after the first EOS holds the pad id) to float tensors of shape
+``(*batch,)`` on the same device. In a model it enters as a log-factor,
+``pyro.factor("reward", reward(x) / beta)``, so that the target is
+
+.. math:: p^*(x) \propto p_0(x)\, \exp\big(r(x) / \beta\big).
+
+``-inf`` is a legal value (a hard constraint: :math:`p^*(x) = 0`); NaN and
+``+inf`` are errors naming the reward.
+
+**Prefixes.** Token-level SMC also evaluates the reward on prefixes: inside
+:func:`~pyro_lm.distributions.prefix_context` ``(t)`` the value holds the first
+``t`` generated tokens, padded; :func:`~pyro_lm.distributions.prefix.counted_mask`
+gives the content positions and :func:`~pyro_lm.distributions.prefix.is_complete`
+the rows that are final (they emitted EOS, or ``t == T``). Write
+:math:`\phi(x_{\le t})` for the value there and :math:`y \sqsupseteq x_{\le t}` for
+the completions that extend the prefix. The incremental weights
+:math:`\exp\{(\phi(x_{\le t}) - \phi(x_{\le t-1}))/\beta\}` telescope to
+:math:`\exp\{r(x)/\beta\}`, so the final weights target :math:`p^*` whatever the
+prefix values, provided that
+
+1. :math:`\phi(x_{\le t})` is a real number, or :math:`-\infty` **only if**
+   :math:`r(y) = -\infty` for every completion :math:`y \sqsupseteq x_{\le t}`
+   (a particle of weight 0 is dropped for good: were one of its completions
+   allowed, its posterior mass would be lost, and :math:`\hat Z` biased low);
+2. on a complete row, :math:`\phi` is the reward of the completion itself.
+
+Any finite prefix value keeps the estimates unbiased; the closer it is to
+:math:`\beta \log \mathbb{E}_{p_0}[\exp(r(Y)/\beta) \mid Y \sqsupseteq x_{\le t}]`
+(the optimal twist), the lower their variance. A ``-inf`` on a prefix is
+therefore a promise that the prefix can no longer be completed into an allowed
+text: a forbidden word counts once it is known to be that word (" the" is a
+prefix of " they"), a required pattern is not required of a prefix.
+:func:`~pyro_lm.rewards.check_prefix_contract` tests a reward against this on
+sampled completions.
 """
 
 from __future__ import annotations
@@ -16,29 +47,45 @@ __all__ = ["Reward", "Callable", "decode_counted"]
 
 
 def _special_ids(tokenizer_or_lm):
-    """``(tokenizer, eos, pad)`` from a tokenizer or a :class:`~pyro_lm.CausalLM`."""
+    """``(tokenizer, eos, pad)`` from a tokenizer or a :class:`~pyro_lm.CausalLM`; ``eos``
+    is the tuple of every id that ends a completion (the first is ``eos_token_id``)."""
     if hasattr(tokenizer_or_lm, "tokenizer") and hasattr(tokenizer_or_lm, "eos_token_id"):
         lm = tokenizer_or_lm
-        return lm.tokenizer, lm.eos_token_id, lm.pad_token_id
+        eos = tuple(getattr(lm, "eos_token_ids", None) or (lm.eos_token_id,))
+        return lm.tokenizer, eos, lm.pad_token_id
     tok = tokenizer_or_lm
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     if eos is None:
-        raise ValueError("tokenizer: it defines neither an EOS nor a pad token")
-    return tok, eos, pad
+        raise ValueError("tokenizer: it defines neither an EOS nor a pad token; set "
+                         "tokenizer.eos_token, or pass the CausalLM instead")
+    return tok, (eos,), pad
 
 
-def decode_counted(tokenizer, x: torch.Tensor, eos: int) -> list[str]:
-    """Decode the generated content of each row of ``x`` (``(N, T)``), up to the first EOS."""
+def decode_counted(tokenizer, x: torch.Tensor, eos, **decode_kwargs) -> list[str]:
+    """Decode the generated content of each row of ``x`` (``(N, T)``), up to the first EOS.
+
+    :param eos: an EOS id or a sequence of them.
+    :param decode_kwargs: passed to ``tokenizer.decode`` (``skip_special_tokens`` is
+        ``True`` unless given).
+    """
+    decode_kwargs.setdefault("skip_special_tokens", True)
     keep = counted_mask(x, eos)
     rows = x.tolist()
     masks = keep.tolist()
-    return [tokenizer.decode([t for t, k in zip(r, m, strict=True) if k], skip_special_tokens=True)
+    return [tokenizer.decode([t for t, k in zip(r, m, strict=True) if k], **decode_kwargs)
             for r, m in zip(rows, masks, strict=True)]
 
 
 class Reward:
-    """Base class: subclasses implement :meth:`forward` on ``(N, T)`` rows.
+    r"""Base class of rewards: subclasses implement :meth:`forward` on ``(N, T)`` rows.
+
+    Calling a reward flattens the batch dimensions, calls :meth:`forward`, and checks
+    its result: one float per row, on the input's device, never NaN or ``+inf``.
+    :meth:`forward` keeps the prefix contract of :mod:`pyro_lm.rewards.base`: inside
+    :func:`~pyro_lm.distributions.prefix_context` it returns, for each row, a real
+    number, or ``-inf`` only when no completion of that prefix has a reward above
+    ``-inf``; on complete rows, the reward of the completion.
 
     :param str name: used in error messages (default: the class name).
     """
@@ -67,6 +114,11 @@ class Reward:
                 f"reward {self.name!r} returned NaN for {int(r.isnan().sum())} of {r.numel()} "
                 "sequences; a reward must be a real number or -inf (hard constraint). "
                 "Check the reward function on these inputs")
+        if r.isposinf().any():
+            raise ValueError(
+                f"reward {self.name!r} returned +inf for {int(r.isposinf().sum())} of "
+                f"{r.numel()} sequences; a reward must be a real number or -inf (hard "
+                "constraint)")
         return r if x.dim() == 2 else r.reshape(x.shape[:-1])
 
     def __repr__(self) -> str:
@@ -75,6 +127,9 @@ class Reward:
 
 class Callable(Reward):
     """Wrap any function ``x -> (*batch,)`` as a reward (adds the NaN and shape checks).
+
+    The function sees prefixes too (see :mod:`pyro_lm.rewards.base`); one that returns
+    ``-inf`` must do so only for prefixes that no completion can redeem.
 
     :param fn: a callable taking ``(*batch, T)`` token ids.
     :param str name: the name used in errors (default: the function's name).

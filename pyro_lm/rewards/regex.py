@@ -1,32 +1,48 @@
-"""Regular-expression rewards on decoded text."""
+r"""Regular-expression rewards on the decoded text."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 
-from pyro_lm.distributions.prefix import is_complete
-from pyro_lm.rewards.base import Reward, _special_ids, decode_counted
+from pyro_lm.rewards.base import Reward, _special_ids
+from pyro_lm.rewards.words import TokenText, decode_rows, settled_text
 
 __all__ = ["Regex"]
 
 
 class Regex(Reward):
-    r"""A reward that depends on whether the decoded completion matches a pattern.
+    r"""A reward that depends on whether the decoded completion matches a pattern:
 
-    .. math:: r(x) = \text{match if } \mathrm{re.search}(\text{pattern}, x)
-              \text{ else no\_match}
+    .. math:: r(x) = \begin{cases} \text{match} & \text{if re.search(pattern, text}(x))
+              \\ \text{no\_match} & \text{otherwise.} \end{cases}
+
+    **Prefixes.** Inside :func:`~pyro_lm.distributions.prefix_context` an incomplete
+    prefix usually cannot be decided yet, and scores ``prefix_value`` (finite: a required
+    pattern is not required of a prefix, so ``no_match=-inf`` is safe). With
+    ``monotone=True`` the caller promises that a match found in the *settled text* of a
+    prefix is found in every completion of it, and such a prefix scores ``match`` at
+    once (so ``match=-inf`` prunes it, which is what :mod:`pyro_lm.rewards.base` allows:
+    no completion can avoid the match). The settled text is the decoded prefix without
+    what the next tokens may still change: a trailing character cut in the middle
+    (U+FFFD), and a trailing run of word characters unless the tokenizer cannot continue
+    a word (word-level tokenizers). So ``r"\bidiot\b"`` is monotone with any tokenizer:
+    on " idiot", a prefix of " idiotic", it does not fire yet. Patterns that look at the
+    end of the text (``$``, ``\Z``) or far ahead are not monotone; leave them
+    ``monotone=False``.
 
     :param tokenizer: the LM's tokenizer (or a :class:`~pyro_lm.CausalLM`).
     :param str pattern: a Python regular expression, searched in the text.
     :param float match: reward when the pattern is found (``-inf`` forbids it).
     :param float no_match: reward otherwise (``-inf`` requires a match).
-    :param bool monotone: the pattern, once found in a prefix, is found in every
-        continuation (true for "contains a word" patterns). Then prefixes are
-        scored as they stand; otherwise an incomplete prefix scores
-        ``prefix_value``.
-    :param float prefix_value: value for incomplete prefixes when not monotone.
+    :param bool monotone: a match in the settled text of a prefix is a match in every
+        completion of it (true of "contains this word" patterns).
+    :param float prefix_value: the (finite) value of an incomplete prefix whose outcome
+        is not known yet.
+    :param int flags: ``re`` flags.
+    :param str name: name used in errors.
     """
 
     def __init__(self, tokenizer, pattern: str, match: float = 1.0, no_match: float = 0.0,
@@ -39,19 +55,33 @@ class Regex(Reward):
             raise ValueError(f"pattern: {pattern!r} is not a valid regular expression: {e}") from e
         for arg, value in (("match", match), ("no_match", no_match),
                            ("prefix_value", prefix_value)):
-            if value != value:
-                raise ValueError(f"{arg}: must not be NaN")
+            if value != value or value == math.inf:
+                raise ValueError(f"{arg}: must be a real number or -inf, got {value}")
+        if math.isinf(prefix_value):
+            raise ValueError("prefix_value: must be finite: -inf on every undecided prefix would "
+                             "drop completions that are allowed (use monotone=True with "
+                             "match=-inf to prune prefixes that already match)")
         self.tokenizer, self.eos, self.pad = _special_ids(tokenizer)
         self.match, self.no_match = float(match), float(no_match)
-        self.monotone, self.prefix_value = monotone, float(prefix_value)
+        self.monotone, self.prefix_value = bool(monotone), float(prefix_value)
+        self._table, self._can_extend = None, True
+        if self.monotone:
+            try:
+                table = TokenText(self.tokenizer, check=False)
+            except ValueError:  # no table: assume that every word may grow
+                table = None
+            if table is not None and table.mismatch is None:
+                self._table, self._can_extend = table, table.can_extend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        texts = decode_counted(self.tokenizer, x, self.eos)
-        found = torch.tensor([self.pattern.search(t) is not None for t in texts],
-                             device=x.device)
-        r = torch.where(found, torch.tensor(self.match, device=x.device),
-                        torch.tensor(self.no_match, device=x.device))
-        if not self.monotone:
-            done = is_complete(x, self.eos)
-            r = torch.where(done, r, torch.tensor(self.prefix_value, device=x.device))
-        return r
+        texts, complete = decode_rows(self.tokenizer, x, self.eos, self._table)
+        found = torch.tensor([self.pattern.search(settled_text(t, d, self._can_extend))
+                              is not None for t, d in zip(texts, complete, strict=True)],
+                             dtype=torch.bool, device=x.device)
+        done = torch.tensor(complete, dtype=torch.bool, device=x.device)
+        value = torch.where(found, self.match, self.no_match)
+        if self.monotone:
+            undecided = torch.where(found, self.match, self.prefix_value)
+        else:
+            undecided = torch.full_like(value, self.prefix_value)
+        return torch.where(done, value, undecided)

@@ -90,3 +90,36 @@ def test_classifier_reward_is_log_prob_of_label(tiny_lm, device):
     assert torch.allclose(out.exp() + other(x).exp(), torch.ones(2, device=device), atol=1e-5)
     with pytest.raises(ValueError, match="label: 'meh' is not one of"):
         Classifier(clf, tok, "meh", tiny_lm.tokenizer)
+
+
+def test_regex_undecided_prefixes_score_prefix_value(tiny_lm):
+    """A required pattern is not required of a prefix; a monotone match is final at once."""
+    need = Regex(tiny_lm.tokenizer, r"t2", match=0.0, no_match=-math.inf, monotone=True,
+                 prefix_value=-0.5)
+    x = torch.tensor([[1, 2, 0], [1, 0, 0], [1, 3, 3]])
+    with prefix_context(1):
+        assert need(x).tolist() == [-0.5, -0.5, -0.5]
+    with prefix_context(2):  # found: match; ended without it: no_match; open: prefix_value
+        assert need(x).tolist() == [0.0, -math.inf, -0.5]
+    assert need(x).tolist() == [0.0, -math.inf, -math.inf]
+    with pytest.raises(ValueError, match="prefix_value: must be finite"):
+        Regex(tiny_lm.tokenizer, "t1", prefix_value=-math.inf)
+    with pytest.raises(ValueError, match="match: must be a real number or -inf"):
+        Regex(tiny_lm.tokenizer, "t1", match=math.inf)
+
+
+def test_plus_inf_is_an_error_naming_the_reward():
+    r = Callable(lambda x: torch.full(x.shape[:-1], math.inf), name="greedy")
+    with pytest.raises(ValueError, match=r"reward 'greedy' returned \+inf for 2 of 2"):
+        r(torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_rewards_end_completions_at_every_eos_id_of_the_lm(tiny_lm):
+    class TwoEos:  # what CausalLM.eos_token_ids gives for instruct models
+        tokenizer, eos_token_id, pad_token_id, eos_token_ids = tiny_lm.tokenizer, 0, 0, (0, 3)
+
+    for mode in ["tokens", "text"]:
+        r = Lexicon(TwoEos(), {"t1": 1.0, "t2": 10.0}, mode=mode)
+        assert r.eos == (0, 3)
+        assert r(torch.tensor([[1, 3, 2], [2, 1, 0]])).tolist() == [1.0, 11.0]
+    assert Lexicon(tiny_lm.tokenizer, {"t1": 1.0}).eos == (0,)
