@@ -40,6 +40,7 @@ sampled completions.
 from __future__ import annotations
 
 import torch
+from pyro.ops.provenance import get_provenance, track_provenance
 
 from pyro_lm.distributions.prefix import counted_mask
 
@@ -81,7 +82,9 @@ class Reward:
     r"""Base class of rewards: subclasses implement :meth:`forward` on ``(N, T)`` rows.
 
     Calling a reward flattens the batch dimensions, calls :meth:`forward`, and checks
-    its result: one float per row, on the input's device, never NaN or ``+inf``.
+    its result: one float per row, on the input's device, never NaN or ``+inf``; the
+    result carries the input's provenance (:mod:`pyro.ops.provenance`), as a function
+    of it, even where :meth:`forward` decodes to text.
     :meth:`forward` keeps the prefix contract of :mod:`pyro_lm.rewards.base`: inside
     :func:`~pyro_lm.distributions.prefix_context` it returns, for each row, a real
     number, or ``-inf`` only when no completion of that prefix has a reward above
@@ -119,7 +122,11 @@ class Reward:
                 f"reward {self.name!r} returned +inf for {int(r.isposinf().sum())} of "
                 f"{r.numel()} sequences; a reward must be a real number or -inf (hard "
                 "constraint)")
-        return r if x.dim() == 2 else r.reshape(x.shape[:-1])
+        r = r if x.dim() == 2 else r.reshape(x.shape[:-1])
+        # a reward is a function of x, also where forward leaves torch (decoding to text):
+        # keep x's provenance, by which TraceGraph_ELBO finds the costs downstream of x
+        provenance = get_provenance(x)
+        return track_provenance(r, provenance) if provenance else r
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -53,15 +53,16 @@ def _casefold_table() -> torch.Tensor:
 
 
 @functools.cache
-def _powers(n: int) -> torch.Tensor:
-    """``(2, n)`` int64: ``base ** k mod p`` for both hashes, ``k < n``."""
-    out = torch.empty(2, n, dtype=torch.int64)
-    for which in range(2):
-        p, b, v = _PRIMES[which], _BASES[which], 1
-        for k in range(n):
-            out[which, k] = v
+def _powers(n: int, device: torch.device) -> torch.Tensor:
+    """``(2, n)`` int64 on ``device``: ``base ** k mod p`` for both hashes, ``k < n``."""
+    out = []
+    for p, b in zip(_PRIMES, _BASES, strict=True):
+        row, v = [], 1
+        for _ in range(n):
+            row.append(v)
             v = v * b % p
-    return out
+        out.append(row)
+    return torch.tensor(out, dtype=torch.int64, device=device)
 
 
 class Lexicon(Reward):
@@ -237,7 +238,7 @@ class Lexicon(Reward):
         length = torch.where(word, length, 0)
         seen = length.cumsum(-1) - length  # folded code points before each character
         offset = seen - torch.cummax(torch.where(start, seen, 0), -1).values
-        powers = _powers(_next_power_of_two(3 * cp.shape[-1])).to(cp.device)
+        powers = _powers(_next_power_of_two(3 * cp.shape[-1]), cp.device)
         key = torch.zeros_like(c)
         for which in range(2):
             term = torch.where(word, h[which] * powers[which][offset] % _PRIMES[which], 0)

@@ -176,10 +176,10 @@ def _utf8_decode(b: torch.Tensor):
         (U+FFFD for those bytes), ``good`` the bytes of valid characters.
     """
     def ahead(k):
-        return torch.nn.functional.pad(b[:, k:], (0, k), value=-1)
+        return torch.nn.functional.pad(b, (0, k), value=-1)[:, k:]
 
     def behind(v, k):
-        return torch.nn.functional.pad(v[:, :-k], (k, 0), value=False)
+        return torch.nn.functional.pad(v, (k, 0), value=False)[:, :v.shape[1]]
 
     def cont(v):
         return (v >= 0x80) & (v < 0xC0)
@@ -213,8 +213,7 @@ def compact(values: torch.Tensor, keep: torch.Tensor, fill) -> torch.Tensor:
     target = torch.where(keep, keep.long().cumsum(-1) - 1, width)
     out = torch.full((values.shape[0], width + 1), fill, dtype=values.dtype,
                      device=values.device)
-    out.scatter_(1, target, values)
-    return out[:, :width]
+    return out.scatter(1, target, values)[:, :width]
 
 
 @functools.cache
@@ -314,12 +313,15 @@ class TokenText:
 
     def _tables(self, device):
         if device not in self._cache:
-            width = max(1, max(len(b) for b in self.token_bytes))
-            table = torch.full((self.size + 1, width), -1, dtype=torch.int64)
-            for i, b in enumerate(self.token_bytes):
-                if b:
-                    table[i, :len(b)] = torch.tensor(list(b), dtype=torch.int64)
             lengths = torch.tensor([len(b) for b in self.token_bytes] + [0])
+            width = max(1, int(lengths.max()))
+            flat = torch.frombuffer(bytearray(b"".join(self.token_bytes)) or bytearray(1),
+                                    dtype=torch.uint8)[:int(lengths.sum())]
+            # row i, column j < len(token i) holds byte j of token i; the rest is -1
+            column = torch.arange(width)
+            inside = column < lengths[:, None]
+            table = torch.full((self.size + 1, width), -1, dtype=torch.int64)
+            table[inside] = flat.long()
             fallback = torch.tensor(self.fallback + [False])
             self._cache[device] = (table.to(device), lengths.to(device), fallback.to(device),
                                    _is_word_table().to(device))
@@ -343,6 +345,10 @@ class TokenText:
         b = table[ids]  # (N, T, width)
         present = b >= 0
         b = compact(b.reshape(n, -1), present.reshape(n, -1), -1)
+        # one host read per call: crop the rows to the longest text (T * width bytes may be
+        # far more, for vocabularies with a few very long tokens)
+        size = max(1, int(present.sum((-2, -1)).max())) if n else 1
+        b = b[:, :size]
         cp, start, good = _utf8_decode(b)
         undecided = torch.zeros_like(start)
         if self.runs:
@@ -352,7 +358,7 @@ class TokenText:
             last = (lengths[ids] > 0).long().sum(-1).sub(1).clamp(min=0)
             trailing = torch.where(complete, 0, run.gather(1, last[:, None])[:, 0])
             run = compact(run[:, :, None].expand(-1, -1, width).reshape(n, -1),
-                          present.reshape(n, -1), 0)
+                          present.reshape(n, -1), 0)[:, :size]
             bad = torch.zeros(n, ids.shape[1] + 1, dtype=torch.long, device=x.device)
             bad = bad.scatter_reduce(1, run, ((run > 0) & ~good).long(), "amax")
             invalid = (run > 0) & (bad.gather(1, run) > 0)

@@ -123,3 +123,13 @@ def test_rewards_end_completions_at_every_eos_id_of_the_lm(tiny_lm):
         assert r.eos == (0, 3)
         assert r(torch.tensor([[1, 3, 2], [2, 1, 0]])).tolist() == [1.0, 11.0]
     assert Lexicon(tiny_lm.tokenizer, {"t1": 1.0}).eos == (0,)
+
+
+@pytest.mark.parametrize("mode", ["tokens", "text"])
+def test_rewards_keep_the_provenance_of_their_input(tiny_lm, mode):
+    """TraceGraph_ELBO finds the costs downstream of a sample site by provenance."""
+    from pyro.ops.provenance import ProvenanceTensor, get_provenance
+
+    x = ProvenanceTensor(torch.tensor([[1, 2, 0]]), frozenset({"x"}))
+    assert get_provenance(Lexicon(tiny_lm.tokenizer, {"t1": 1.0}, mode=mode)(x)) == {"x"}
+    assert get_provenance(Regex(tiny_lm.tokenizer, "t1")(x)) == {"x"}
