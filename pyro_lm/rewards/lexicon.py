@@ -44,11 +44,11 @@ def _casefold_table() -> torch.Tensor:
     and its length (``"ß"`` folds to ``"ss"``)."""
     table = torch.arange(_NUM_CODE_POINTS, dtype=torch.int64).repeat(3, 1)
     table[2] = 1
-    for c in range(_NUM_CODE_POINTS):
-        folded = chr(c).casefold()
-        if folded != chr(c):
-            cps = [ord(f) for f in folded]
-            table[0, c], table[1, c], table[2, c] = _hash(cps, 0), _hash(cps, 1), len(cps)
+    changed = [(c, f) for c in range(_NUM_CODE_POINTS) if (f := chr(c).casefold()) != chr(c)]
+    index = torch.tensor([c for c, _ in changed])
+    for row, value in enumerate((lambda f: _hash(map(ord, f), 0), lambda f: _hash(map(ord, f), 1),
+                                 len)):
+        table[row, index] = torch.tensor([value(f) for _, f in changed])
     return table
 
 
