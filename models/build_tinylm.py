@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run without installing
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from pyro_lm.data import (
@@ -58,15 +58,22 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     """Build the word-level tokenizer over the grammar's vocabulary.
 
     Ids 0-3 are ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``; the grammar's
-    words follow in sorted order. Encoding adds no special tokens, and
-    decoding joins tokens with single spaces, so ``decode(encode(text))``
-    gives back any space-tokenised corpus text.
+    words follow in sorted order. Encoding prepends ``<bos>`` (a
+    ``TemplateProcessing`` post-processor, as Llama 3's tokenizer does), so
+    ``tokenizer(prompt)["input_ids"]`` is the context the model was trained
+    to continue; ``add_special_tokens=False`` gives the words alone. Decoding
+    joins tokens with single spaces (special tokens skipped on request), so
+    ``decode(encode(text), skip_special_tokens=True)`` gives back any
+    space-tokenised corpus text.
 
     :return: the tokenizer.
     """
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *vocabulary()])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", BOS_ID)]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<bos>",
@@ -79,13 +86,16 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def encode(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> list[list[int]]:
-    """Encode texts as ``[<bos>] + tokens + [<eos>]``.
+    """Encode texts as ``[<bos>] + tokens + [<eos>]``, each special token once.
 
-    :param tokenizer: the word-level tokenizer.
+    :param tokenizer: the tokenizer (its own special tokens are not added:
+        ``<bos>`` and ``<eos>`` are written here).
     :param texts: the documents.
     :return: one list of token ids per text.
     """
-    return [[BOS_ID, *tokenizer.encode(text), EOS_ID] for text in texts]
+    return [
+        [BOS_ID, *tokenizer.encode(text, add_special_tokens=False), EOS_ID] for text in texts
+    ]
 
 
 def collate(seqs: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
@@ -148,7 +158,7 @@ def sample(
     :return: the decoded documents (prompt included, ``<eos>`` excluded).
     """
     model.eval()
-    ids = torch.tensor([[BOS_ID, *tokenizer.encode(prompt)]] * n)
+    ids = torch.tensor([[BOS_ID, *tokenizer.encode(prompt, add_special_tokens=False)]] * n)
     done = torch.zeros(n, dtype=torch.bool)
     for _ in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
@@ -278,8 +288,9 @@ Rebuilding with the same command and software gives the same
 Word level (`tokenizers` `WordLevel` model, `WhitespaceSplit`
 pre-tokenizer), {facts["vocab_size"]} tokens: `<pad>`=0, `<bos>`=1,
 `<eos>`=2, `<unk>`=3, then every word of `pyro_lm.data.vocabulary()` in
-sorted order. Encoding adds no special tokens (callers prepend `<bos>`);
-decoding joins tokens with spaces.
+sorted order. Encoding prepends `<bos>` (a `TemplateProcessing`
+post-processor), so `tokenizer(prompt)["input_ids"]` is the context the model
+was trained on; decoding joins tokens with spaces.
 
 ## Numbers
 
@@ -332,7 +343,7 @@ def main(args: argparse.Namespace) -> None:
 
     tokenizer = build_tokenizer()
     probe = "review : the blender is great ."
-    if tokenizer.decode(tokenizer.encode(probe)) != probe:
+    if tokenizer.decode(tokenizer.encode(probe), skip_special_tokens=True) != probe:
         raise RuntimeError("the tokenizer does not round-trip corpus text")
     train_docs = generate_corpus(args.num_docs, seed=args.seed)
     heldout_docs = generate_corpus(NUM_HELDOUT, seed=args.seed + HELDOUT_SEED_OFFSET)

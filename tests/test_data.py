@@ -144,16 +144,19 @@ def test_bundled_tokenizer(tinylm):
     assert tokenizer.get_vocab() == {w: i for i, w in enumerate(SPECIAL_TOKENS + vocabulary())}
     assert model.config.vocab_size == len(tokenizer)
     text = "review : the blender is great ."
-    encoded = tokenizer.encode(text)
-    assert len(encoded) == len(text.split())
-    assert tokenizer.decode(encoded) == text
+    words = tokenizer.encode(text, add_special_tokens=False)
+    assert len(words) == len(text.split())
+    assert tokenizer.decode(words) == text
+    # the tokenizer itself starts a prompt with <bos>, as the model was trained
+    assert tokenizer(text)["input_ids"] == [tokenizer.bos_token_id, *words]
+    assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
 
 
 def _mean_nll(model, tokenizer, texts):
     total, count = 0.0, 0
     with torch.no_grad():
         for text in texts:
-            ids = torch.tensor([[1, *tokenizer.encode(text), 2]])
+            ids = torch.tensor([[*tokenizer.encode(text), 2]])  # <bos> added by the tokenizer
             logits = model(input_ids=ids).logits[0, :-1]
             total += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
             count += ids.shape[1] - 1
