@@ -1,26 +1,30 @@
 r"""A causal language model as a Pyro distribution over completions.
 
 The value is the completion only, a LongTensor ``(*batch_shape, T)`` with
-``T = max_new_tokens``. A completion ends at its first EOS (every later
-position holds ``pad_token_id``) or is truncated at ``T`` tokens, so the
-support is finite: every sequence of at most ``T`` tokens.
+``T = max_new_tokens``. A completion ends at its first EOS, the first token of the
+set :math:`E` = :attr:`~pyro_lm.CausalLM.eos_token_ids` (every later position holds
+``pad_token_id``), or is truncated at ``T`` tokens, so the support is finite: every
+sequence of at most ``T`` tokens.
 
 .. math::
 
     p_0(x \mid c) = \prod_{t=1}^{\tau(x)} p_0(x_t \mid c, x_{<t}),
-    \qquad \tau(x) = \min(\{t : x_t = \mathrm{EOS}\} \cup \{T\}).
+    \qquad \tau(x) = \min(\{t : x_t \in E\} \cup \{T\}).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
+from collections.abc import Mapping
 
 import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
 from pyro_lm._validation import check_positive_int
+from pyro_lm.distributions.prefix import is_eos
 from pyro_lm.lm.causal_lm import CausalLM
 from pyro_lm.lm.decoding import sample_tokens
 
@@ -53,6 +57,11 @@ def _prompt_key(lm, prompts, attention_mask):
         key = prompts
     elif isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts):
         key = tuple(prompts)
+    elif isinstance(prompts, (list, tuple)):  # chats: their content, if it is JSON
+        try:
+            key = ("chat", json.dumps(prompts, sort_keys=True))
+        except (TypeError, ValueError):
+            return None
     elif isinstance(prompts, torch.Tensor) and not prompts.is_inference():
         key = (id(prompts), prompts._version)  # inference tensors have no version counter
     else:
@@ -71,20 +80,26 @@ def unwrap_lm(fn):
     return fn
 
 
-def after_first_eos(x: torch.Tensor, eos: int) -> torch.Tensor:
-    """Bool mask ``(..., T)``: positions strictly after the first EOS."""
-    is_eos = (x == eos).long()
-    return (is_eos.cumsum(-1) - is_eos) > 0
+def after_first_eos(x: torch.Tensor, eos) -> torch.Tensor:
+    """Bool mask ``(..., T)``: positions strictly after the first EOS.
+
+    :param eos: an EOS id or a sequence of them (see :func:`~pyro_lm.distributions.prefix.is_eos`).
+    """
+    ended = is_eos(x, eos).long()
+    return (ended.cumsum(-1) - ended) > 0
 
 
 class SequenceConstraint(constraints.Constraint):
     """Support of :class:`LMDistribution`: token ids in ``[0, vocab_size)``,
-    shape ``(..., T)``, ``pad_token_id`` at every position after the first EOS."""
+    shape ``(..., T)``, ``pad_token_id`` at every position after the first EOS.
+
+    :param eos: the EOS id, or the tuple of every id that ends a completion.
+    """
 
     is_discrete = True
     event_dim = 1
 
-    def __init__(self, vocab_size: int, max_new_tokens: int, eos: int, pad: int):
+    def __init__(self, vocab_size: int, max_new_tokens: int, eos, pad: int):
         self.vocab_size = vocab_size
         self.max_new_tokens = max_new_tokens
         self.eos = eos
@@ -108,12 +123,16 @@ class LMDistribution(TorchDistribution):
     r"""The completions of a causal LM given prompts, as a distribution.
 
     :param lm: a :class:`~pyro_lm.CausalLM`.
-    :param prompts: a string (``batch_shape == ()``), a list of ``B`` strings
-        (``batch_shape == (B,)``), or token ids: a LongTensor ``(*batch, L)``
-        (``batch_shape == batch``), left-padded with ``attention_mask``. Prompts of
-        different lengths may share a batch; a prompt chosen by another random choice
-        (``prompt_ids[z]``) or built from an earlier completion (:meth:`prompt_with`)
-        has the batch shape of that choice.
+    :param prompts: a string or a chat (a list of ``{"role", "content"}`` messages;
+        ``batch_shape == ()``), a list of ``B`` strings or chats (``batch_shape ==
+        (B,)``), a ``BatchEncoding`` (one row per row of its ``input_ids``), or token
+        ids: a LongTensor ``(*batch, L)`` (``batch_shape == batch``), left-padded with
+        ``attention_mask``. Text and chats are encoded as transformers would (see
+        :meth:`pyro_lm.CausalLM.encode`: exactly ``tokenizer(prompt)["input_ids"]``, or
+        the chat template with the generation prompt). Prompts of different lengths may
+        share a batch; a prompt chosen by another random choice (``prompt_ids[z]``) or
+        built from an earlier completion (:meth:`prompt_with`) has the batch shape of
+        that choice.
     :param int max_new_tokens: ``T``, the completion length.
     :param torch.Tensor attention_mask: ``(*batch, L)`` for tensor prompts (default:
         all ones).
@@ -122,7 +141,8 @@ class LMDistribution(TorchDistribution):
     :param int max_enumerate: largest support :meth:`enumerate_support` builds.
 
     ``log_prob`` sums float32 token log-probs up to and including the first
-    EOS; it is pure and differentiable in the LM's parameters. ``sample`` draws
+    EOS (any of the LM's :attr:`~pyro_lm.CausalLM.eos_token_ids`); it is pure and
+    differentiable in the LM's parameters. ``sample`` draws
     all sequences in one batched incremental decode with a KV cache and no
     gradient; ``has_rsample`` is ``False`` (use score-function estimators).
     The LM is always evaluated with dropout off.
@@ -168,21 +188,16 @@ class LMDistribution(TorchDistribution):
     # ------------------------------------------------------------------ prompts
     @staticmethod
     def _prepare_prompts(lm: CausalLM, prompts, attention_mask):
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and all(isinstance(p, str) for p in prompts)):
+        if isinstance(prompts, (str, list, tuple, Mapping)):
             if attention_mask is not None:
-                raise ValueError("attention_mask: only meaningful with tensor prompts")
+                raise ValueError("attention_mask: only meaningful with tensor prompts (a "
+                                 "BatchEncoding carries its own)")
             ids, mask = lm.encode(prompts)
-            batch = torch.Size() if isinstance(prompts, str) else torch.Size((len(prompts),))
+            batch = torch.Size() if lm.is_single_prompt(prompts) else torch.Size(ids.shape[:1])
             return ids, mask, batch
-        if isinstance(prompts, (list, tuple)):
-            if not prompts:
-                raise ValueError("prompts: got an empty list; pass at least one prompt")
-            raise TypeError("prompts: a list must hold only strings; pass token ids as a "
-                            "LongTensor (B, L) with an attention_mask")
         if not isinstance(prompts, torch.Tensor):
-            raise TypeError(f"prompts: expected str, list of str or LongTensor, got "
-                            f"{type(prompts).__name__}")
+            raise TypeError(f"prompts: expected a string, a chat, a list of them, a "
+                            f"BatchEncoding or a LongTensor, got {type(prompts).__name__}")
         if prompts.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
             raise TypeError(f"prompts: token ids must be an integer tensor, got {prompts.dtype}")
         if prompts.dim() < 1:
@@ -265,7 +280,8 @@ class LMDistribution(TorchDistribution):
 
         :param torch.Tensor value: completions ``(*shape, T)`` of this distribution
             (``shape`` broadcasts with ``batch_shape``).
-        :param bool keep_eos: keep each completion's EOS token (default: drop it).
+        :param bool keep_eos: keep each completion's EOS token, whichever of the LM's
+            :attr:`~pyro_lm.CausalLM.eos_token_ids` it is (default: drop it).
         :returns: ``(input_ids, attention_mask)``, each ``(*shape, L + T)``, for
             ``LMDistribution(lm, input_ids, T2, attention_mask=attention_mask)``.
 
@@ -281,10 +297,10 @@ class LMDistribution(TorchDistribution):
         ids = ids.reshape(self.batch_shape + ids.shape[-1:]).expand(shape + ids.shape[-1:])
         mask = mask.reshape(self.batch_shape + mask.shape[-1:]).expand(ids.shape)
         value = value.to(ids.device).expand(shape + value.shape[-1:])
-        eos = self.lm.eos_token_id
+        eos = self.lm.eos_token_ids
         kept = ~after_first_eos(value, eos)
         if not keep_eos:
-            kept &= value != eos
+            kept &= ~is_eos(value, eos)
         ids = torch.cat([ids, value.masked_fill(~kept, self.lm.pad_token_id)], -1)
         mask = torch.cat([mask, kept.long()], -1)
         order = mask.argsort(dim=-1, stable=True)  # padding to the left, tokens kept in order
@@ -323,7 +339,7 @@ class LMDistribution(TorchDistribution):
     @constraints.dependent_property(is_discrete=True, event_dim=1)
     def support(self):
         return SequenceConstraint(self.lm.vocab_size, self.max_new_tokens,
-                                  self.lm.eos_token_id, self.lm.pad_token_id)
+                                  self.lm.eos_token_ids, self.lm.pad_token_id)
 
     def _validate_sample(self, value: torch.Tensor) -> None:
         if not isinstance(value, torch.Tensor) or value.dtype != torch.long:
@@ -342,15 +358,17 @@ class LMDistribution(TorchDistribution):
         if ((value < 0) | (value >= vocab)).any():
             bad = value[(value < 0) | (value >= vocab)][:5].tolist()
             raise ValueError(f"value: token ids {bad} out of range [0, {vocab})")
-        tail = after_first_eos(value, self.lm.eos_token_id)
+        eos = self.lm.eos_token_ids
+        tail = after_first_eos(value, eos)
         if (tail & (value != self.lm.pad_token_id)).any():
-            raise ValueError(f"value: every position after the first EOS "
-                             f"({self.lm.eos_token_id}) must hold pad_token_id "
-                             f"({self.lm.pad_token_id}); use LMDistribution.canonicalize(value)")
+            ids = eos[0] if len(eos) == 1 else list(eos)
+            raise ValueError(f"value: every position after the first EOS ({ids}) must hold "
+                             f"pad_token_id ({self.lm.pad_token_id}); use "
+                             "LMDistribution.canonicalize(value)")
 
     def canonicalize(self, value: torch.Tensor) -> torch.Tensor:
-        """Replace every token after the first EOS by ``pad_token_id``."""
-        tail = after_first_eos(value, self.lm.eos_token_id)
+        """Replace every token after the first EOS (any EOS id) by ``pad_token_id``."""
+        tail = after_first_eos(value, self.lm.eos_token_ids)
         return value.masked_fill(tail, self.lm.pad_token_id)
 
     # --------------------------------------------------------------- sampling
@@ -418,13 +436,15 @@ class LMDistribution(TorchDistribution):
         logits = logits[:, -t:].float()
         token_logp = logits.log_softmax(-1).gather(-1, x[..., None]).squeeze(-1)
         # select rather than multiply: a -inf log-prob after EOS must give 0, not NaN
-        return token_logp.masked_fill(after_first_eos(x, self.lm.eos_token_id), 0.0)
+        return token_logp.masked_fill(after_first_eos(x, self.lm.eos_token_ids), 0.0)
 
     # ------------------------------------------------------------- enumeration
     def support_size(self) -> int:
-        """Number of sequences of at most ``T`` tokens: ``sum_{k<T} (V-1)^k + (V-1)^T``."""
-        v, t = self.lm.vocab_size - 1, self.max_new_tokens
-        return sum(v**k for k in range(t)) + v**t
+        r"""Number of sequences of at most ``T`` tokens, with :math:`|E|` EOS ids:
+        :math:`|E| \sum_{k<T} (V-|E|)^k + (V-|E|)^T`."""
+        e = len(self.lm.eos_token_ids)
+        v, t = self.lm.vocab_size - e, self.max_new_tokens
+        return e * sum(v**k for k in range(t)) + v**t
 
     def enumerate_support(self, expand: bool = True) -> torch.Tensor:
         """Every completion, in canonical form.
@@ -439,9 +459,9 @@ class LMDistribution(TorchDistribution):
                 f"{self.lm.vocab_size}, max_new_tokens={self.max_new_tokens}), above "
                 f"max_enumerate={self.max_enumerate}; enumerate only tiny vocabularies and "
                 "lengths, or pass a larger max_enumerate to LMDistribution")
-        eos, pad, t = self.lm.eos_token_id, self.lm.pad_token_id, self.max_new_tokens
+        eos, pad, t = self.lm.eos_token_ids, self.lm.pad_token_id, self.max_new_tokens
         device = self.prompt_ids.device
-        tokens = torch.tensor([v for v in range(self.lm.vocab_size) if v != eos],
+        tokens = torch.tensor([v for v in range(self.lm.vocab_size) if v not in eos],
                               dtype=torch.long, device=device)
         rows = []
         for k in range(t + 1):
@@ -450,9 +470,10 @@ class LMDistribution(TorchDistribution):
             body = _cartesian(tokens, k, device)  # (m, k)
             m = body.shape[0]
             if k < t:
-                tail = torch.full((m, t - k), pad, dtype=torch.long, device=device)
-                tail[:, 0] = eos
-                rows.append(torch.cat([body, tail], dim=-1))
+                for end in eos:  # ended at token k + 1 by each EOS id
+                    tail = torch.full((m, t - k), pad, dtype=torch.long, device=device)
+                    tail[:, 0] = end
+                    rows.append(torch.cat([body, tail], dim=-1))
             else:
                 rows.append(body)
         support = torch.cat(rows)

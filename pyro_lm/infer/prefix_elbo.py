@@ -166,7 +166,7 @@ class PrefixSequenceELBO(SequenceELBO):
         to_go = (log_p - log_q).flip(-1).cumsum(-1).flip(-1)  # sum over s >= t
         signal = torch.as_tensor(log_f, dtype=to_go.dtype, device=to_go.device)[..., None]
         signal = signal + self.kl_weight * to_go
-        active = ~after_first_eos(value, dist.lm.eos_token_id)
+        active = ~after_first_eos(value, dist.lm.eos_token_ids)
         if with_prefix:
             # Phi_0 (the empty prefix) is the same for every particle of a prompt: the
             # leave-one-out mean removes it, so it is taken to be 0 rather than evaluated.

@@ -234,7 +234,7 @@ class SMC:
         decoder_p = make_decoder(prior.lm, ids, mask, big_t) if proposal is not prior else None
         decoders = (decoder_q,) if decoder_p is None else (decoder_q, decoder_p)
         shape = torch.Size((n,)) + batch
-        eos, pad = prior.lm.eos_token_id, prior.lm.pad_token_id
+        eos, pad = prior.lm.eos_token_ids, prior.lm.pad_token_id
         pop = Populations(shape, big_t, eos, pad, self.ess_threshold, self.resampling, decoders,
                           ids.device)
         if self.lookahead is None:

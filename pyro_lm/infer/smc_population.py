@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from pyro_lm.distributions.prefix import is_eos
 from pyro_lm.infer.resampling import RESAMPLERS
 
 __all__ = ["Populations", "decode"]
@@ -33,7 +34,7 @@ class Populations:
 
     :param torch.Size shape: ``(N, *batch)``: particles per prompt, then the batch.
     :param int max_new_tokens: ``T``, the columns of the token buffer.
-    :param int eos: ``eos_token_id``; a row ends at its first EOS.
+    :param eos: the LM's ``eos_token_ids`` (or one id); a row ends at its first EOS.
     :param int pad: ``pad_token_id``, the token of ended rows.
     :param float ess_threshold: resample a population when
         :math:`\mathrm{ESS} < \text{ess\_threshold} \cdot N` (0: never).
@@ -48,7 +49,7 @@ class Populations:
     scalar read.
     """
 
-    def __init__(self, shape: torch.Size, max_new_tokens: int, eos: int, pad: int,
+    def __init__(self, shape: torch.Size, max_new_tokens: int, eos, pad: int,
                  ess_threshold: float, resampling: str, decoders, device: torch.device):
         n, b = shape[0], shape[1:].numel()
         rows = n * b
@@ -75,7 +76,7 @@ class Populations:
         ended) and mark the rows that emit EOS as ended."""
         token.masked_fill_(self.done, self._pad)
         self.x[:, t] = token
-        self.done = self.done | (token == self.eos)
+        self.done = self.done | is_eos(token, self.eos)
 
     def reweight(self, phi: torch.Tensor, increment: torch.Tensor) -> None:
         """Add ``increment`` ``(R,)`` to the log-weights, keep the new potentials ``phi``

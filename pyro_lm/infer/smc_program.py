@@ -154,7 +154,7 @@ def _decode(smc, name, prior, proposal, shape, values, factors, args, kwargs, lo
     decoder_p = make_decoder(prior.lm, ids, mask, big_t) if proposal.lm is not prior.lm \
         else None
     decoders = (decoder_q,) if decoder_p is None else (decoder_q, decoder_p)
-    pop = Populations(shape, big_t, prior.lm.eos_token_id, prior.lm.pad_token_id,
+    pop = Populations(shape, big_t, prior.lm.eos_token_ids, prior.lm.pad_token_id,
                       smc.ess_threshold, smc.resampling, decoders, ids.device)
     if log_w is not None:  # the weights and potentials of the earlier stages
         pop.log_w, pop.phi = log_w.clone(), phi.clone()

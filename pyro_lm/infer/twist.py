@@ -61,6 +61,7 @@ from torch import nn
 
 from pyro_lm._validation import check_positive_int
 from pyro_lm.distributions.lm_distribution import LMDistribution, prompt_cache
+from pyro_lm.distributions.prefix import is_eos
 from pyro_lm.infer.program import single_lm_site
 from pyro_lm.lm.causal_lm import CausalLM, eval_mode
 from pyro_lm.poutine import LogFactorsMessenger
@@ -131,8 +132,8 @@ class ValueTwist(nn.Module):
                                 position_ids=positions, output_hidden_states=True)
         hidden = out.hidden_states[-1][:, ids.shape[-1]:].float()  # (R, T', d)
         # after the first EOS the completion is over: keep the state at the EOS
-        is_eos = rows == self.lm.eos_token_id
-        first = torch.where(is_eos.any(-1), is_eos.long().argmax(-1), length)  # (R,)
+        ended = is_eos(rows, self.lm.eos_token_ids)
+        first = torch.where(ended.any(-1), ended.long().argmax(-1), length)  # (R,)
         steps = torch.arange(length, device=rows.device)
         at = torch.minimum(steps, first[:, None])  # (R, T')
         width = hidden.shape[-1]

@@ -1,19 +1,25 @@
 """Adapter over a transformers causal LM and its tokenizer.
 
 :class:`CausalLM` is the one object the rest of pyro_lm talks to: it owns the
-network, the tokenizer and the device, encodes prompts with left padding, and
-runs forward passes *as a distribution* (dropout off, float32 log-probs), so
-that sampling and scoring always describe the same law.
+network, the tokenizer and the device, encodes prompts (text, chats or token ids)
+with left padding exactly as transformers would, knows every token that ends a
+completion, decodes completions to text, and runs forward passes *as a
+distribution* (dropout off, float32 log-probs), so that sampling and scoring
+always describe the same law.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import copy
+import functools
 import hashlib
 import inspect
+import json
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -45,10 +51,22 @@ class CausalLM(nn.Module):
     frozen (``requires_grad=False``): it plays the prior :math:`p_0`. Use
     :meth:`trainable_copy` for a guide :math:`q`.
 
+    **Prompts** are encoded as transformers would: a text prompt is exactly
+    ``tokenizer(prompt)["input_ids"]``, with the special tokens that tokenizer adds
+    itself (a Llama or Mistral tokenizer adds its BOS, GPT-2's and Qwen2's add none),
+    and a chat (a list of messages) is the tokenizer's chat template with the
+    generation prompt (see :meth:`encode`). Models that need a start token their
+    tokenizer does not add ask for it with ``add_bos=True``.
+
+    **Completions end** at the first of :attr:`eos_token_ids`: the tokenizer's EOS
+    and every id of the model's ``generation_config.eos_token_id`` (instruct models
+    end a turn with one token and a document with another).
+
     :param model: a transformers causal LM (``AutoModelForCausalLM``-like).
     :param tokenizer: its tokenizer; must define an EOS or a pad token.
-    :param bool add_bos: prepend the tokenizer's BOS token when encoding text
-        prompts (default: when the tokenizer has one and does not add it itself).
+    :param bool add_bos: ``True``: prepend the tokenizer's BOS token to text and chat
+        prompts unless they already start with it. ``None`` or ``False`` (default):
+        condition on what the tokenizer (or the chat template) writes, nothing more.
     :param bool trainable: leave ``requires_grad`` as it is instead of freezing.
     """
 
@@ -71,11 +89,11 @@ class CausalLM(nn.Module):
                 "before wrapping it in CausalLM")
         self._eos = eos if eos is not None else pad
         self._pad = pad if pad is not None else eos
-        bos = tokenizer.bos_token_id
-        if add_bos is None:
-            add_bos = bos is not None and not self._tokenizer_adds_bos()
-        if add_bos and bos is None:
-            raise ValueError("add_bos: the tokenizer has no BOS token to prepend")
+        if add_bos not in (None, False, True):
+            raise TypeError(f"add_bos: expected True, False or None, got {add_bos!r}")
+        if add_bos and tokenizer.bos_token_id is None:
+            raise ValueError("add_bos: the tokenizer has no BOS token to prepend; set "
+                             "tokenizer.bos_token, or leave add_bos unset")
         self.add_bos = bool(add_bos)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         params = inspect.signature(base.forward).parameters
@@ -85,7 +103,8 @@ class CausalLM(nn.Module):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path_or_name: str | os.PathLike, device=None, dtype=None,
-                        trust_remote_code: bool = False, **kwargs) -> CausalLM:
+                        trust_remote_code: bool = False, add_bos: bool | None = None,
+                        trainable: bool = False, **kwargs) -> CausalLM:
         """Load a causal LM and its tokenizer.
 
         A local directory is read with ``local_files_only=True``: nothing is
@@ -97,6 +116,10 @@ class CausalLM(nn.Module):
         :param dtype: parameter dtype, e.g. ``torch.bfloat16`` (log-probs are
             always computed in float32).
         :param bool trust_remote_code: forwarded to transformers; off unless asked.
+        :param bool add_bos: :class:`CausalLM`'s option (prepend the BOS to text prompts).
+        :param bool trainable: :class:`CausalLM`'s option (do not freeze the weights).
+        :param kwargs: further options of transformers' ``from_pretrained`` (e.g.
+            ``revision``, ``attn_implementation``), given to the tokenizer and the model.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -119,7 +142,7 @@ class CausalLM(nn.Module):
                                                      **model_opts)
         if device is not None:
             model = model.to(device)
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, add_bos=add_bos, trainable=trainable)
 
     def trainable_copy(self, lora=None) -> CausalLM:
         """An independent copy with gradients, to serve as a guide :math:`q`.
@@ -175,7 +198,23 @@ class CausalLM(nn.Module):
 
     @property
     def eos_token_id(self) -> int:
+        """The tokenizer's EOS (its pad token if it has none): the first of
+        :attr:`eos_token_ids`, the token :meth:`~pyro_lm.LMDistribution.encode_value`
+        ends observed text with."""
         return int(self._eos)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every token that ends a completion: :attr:`eos_token_id` first, then the ids of
+        the model's ``generation_config.eos_token_id`` (an int or a list), without
+        repeats. Read from the model at each access, so that editing its generation
+        config takes effect; ids outside the vocabulary are left out (never sampled)."""
+        ids = [int(self._eos)]
+        extra = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if extra is not None:
+            ids += [int(extra)] if isinstance(extra, int) else [int(i) for i in extra]
+        size = self.vocab_size
+        return tuple(i for i in dict.fromkeys(ids) if 0 <= i < size)
 
     @property
     def pad_token_id(self) -> int:
@@ -196,23 +235,26 @@ class CausalLM(nn.Module):
         return None
 
     def tokenizer_fingerprint(self) -> str:
-        """A hash of the vocabulary and special tokens, to compare tokenizers."""
-        if not hasattr(self, "_fingerprint"):
+        """A hash of the vocabulary, special tokens and chat template, to compare
+        tokenizers (the vocabulary's hash is computed once; the EOS ids are read anew)."""
+        if not hasattr(self, "_vocab_hash"):
             vocab = sorted(self.tokenizer.get_vocab().items())
-            blob = repr((vocab, self.eos_token_id, self.pad_token_id, self.add_bos,
-                         self.bos_token_id, self.vocab_size)).encode()
-            self._fingerprint = hashlib.sha1(blob).hexdigest()
-        return self._fingerprint
+            self._vocab_hash = hashlib.sha1(repr(vocab).encode()).hexdigest()
+        blob = repr((self._vocab_hash, self.eos_token_ids, self.pad_token_id, self.add_bos,
+                     self.bos_token_id, self.vocab_size,
+                     getattr(self.tokenizer, "chat_template", None))).encode()
+        return hashlib.sha1(blob).hexdigest()
 
     def check_compatible(self, other: CausalLM, name: str = "lm") -> None:
         """Raise a :class:`ValueError` naming ``name`` unless ``other`` tokenizes
-        exactly like this LM (same vocabulary, EOS, pad, BOS and output size)."""
+        exactly like this LM (same vocabulary, EOS ids, pad, BOS, chat template and output
+        size)."""
         if not isinstance(other, CausalLM):
             raise TypeError(f"{name}: expected a pyro_lm.CausalLM, got {type(other).__name__}")
         if other is self or other.tokenizer_fingerprint() == self.tokenizer_fingerprint():
             return
         diffs = []
-        for attr in ("vocab_size", "eos_token_id", "pad_token_id", "bos_token_id", "add_bos"):
+        for attr in ("vocab_size", "eos_token_ids", "pad_token_id", "bos_token_id", "add_bos"):
             a, b = getattr(self, attr), getattr(other, attr)
             if a != b:
                 diffs.append(f"{attr} {b} != {a}")
@@ -223,41 +265,51 @@ class CausalLM(nn.Module):
             "must share one tokenizer; build the guide with prior.trainable_copy()")
 
     # ----------------------------------------------------------------- encoding
-    def _tokenizer_adds_bos(self) -> bool:
-        try:
-            with_special = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-            without = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        except (TypeError, ValueError, KeyError):  # exotic tokenizers: assume they do not
-            return False
-        return len(with_special) > len(without) and with_special[0] == self.tokenizer.bos_token_id
+    @staticmethod
+    def is_single_prompt(prompts) -> bool:
+        """Whether ``prompts`` is one prompt (a string, one chat, or an encoding whose
+        ``input_ids`` is one row) rather than a batch of them."""
+        if isinstance(prompts, str):
+            return True
+        if isinstance(prompts, Mapping):
+            return _is_id_row(_as_list(prompts.get("input_ids")))
+        return _is_chat(prompts)
 
-    def encode(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode prompts, left-padded.
+    def encode(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode prompts as transformers would, left-padded.
 
-        :param texts: a string or a list of strings; none may be empty.
+        A prompt is one of
+
+        * a string: exactly ``tokenizer(prompt)["input_ids"]``, with the special tokens
+          the tokenizer adds itself (and nothing else, unless ``add_bos``);
+        * a chat, a list of messages ``{"role": ..., "content": ...}``: the tokenizer's
+          chat template rendered with ``add_generation_prompt=True`` and tokenized
+          without adding special tokens, as ``tokenizer.apply_chat_template`` does (a
+          template that writes the BOS gives one BOS);
+        * a ``BatchEncoding`` (or a dict) with ``input_ids`` and optionally
+          ``attention_mask``, e.g. from ``tokenizer(texts, padding=True)`` or
+          ``apply_chat_template(..., return_dict=True)``: its tokens as they are (the
+          masked positions are dropped, so right-padded rows are re-padded on the left).
+
+        :param prompts: one prompt, or a list of strings and chats (``B`` rows), or an
+            encoding (one row per row of its ``input_ids``).
         :returns: ``(input_ids, attention_mask)``, both ``(B, L)`` on :attr:`device`
-            (``B = 1`` for a single string).
+            (``B = 1`` for a single prompt).
+        :raises ValueError: naming the prompt that encodes to no tokens, a chat for a
+            tokenizer without a chat template, or a malformed message.
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        if not texts:
-            raise ValueError("prompts: got an empty list; pass at least one prompt")
-        rows = []
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"prompts[{i}]: expected str, got {type(text).__name__}")
-            if text == "":
-                raise ValueError(
-                    f"prompts[{i}] is the empty string; an LM needs at least one token of "
-                    "context. For unconditional generation pass the BOS token, e.g. "
-                    "prompts=lm.tokenizer.bos_token, or a tensor [[lm.bos_token_id]]")
-            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-            if self.add_bos and (not ids or ids[0] != self.bos_token_id):
-                ids = [self.bos_token_id] + list(ids)
-            if not ids:
-                raise ValueError(f"prompts[{i}]: {text!r} encodes to no tokens")
-            rows.append(ids)
+        if isinstance(prompts, Mapping):
+            rows = self._encoding_rows(prompts)
+        else:
+            single = isinstance(prompts, str) or _is_chat(prompts)
+            items = [prompts] if single else prompts
+            if not isinstance(items, (list, tuple)):
+                raise TypeError(f"prompts: expected a string, a chat (list of messages), a "
+                                f"list of them or a BatchEncoding, got {type(prompts).__name__}")
+            if not items:
+                raise ValueError("prompts: got an empty list; pass at least one prompt")
+            rows = [self._encode_one(p, "prompts" if single else f"prompts[{i}]")
+                    for i, p in enumerate(items)]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -266,18 +318,190 @@ class CausalLM(nn.Module):
             mask[i, width - len(r):] = 1
         return input_ids.to(self.device), mask.to(self.device)
 
-    def decode(self, x: torch.Tensor, skip_special_tokens: bool = True):
-        """Decode completions, dropping everything from the first EOS on.
+    def _encode_one(self, prompt, name: str) -> list[int]:
+        """The token ids of one text or chat prompt (``name`` for errors)."""
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(m, Mapping) for m in prompt):
+            ids = self._encode_chat(prompt, name)
+        else:
+            raise TypeError(
+                f"{name}: expected a string or a chat (a list of {{'role', 'content'}} "
+                f"dicts), got {type(prompt).__name__}; pass token ids as a LongTensor (B, L) "
+                "with an attention_mask, or a BatchEncoding")
+        bos = self.bos_token_id
+        if self.add_bos and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        if not ids:
+            what = "is the empty string" if prompt == "" else f"({prompt!r}) encodes to no tokens"
+            raise ValueError(
+                f"{name} {what}, and the tokenizer adds no special token to it; an LM needs "
+                "at least one token of context. For unconditional generation pass the BOS "
+                "token, e.g. prompts=lm.tokenizer.bos_token, a tensor [[lm.bos_token_id]], "
+                "or build the CausalLM with add_bos=True")
+        return ids
+
+    def _encode_chat(self, messages, name: str) -> list[int]:
+        if not messages:
+            raise ValueError(f"{name}: an empty chat; a chat needs at least one message")
+        for j, m in enumerate(messages):
+            if not isinstance(m.get("role"), str) or m.get("content") is None:
+                raise ValueError(
+                    f"{name}[{j}]: a chat message needs a 'role' (a string) and a 'content', "
+                    f"got keys {sorted(m)}; write e.g. {{'role': 'user', 'content': 'Hi'}}")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                f"{name}: a chat prompt needs the tokenizer's chat template, and this tokenizer "
+                "has none; set tokenizer.chat_template (a Jinja template) or pass the prompt "
+                "as text")
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                                  tokenize=False)
+        # the template writes the special tokens it wants (the BOS of Llama-style templates)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @staticmethod
+    def _encoding_rows(encoding) -> list[list[int]]:
+        """The unmasked token ids of each row of a ``BatchEncoding``-like mapping."""
+        if "input_ids" not in encoding:
+            raise ValueError("prompts: a mapping prompt must be a BatchEncoding (or dict) with "
+                             f"'input_ids', got keys {sorted(encoding)}")
+        ids, mask = _as_list(encoding["input_ids"]), _as_list(encoding.get("attention_mask"))
+        single = _is_id_row(ids)
+        ids = [ids] if single else ids
+        if mask is not None and single:
+            mask = [mask]
+        if not ids or not all(_is_id_row(r) for r in ids):
+            raise ValueError("prompts: 'input_ids' must be a row or rows of token ids")
+        if mask is None:
+            mask = [[1] * len(r) for r in ids]
+        if len(mask) != len(ids) or any(len(m) != len(r) for m, r in zip(mask, ids,
+                                                                             strict=True)):
+            raise ValueError("prompts: 'attention_mask' does not match the shape of "
+                             "'input_ids'")
+        rows = []
+        for i, (r, m) in enumerate(zip(ids, mask, strict=True)):
+            if any(v not in (0, 1) for v in m):
+                raise ValueError(f"prompts: attention_mask[{i}] holds values other than 0 "
+                                 "and 1")
+            row = [int(t) for t, keep in zip(r, m, strict=True) if keep]
+            if not row:
+                raise ValueError(f"prompts: input_ids[{i}] has no unmasked token; each prompt "
+                                 "needs at least one token")
+            rows.append(row)
+        return rows
+
+    # ----------------------------------------------------------------- decoding
+    def decode(self, x: torch.Tensor, skip_special_tokens: bool = True,
+               errors: str = "replace"):
+        """Decode completions, dropping everything from the first EOS (any of
+        :attr:`eos_token_ids`) on.
+
+        Byte-level BPE (GPT-2, Llama 3, Qwen2) and byte-fallback (Llama 2, Mistral)
+        tokenizers spell a character such as "東" or "🙂" with several byte tokens, so
+        a completion can end inside one: truncated at ``T`` tokens, or ended by EOS,
+        after its first bytes. ``errors`` says what becomes of such bytes:
+
+        * ``"replace"`` (default): U+FFFD for each sequence of bytes that is not a
+          character, exactly as ``tokenizer.decode`` of the completion's tokens.
+        * ``"drop"``: the incomplete character at the end is left out, the text is the
+          longest the bytes spell; invalid bytes elsewhere still give U+FFFD.
+        * ``"strict"``: a :class:`ValueError` naming the row, for an incomplete
+          character at the end or invalid bytes anywhere.
+
+        Tokenizers whose tokens are text (word-level ones) never cut a character.
 
         :param x: LongTensor ``(*batch, T)``.
+        :param bool skip_special_tokens: leave special tokens out of the text.
+        :param str errors: ``"replace"``, ``"drop"`` or ``"strict"``.
         :returns: a string for ``(T,)``, else nested lists of strings matching ``batch``.
         """
-        if x.dim() == 1:
-            ids = x.tolist()
-            if self.eos_token_id in ids:
-                ids = ids[: ids.index(self.eos_token_id)]
-            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        return [self.decode(row, skip_special_tokens) for row in x]
+        if errors not in _DECODE_ERRORS:
+            raise ValueError(f"errors: expected one of {_DECODE_ERRORS}, got {errors!r}")
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise ValueError("x: expected a LongTensor (*batch, T) of completions")
+        eos = set(self.eos_token_ids)
+        batch = tuple(x.shape[:-1])
+        flat = x.reshape(-1, x.shape[-1]).tolist()
+        texts = []
+        for k, row in enumerate(flat):
+            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+            name = "x" if not batch else f"x[{', '.join(map(str, _unravel(k, batch)))}]"
+            texts.append(self._decode_row(row[:cut], skip_special_tokens, errors, name))
+        return texts[0] if not batch else _nest(texts, batch)
+
+    def _decode_row(self, ids: list[int], skip: bool, errors: str, name: str) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=skip)
+        if errors == "replace" or "\ufffd" not in text:
+            return text
+        pieces = self._token_bytes(ids, skip)
+        if pieces is None:  # tokens are text: the U+FFFD is a character of the vocabulary
+            return text
+        data = b"".join(pieces)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(data, final=False)
+        tail = decoder.getstate()[0]  # the bytes of an incomplete character at the end
+        if errors == "strict":
+            if tail:
+                raise ValueError(
+                    f"{name}: the completion ends inside a multi-byte character (its first "
+                    f"bytes {tail.hex(' ')}); decode with errors='drop' to leave it out or "
+                    "errors='replace' to show U+FFFD, or allow more max_new_tokens")
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{name}: the completion's bytes are not UTF-8 ({e.reason} at byte "
+                    f"{e.start}); decode with errors='replace' to show U+FFFD") from None
+            return text
+        if not tail:
+            return text
+        # the tokens before the one where the incomplete character starts, then the
+        # characters that token completes before it (byte-level merges may straddle)
+        start, done, k = len(data) - len(tail), 0, 0
+        while done + len(pieces[k]) <= start:
+            done += len(pieces[k])
+            k += 1
+        head = self.tokenizer.decode(ids[:k], skip_special_tokens=skip)
+        return head + data[done:start].decode("utf-8", "replace")
+
+    def _token_bytes(self, ids: list[int], skip: bool) -> list[bytes] | None:
+        """The bytes each token adds to the text, or ``None`` for tokenizers whose tokens
+        are text (neither byte-level nor byte-fallback)."""
+        kind = self._byte_kind()
+        if kind is None:
+            return None
+        tok = self.tokenizer
+        special = set(tok.all_special_ids)
+        added = {int(i): t for i, t in (getattr(tok, "added_tokens_decoder", None)
+                                        or {}).items()}
+        out = []
+        for i, piece in zip(ids, tok.convert_ids_to_tokens(ids), strict=True):
+            if i in special or (i in added and getattr(added[i], "special", False)):
+                out.append(b"" if skip else (piece or "").encode())
+            elif i in added or piece is None:
+                out.append((added[i].content if i in added else "").encode())
+            elif kind == "byte_level":
+                table = _byte_decoder()
+                out.append(bytes(table[c] for c in piece) if all(c in table for c in piece)
+                           else piece.encode())
+            elif (m := _BYTE_PIECE.fullmatch(piece)) is not None:
+                out.append(bytes([int(m.group(1), 16)]))
+            else:
+                out.append(piece.replace("\u2581", " ").encode())
+        return out
+
+    def _byte_kind(self) -> str | None:
+        """``"byte_level"``, ``"byte_fallback"`` or ``None``: how tokens map to bytes."""
+        if not hasattr(self, "_byte_kind_cache"):
+            types = _decoder_types(self.tokenizer)
+            if "ByteLevel" in types or hasattr(self.tokenizer, "byte_decoder"):
+                kind = "byte_level"
+            elif "ByteFallback" in types or hasattr(self.tokenizer, "sp_model"):
+                kind = "byte_fallback"
+            else:
+                kind = None
+            self._byte_kind_cache = kind
+        return self._byte_kind_cache
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -307,3 +531,67 @@ class CausalLM(nn.Module):
         name = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
         return (f"CausalLM({name!r}, vocab_size={self.vocab_size}, eos={self.eos_token_id}, "
                 f"pad={self.pad_token_id}, device={self.device})")
+
+
+#: The ``errors`` modes of :meth:`CausalLM.decode`.
+_DECODE_ERRORS = ("replace", "drop", "strict")
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _is_chat(prompt) -> bool:
+    """A non-empty list of messages (mappings)."""
+    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
+            and isinstance(prompt[0], Mapping))
+
+
+def _as_list(value):
+    """Token ids (tensor, array, list) as nested Python lists; ``None`` stays ``None``."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _is_id_row(value) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(t, int) for t in value)
+
+
+def _unravel(k: int, shape: tuple[int, ...]) -> list[int]:
+    index = []
+    for size in reversed(shape):
+        index.append(k % size)
+        k //= size
+    return index[::-1]
+
+
+def _nest(flat: list, shape: tuple[int, ...]) -> list:
+    """``flat`` (row-major) as nested lists of ``shape``."""
+    for size in reversed(shape[1:]):
+        flat = [flat[i:i + size] for i in range(0, len(flat), size)]
+    return flat
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: each printable stand-in character → its byte."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars, n = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def _decoder_types(tokenizer) -> set[str]:
+    """The types of the decoders of a fast tokenizer's backend (empty for slow ones)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return set()
+    types, stack = set(), [json.loads(backend.to_str()).get("decoder")]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            types.add(node.get("type"))
+            stack.extend(node.get("decoders") or ())
+    return types

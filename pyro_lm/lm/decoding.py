@@ -93,9 +93,9 @@ def sample_tokens(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """Draw one completion per prompt row by ancestral sampling.
 
     Runs without gradients (in inference mode; the outputs are ordinary
-    tensors). Stops early once every sequence has emitted EOS; that check costs
-    a host sync, made every ``sync_every`` steps (default 1 on CPU, 8 on
-    accelerators).
+    tensors). A sequence ends at its first EOS, any of ``lm.eos_token_ids``.
+    Stops early once every sequence has ended; that check costs a host sync,
+    made every ``sync_every`` steps (default 1 on CPU, 8 on accelerators).
 
     :returns: ``(x, log_prob)``: ``x`` is ``(N, T)`` with ``pad_token_id`` after
         the first EOS, ``log_prob`` is ``(N,)`` float32, the log-probability of
@@ -103,7 +103,9 @@ def sample_tokens(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """
     n = input_ids.shape[0]
     device = input_ids.device
-    eos, pad = lm.eos_token_id, lm.pad_token_id
+    eos, pad = lm.eos_token_ids, lm.pad_token_id
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    one_eos = len(eos) == 1
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else 8
     x = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
@@ -122,7 +124,7 @@ def sample_tokens(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             log_prob += step_logp.masked_fill(done, 0.0)
             token = torch.where(done, pad_t, token)
             x[:, t] = token
-            done = done | (token == eos)
+            done = done | ((token == eos[0]) if one_eos else torch.isin(token, eos_t))
             if t + 1 == max_new_tokens:
                 break
             if (t + 1) % sync_every == 0 and bool(done.all()):

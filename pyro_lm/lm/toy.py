@@ -13,14 +13,21 @@ from pyro_lm.lm.causal_lm import CausalLM
 __all__ = ["toy_tokenizer", "toy_lm"]
 
 
-def toy_tokenizer(vocab_size: int, eos_token_id: int = 0, pad_token_id: int | None = None):
+def toy_tokenizer(vocab_size: int, eos_token_id: int = 0, pad_token_id: int | None = None,
+                  adds_bos: bool = True):
     """A word-level tokenizer over tokens ``"<eos>"`` and ``"t1" ... "t{V-1}"``.
+
+    Like a Llama tokenizer, it writes its BOS (``<eos>``, id ``eos_token_id``) before
+    every text itself: ``tokenizer("t1 t2")["input_ids"] == [0, 1, 2]``, and the empty
+    text is the BOS alone.
 
     :param int vocab_size: number of tokens, EOS included.
     :param int eos_token_id: id of ``<eos>`` (also BOS); tokens are named by id.
     :param int pad_token_id: a distinct pad id, or ``None`` to pad with EOS.
+    :param bool adds_bos: the tokenizer's post-processor prepends the BOS (``False``: a
+        tokenizer that adds nothing, as GPT-2's).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 2:
@@ -33,6 +40,10 @@ def toy_tokenizer(vocab_size: int, eos_token_id: int = 0, pad_token_id: int | No
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<eos> $A", pair="<eos> $A <eos> $B",
+            special_tokens=[("<eos>", eos_token_id)])
     pad = names[pad_token_id] if pad_token_id is not None else "<eos>"
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<eos>", eos_token="<eos>",
                                    pad_token=pad, unk_token="<eos>")

@@ -67,7 +67,7 @@ def test_sample_frequencies_match_log_prob_chi_square(tiny_lm):
 
 def test_sample_with_log_prob_agrees_with_log_prob(tiny_lm, device):
     lm = toy_lm(vocab_size=4, seed=1, init_std=0.5, device=device)
-    d = LMDistribution(lm, ["<eos>", "<eos> t1 t2"], 5)
+    d = LMDistribution(lm, ["", "t1 t2"], 5)
     x, log_prob = d.sample_with_log_prob((7,))
     assert x.shape == (7, 2, 5) and log_prob.shape == (7, 2)
     assert x.device.type == device.type and log_prob.device.type == device.type
@@ -96,7 +96,7 @@ def test_distinct_pad_token_fills_the_tail():
 
 @pytest.mark.parametrize("sample_shape", [(), (3,), (2, 3)])
 def test_shapes_under_nested_plates_and_sample_shape(tiny_lm, sample_shape):
-    prompts = ["<eos>", "<eos> t1", "<eos> t2 t3"]
+    prompts = ["", "t1", "t2 t3"]
 
     def model():
         with pyro.plate("outer", 2, dim=-2), pyro.plate("prompts", 3, dim=-1):
@@ -117,7 +117,7 @@ def test_shapes_under_nested_plates_and_sample_shape(tiny_lm, sample_shape):
 
 
 def test_batch_of_different_lengths_equals_each_prompt_alone(tiny_lm):
-    prompts = ["<eos> t1 t2 t3", "<eos>", "<eos> t3"]
+    prompts = ["t1 t2 t3", "", "t3"]
     batched = LMDistribution(tiny_lm, prompts, 3)
     assert batched.prompt_mask[1].tolist() == [0, 0, 0, 1]  # left padding
     support = batched.enumerate_support()
@@ -181,8 +181,8 @@ def test_token_log_probs_of_an_empty_batch(tiny_lm):
 
 
 def test_log_prob_chunking_is_exact(tiny_lm):
-    d = LMDistribution(tiny_lm, ["<eos>", "<eos> t1"], 3)
-    small = LMDistribution(tiny_lm, ["<eos>", "<eos> t1"], 3, chunk_size=7)
+    d = LMDistribution(tiny_lm, ["", "t1"], 3)
+    small = LMDistribution(tiny_lm, ["", "t1"], 3, chunk_size=7)
     x = d.enumerate_support()
     assert torch.allclose(d.log_prob(x), small.log_prob(x), atol=1e-6)
 
@@ -242,7 +242,7 @@ def test_stock_pyro_importance_and_trace(tiny_lm):
             pyro.factor("reward", reward(x) / beta)
             return x
 
-    prompts = ["<eos>", "<eos> t2"]
+    prompts = ["", "t2"]
     tr = poutine.trace(model).get_trace(prompts)
     assert tr.nodes["x"]["value"].shape == (2, 3)
     assert tr.log_prob_sum().isfinite()
@@ -270,7 +270,7 @@ def test_pyro_infer_discrete_shapes_with_obs_site(tiny_lm):
 
     def model():
         with pyro.plate("data", 2):
-            pyro.sample("x", LMDistribution(tiny_lm, "<eos>", 3), obs=x)
+            pyro.sample("x", LMDistribution(tiny_lm, "", 3), obs=x)
             pyro.sample("z", dist.Normal(0.0, 1.0))
 
     tr = poutine.trace(model).get_trace()

@@ -15,7 +15,7 @@ from pyro_lm import LMDistribution
     (torch.zeros(3, 3, dtype=torch.long), "value: batch shape"),
 ])
 def test_log_prob_validates_values(tiny_lm, value, message):
-    d = LMDistribution(tiny_lm, ["<eos>", "<eos> t1"], 3, validate_args=True)
+    d = LMDistribution(tiny_lm, ["", "t1"], 3, validate_args=True)
     with pytest.raises((ValueError, TypeError), match=message):
         d.log_prob(value)
 
@@ -32,12 +32,12 @@ def test_log_prob_validates_values(tiny_lm, value, message):
      "attention_mask: shape"),
     (dict(prompts=torch.tensor([[0, 1]]), attention_mask=torch.tensor([[0, 0]])),
      r"prompts: rows \[0\] are empty"),
-    (dict(prompts=[torch.tensor([0])]), "prompts: a list must hold only strings"),
-    (dict(prompts=42), "prompts: expected str"),
+    (dict(prompts=[torch.tensor([0])]), r"prompts\[0\]: expected a string or a chat"),
+    (dict(prompts=42), "prompts: expected a string, a chat"),
     (dict(chunk_size=0), "chunk_size: expected a positive int"),
 ])
 def test_constructor_validates_arguments(tiny_lm, kwargs, message):
-    args = dict(prompts="<eos>", max_new_tokens=3)
+    args = dict(prompts="", max_new_tokens=3)
     args.update(kwargs)
     prompts = args.pop("prompts")
     with pytest.raises((ValueError, TypeError), match=message):
@@ -46,11 +46,11 @@ def test_constructor_validates_arguments(tiny_lm, kwargs, message):
 
 def test_lm_must_be_a_causal_lm(tiny_lm):
     with pytest.raises(TypeError, match="lm: expected a pyro_lm.CausalLM"):
-        LMDistribution(tiny_lm.model, "<eos>", 3)
+        LMDistribution(tiny_lm.model, "", 3)
 
 
 def test_support_check_and_canonicalize(tiny_lm):
-    d = LMDistribution(tiny_lm, "<eos>", 4)
+    d = LMDistribution(tiny_lm, "", 4)
     x = torch.tensor([[1, 0, 2, 3], [1, 2, 3, 1], [0, 0, 0, 0]])
     assert d.support.check(x).tolist() == [False, True, True]
     assert d.support.check(d.canonicalize(x)).all()
