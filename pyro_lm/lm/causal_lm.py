@@ -401,8 +401,10 @@ class CausalLM(nn.Module):
         a completion can end inside one: truncated at ``T`` tokens, or ended by EOS,
         after its first bytes. ``errors`` says what becomes of such bytes:
 
-        * ``"replace"`` (default): U+FFFD for each sequence of bytes that is not a
-          character, exactly as ``tokenizer.decode`` of the completion's tokens.
+        * ``"replace"`` (default): exactly ``tokenizer.decode`` of the completion's
+          tokens, with U+FFFD for bytes that are not a character (a byte-fallback
+          decoder replaces every byte of a run of byte tokens that holds one, so a
+          whole character before the cut one may show as U+FFFD too).
         * ``"drop"``: the incomplete character at the end is left out, the text is the
           longest the bytes spell; invalid bytes elsewhere still give U+FFFD.
         * ``"strict"``: a :class:`ValueError` naming the row, for an incomplete

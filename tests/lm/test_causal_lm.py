@@ -201,3 +201,35 @@ def test_tokenizer_mismatch_is_detected(tiny_lm):
 def test_bundled_model_path_error_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="make models"):
         pyro_lm.bundled_model_path("no-such-model")
+
+
+def byte_level_lm(tiny_lm):
+    """A byte-level vocabulary whose token "Ġæ" holds a space and the first byte of "東"
+    (e6 9d b1 = "æĿ±" in GPT-2's byte alphabet), so that a cut can fall inside a token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "Ġæ": 1, "Ŀ±": 2, "a": 3}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    return CausalLM(tiny_lm.model, tok)
+
+
+def test_decode_a_character_cut_inside_a_token(tiny_lm):
+    lm = byte_level_lm(tiny_lm)
+    assert lm.decode(torch.tensor([3, 1, 2, 0])) == "a 東"
+    x = torch.tensor([[3, 1, 0, 0], [3, 3, 1, 2]])
+    assert lm.decode(x) == ["a \ufffd", "aa 東"]
+    assert lm.decode(x, errors="drop") == ["a ", "aa 東"]  # the space before the cut stays
+    with pytest.raises(ValueError, match=r"x\[0\]: the completion ends inside a multi-byte "
+                                         r"character \(its first bytes e6\)"):
+        lm.decode(x, errors="strict")
+    assert lm.decode(x[1:], errors="strict") == ["aa 東"]
+    # a stray continuation byte is invalid wherever it is: replaced in "drop", an error in
+    # "strict"
+    stray = torch.tensor([2, 3, 0, 0])
+    assert lm.decode(stray, errors="drop") == "\ufffd\ufffda"
+    with pytest.raises(ValueError, match="x: the completion's bytes are not UTF-8"):
+        lm.decode(stray, errors="strict")
