@@ -175,6 +175,10 @@ class CausalLM(nn.Module):
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
                                     category=FutureWarning)
             model = peft.get_peft_model(shell, lora)
+        from pyro_lm.lm.export import guard_shared_base
+
+        # peft's merge_and_unload / merge_adapter would write into the prior's shared weights
+        guard_shared_base(model)
         # eval mode like the prior it copies (the LM is always run as a distribution, without
         # dropout); in training mode pyro.module would warn about every frozen base weight
         return CausalLM(model, self.tokenizer, add_bos=self.add_bos, trainable=True).eval()
@@ -528,6 +532,21 @@ class CausalLM(nn.Module):
             return out.logits, None
         new_cache = out["cache"] if "cache" in out else getattr(out, "past_key_values", None)
         return out.logits, new_cache
+
+    # ------------------------------------------------------------------- export
+    def save_pretrained(self, directory: str | os.PathLike, merge: bool = True,
+                        overwrite: bool = False, **kwargs) -> str:
+        """Write this LM with its tokenizer and generation config, loadable by plain
+        transformers (or peft, for a LoRA guide with ``merge=False``), atomically; the prior
+        a LoRA guide shares its base weights with is never modified.
+
+        See :func:`pyro_lm.lm.export.save_pretrained` for the arguments.
+
+        :returns: the directory written.
+        """
+        from pyro_lm.lm.export import save_pretrained
+
+        return save_pretrained(self, directory, merge=merge, overwrite=overwrite, **kwargs)
 
     def __repr__(self) -> str:
         name = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__

@@ -256,3 +256,21 @@ def test_export_has_the_usual_permissions(tmp_path):
     probe.mkdir()
     out = save_pretrained(toy_lm(vocab_size=5, seed=2), tmp_path / "export")
     assert os.stat(out).st_mode == os.stat(probe).st_mode
+
+
+def test_causal_lm_save_pretrained_and_guarded_lora_guides(tmp_path):
+    """The method delegates to the export; a LoRA guide from trainable_copy is guarded, so
+    peft's own merge_and_unload leaves the prior's log-probs bitwise equal."""
+    prior = toy_lm(vocab_size=8, n_layer=1, n_embd=16, seed=1, init_std=0.5)
+    guide = lora_guide(prior, "toy")
+    x = LMDistribution(prior, PROMPTS["toy"], T).sample((8,))
+    with torch.no_grad():
+        before = LMDistribution(prior, PROMPTS["toy"], T).log_prob(x)
+        expected = LMDistribution(guide, PROMPTS["toy"], T).log_prob(x)
+    out = guide.save_pretrained(tmp_path / "export")
+    loaded = CausalLM.from_pretrained(out)
+    guide.model.merge_and_unload()  # peft's standard export, on the guide itself
+    with torch.no_grad():
+        assert torch.equal(LMDistribution(prior, PROMPTS["toy"], T).log_prob(x), before)
+        torch.testing.assert_close(LMDistribution(loaded, PROMPTS["toy"], T).log_prob(x),
+                                   expected, atol=ATOL, rtol=RTOL_MERGED)
