@@ -28,10 +28,29 @@ from pyro_lm.distributions.lm_distribution import LMDistribution
 from pyro_lm.rewards import Callable, Lexicon
 
 __all__ = ["reward_model", "positive_reviews_reward", "detox_reward", "female_bio_feature",
-           "REVIEW_PROMPT", "BIO_PROMPT"]
+           "task_prompt", "REVIEW_PROMPT", "BIO_PROMPT"]
 
+#: The prompts of the word-level bundled LM (``models/tinylm``); see :func:`task_prompt`.
 REVIEW_PROMPT = "review :"
 BIO_PROMPT = "bio :"
+
+
+def task_prompt(lm, kind: str = "review") -> str:
+    """The prompt that starts a corpus document of ``kind`` for a bundled LM.
+
+    The word-level ``models/tinylm`` reads the corpus as written by the grammar
+    (``"review :"``); a subword LM such as ``models/tinylm-bpe`` was trained on it as prose
+    (:func:`pyro_lm.data.prose`: ``"Review:"``).
+
+    :param lm: a :class:`~pyro_lm.CausalLM` (or its tokenizer).
+    :param str kind: ``"review"`` or ``"bio"``.
+    """
+    if kind not in ("review", "bio"):
+        raise ValueError(f"kind: expected 'review' or 'bio', got {kind!r}")
+    tokenizer = getattr(lm, "tokenizer", lm)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    word_level = backend is not None and type(backend.model).__name__ == "WordLevel"
+    return f"{kind} :" if word_level else f"{kind.capitalize()}:"
 
 
 def reward_model(prior, reward, beta: float, max_new_tokens: int, site: str = "x",
