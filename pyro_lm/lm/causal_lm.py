@@ -13,16 +13,15 @@ from __future__ import annotations
 import codecs
 import contextlib
 import copy
-import functools
 import hashlib
 import inspect
-import json
 import os
-import re
 from collections.abc import Mapping
 
 import torch
 from torch import nn
+
+from pyro_lm.lm.token_bytes import byte_kind, token_bytes
 
 __all__ = ["CausalLM"]
 
@@ -439,9 +438,9 @@ class CausalLM(nn.Module):
         text = self.tokenizer.decode(ids, skip_special_tokens=skip)
         if errors == "replace" or "\ufffd" not in text:
             return text
-        pieces = self._token_bytes(ids, skip)
-        if pieces is None:  # tokens are text: the U+FFFD is a character of the vocabulary
-            return text
+        if byte_kind(self.tokenizer) not in ("byte_level", "byte_fallback"):
+            return text  # tokens are text: the U+FFFD is a character of the vocabulary
+        pieces = token_bytes(self.tokenizer, ids, skip)
         data = b"".join(pieces)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         decoder.decode(data, final=False)
@@ -469,45 +468,6 @@ class CausalLM(nn.Module):
             k += 1
         head = self.tokenizer.decode(ids[:k], skip_special_tokens=skip)
         return head + data[done:start].decode("utf-8", "replace")
-
-    def _token_bytes(self, ids: list[int], skip: bool) -> list[bytes] | None:
-        """The bytes each token adds to the text, or ``None`` for tokenizers whose tokens
-        are text (neither byte-level nor byte-fallback)."""
-        kind = self._byte_kind()
-        if kind is None:
-            return None
-        tok = self.tokenizer
-        special = set(tok.all_special_ids)
-        added = {int(i): t for i, t in (getattr(tok, "added_tokens_decoder", None)
-                                        or {}).items()}
-        out = []
-        for i, piece in zip(ids, tok.convert_ids_to_tokens(ids), strict=True):
-            if i in special or (i in added and getattr(added[i], "special", False)):
-                out.append(b"" if skip else (piece or "").encode())
-            elif i in added or piece is None:
-                out.append((added[i].content if i in added else "").encode())
-            elif kind == "byte_level":
-                table = _byte_decoder()
-                out.append(bytes(table[c] for c in piece) if all(c in table for c in piece)
-                           else piece.encode())
-            elif (m := _BYTE_PIECE.fullmatch(piece)) is not None:
-                out.append(bytes([int(m.group(1), 16)]))
-            else:
-                out.append(piece.replace("\u2581", " ").encode())
-        return out
-
-    def _byte_kind(self) -> str | None:
-        """``"byte_level"``, ``"byte_fallback"`` or ``None``: how tokens map to bytes."""
-        if not hasattr(self, "_byte_kind_cache"):
-            types = _decoder_types(self.tokenizer)
-            if "ByteLevel" in types or hasattr(self.tokenizer, "byte_decoder"):
-                kind = "byte_level"
-            elif "ByteFallback" in types or hasattr(self.tokenizer, "sp_model"):
-                kind = "byte_fallback"
-            else:
-                kind = None
-            self._byte_kind_cache = kind
-        return self._byte_kind_cache
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -557,8 +517,6 @@ class CausalLM(nn.Module):
 #: The ``errors`` modes of :meth:`CausalLM.decode`.
 _DECODE_ERRORS = ("replace", "drop", "strict")
 
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
 
 def _is_chat(prompt) -> bool:
     """A non-empty list of messages (mappings)."""
@@ -588,31 +546,3 @@ def _nest(flat: list, shape: tuple[int, ...]) -> list:
     for size in reversed(shape[1:]):
         flat = [flat[i:i + size] for i in range(0, len(flat), size)]
     return flat
-
-
-@functools.cache
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet inverted: each printable stand-in character → its byte."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    chars, n = list(printable), 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
-def _decoder_types(tokenizer) -> set[str]:
-    """The types of the decoders of a fast tokenizer's backend (empty for slow ones)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return set()
-    types, stack = set(), [json.loads(backend.to_str()).get("decoder")]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            types.add(node.get("type"))
-            stack.extend(node.get("decoders") or ())
-    return types

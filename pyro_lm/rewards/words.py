@@ -21,13 +21,13 @@ letter). :func:`settled_words` reads the settled words of a decoded text;
 from __future__ import annotations
 
 import functools
-import json
 import random
 import re
 
 import torch
 
 from pyro_lm.distributions.prefix import counted_mask, is_complete
+from pyro_lm.lm.token_bytes import byte_fallback_ids, special_token_ids, token_bytes
 
 __all__ = ["WORD", "TokenText", "can_extend", "decode_rows", "settled_words", "settled_text"]
 
@@ -77,87 +77,26 @@ def settled_text(text: str, complete: bool, can_extend: bool = True) -> str:
 _TRAILING_WORD = re.compile(r"\w+\Z")
 
 
-@functools.cache
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, inverted: each printable stand-in character → its byte."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    chars, n = list(printable), 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-def _decoder_types(tokenizer) -> set[str]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return set()
-    types, stack = set(), [json.loads(backend.to_str()).get("decoder")]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            types.add(node.get("type"))
-            stack.extend(node.get("decoders") or ())
-    return types
-
-
-def _special_token_ids(tokenizer) -> set[int]:
-    """Ids that ``decode(..., skip_special_tokens=True)`` drops."""
-    ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
-    for i, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
-        if getattr(added, "special", False):
-            ids.add(int(i))
-    return ids
-
-
 def _token_bytes(tokenizer) -> tuple[list[bytes], list[bool]]:
     """The bytes each token id adds to the decoded text (inside a text, after another
     token), and which tokens are byte-fallback pieces (``<0xNN>``): the byte-level
-    alphabet, SentencePiece pieces, or, for other tokenizers, what decoding after an
-    anchor token adds."""
+    alphabet, SentencePiece pieces (:func:`pyro_lm.lm.token_bytes.token_bytes`), or, for
+    other tokenizers, what decoding after an anchor token adds."""
     size = len(tokenizer)
-    specials = _special_token_ids(tokenizer)
-    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
-    added = {int(i): t.content for i, t in (getattr(tokenizer, "added_tokens_decoder", None)
-                                            or {}).items()}
-    types = _decoder_types(tokenizer)
-    out: list[bytes] = []
-    fallback = [False] * size
-    if "ByteLevel" in types or hasattr(tokenizer, "byte_decoder"):
-        table = _byte_decoder()
-        for i, piece in enumerate(pieces):
-            if i in specials or piece is None:
-                out.append(b"")
-            elif i in added:
-                out.append(added[i].encode("utf-8"))
-            else:
-                out.append(bytes(table[c] for c in piece) if all(c in table for c in piece)
-                           else piece.encode("utf-8"))
-        return out, fallback
-    if types & {"ByteFallback", "Metaspace", "Replace"} or hasattr(tokenizer, "sp_model"):
-        for i, piece in enumerate(pieces):
-            if i in specials or piece is None:
-                out.append(b"")
-            elif (m := _BYTE_PIECE.fullmatch(piece)) is not None:
-                out.append(bytes([int(m.group(1), 16)]))
-                fallback[i] = "ByteFallback" in types
-            else:
-                out.append(piece.replace("\u2581", " ").encode("utf-8"))
-        return out, fallback
+    out = token_bytes(tokenizer)
+    if out is not None:
+        pieces = byte_fallback_ids(tokenizer)
+        return out, [i in pieces for i in range(size)]
     # anything else (word-level tokenizers, joined with spaces): what a token adds after an
     # anchor token
+    specials = special_token_ids(tokenizer)
     anchor = next((i for i in range(size) if i not in specials
                    and tokenizer.decode([i], skip_special_tokens=True)), None)
     if anchor is None:
         raise ValueError("tokenizer: every token decodes to nothing")
     head = tokenizer.decode([anchor], skip_special_tokens=True,
                             clean_up_tokenization_spaces=False)
+    out = []
     for i in range(size):
         if i in specials:
             out.append(b"")
@@ -165,7 +104,7 @@ def _token_bytes(tokenizer) -> tuple[list[bytes], list[bool]]:
         both = tokenizer.decode([anchor, i], skip_special_tokens=True,
                                 clean_up_tokenization_spaces=False)
         out.append(both[len(head):].encode("utf-8") if both.startswith(head) else b"\xff")
-    return out, fallback
+    return out, [False] * size
 
 
 def _utf8_decode(b: torch.Tensor):

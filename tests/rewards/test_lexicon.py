@@ -64,9 +64,9 @@ def pieces(tok, text):
     """``text`` as the tokenizer's vocabulary spells it, and whether a piece is a byte."""
     if tok.convert_ids_to_tokens(tok("a b", add_special_tokens=False)["input_ids"])[-1][0] == "▁":
         return "▁" + text.replace(" ", "▁")
-    from pyro_lm.rewards.words import _byte_decoder
+    from pyro_lm.lm.token_bytes import byte_decoder
 
-    to_char = {b: c for c, b in _byte_decoder().items()}
+    to_char = {b: c for c, b in byte_decoder().items()}
     return "".join(to_char[b] for b in text.encode("utf-8"))
 
 
