@@ -50,6 +50,7 @@ lint: $(STAMP)
 
 models: $(STAMP)
 	$(PY) models/build_tinylm.py --out models/tinylm
+	$(PY) models/build_tinylm.py --tokenizer bpe --out models/tinylm-bpe
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -1,15 +1,27 @@
-"""Build the bundled tiny language model ``models/tinylm`` from scratch.
+"""Build the bundled tiny language models ``models/tinylm`` and ``models/tinylm-bpe``.
 
-The model is a 4-layer GPT-2 trained on the synthetic corpus of
-:mod:`pyro_lm.data.grammar` with a word-level tokenizer, small enough to be
-committed (a few MB) and trained on a 2-core CPU in a few minutes. It is the
-prior that the examples and tests fine-tune towards targets such as "no
-offensive words" or "half the biographies are about women".
+Both are 4-layer GPT-2s trained from scratch on the synthetic corpus of
+:mod:`pyro_lm.data.grammar`, small enough to be committed (a few MB) and
+trained on a 2-core CPU in a few minutes. They are the priors that the
+examples and tests fine-tune towards targets such as "no offensive words" or
+"half the biographies are about women". They differ in their text and
+tokenizer:
+
+* ``--tokenizer word`` (``models/tinylm``): the space-tokenised lower-case
+  corpus (``review : this heater is sturdy .``) read one word per token;
+* ``--tokenizer bpe`` (``models/tinylm-bpe``): the corpus written as prose by
+  :func:`pyro_lm.data.prose` (``Review: This heater is sturdy.``) read by a
+  byte-level BPE trained on it, so that words take one or several tokens and
+  most tokens carry their leading space, as with GPT-2, Llama 3 or Qwen.
+
+Both tokenizers prepend their BOS token themselves (``tokenizer(prompt)``
+is the context the model was trained to continue), as Llama 3's does.
 
 Run from the repository root (no installation needed, nothing is
 downloaded)::
 
     python models/build_tinylm.py --out models/tinylm
+    python models/build_tinylm.py --tokenizer bpe --out models/tinylm-bpe
 
 The build is deterministic: the same arguments on the same software stack
 give a bitwise identical ``model.safetensors``.
@@ -23,13 +35,14 @@ import math
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run without installing
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from pyro_lm.data import (
@@ -40,18 +53,58 @@ from pyro_lm.data import (
     OFFENSIVE_WORDS,
     SENTIMENT_RATES,
     generate_corpus,
+    prose,
+    unprose,
     vocabulary,
 )
 
-#: Special tokens, in the order that gives them ids 0, 1, 2, 3.
+#: Special tokens of the word-level tokenizer, in the order that gives them ids 0, 1, 2, 3.
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+#: Special tokens of the byte-level BPE (pad, BOS, EOS), ids 0, 1, 2, in GPT-2's spelling.
+BPE_SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|endoftext|>")
+#: Ids of pad, BOS and EOS, the same in both tokenizers; ``UNK_ID`` is the word level's only.
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
+#: Default vocabulary size of the byte-level BPE (see :func:`build_bpe_tokenizer`).
+BPE_VOCAB_SIZE = 512
+#: Words whose pieces the model card shows (as the byte-level pre-tokenizer cuts them).
+CARD_WORDS = ("Ġdisappointing", "Ġsturdy", "ĠChicago")
 #: Number of held-out documents the held-out loss is measured on.
 NUM_HELDOUT = 2000
 #: Seed offset of the held-out corpus (disjoint from the training seed).
 HELDOUT_SEED_OFFSET = 1_000_003
 #: Maximum sequence length of the model.
 N_POSITIONS = 128
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """What distinguishes the two bundled models.
+
+    :param name: the directory name under ``models/``.
+    :param write: maps a corpus document's text to the text the model reads.
+    :param prompts: the review and biography prompts the samples continue.
+    :param max_new_tokens: length limit of a sampled continuation.
+    :param steps: default number of optimizer steps.
+    """
+
+    name: str
+    write: Callable[[str], str]
+    prompts: tuple[str, str]
+    max_new_tokens: int
+    steps: int
+
+
+def _identity(text: str) -> str:
+    return text
+
+
+#: The two tokenizers, keyed by the value of ``--tokenizer``. The BPE reads a document in
+#: about 1.7 times as many tokens (28 against 17.5 with BOS and EOS), so 1500 steps train it on
+#: about as many tokens (1.3 million) as tinylm's 2500.
+FLAVOURS = {
+    "word": Flavour("tinylm", _identity, ("review :", "bio :"), 40, 2500),
+    "bpe": Flavour("tinylm-bpe", prose, ("Review:", "Bio:"), 64, 1500),
+}
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -83,6 +136,122 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
         model_max_length=N_POSITIONS,
     )
+
+
+def build_bpe_tokenizer(
+    texts: Sequence[str], vocab_size: int = BPE_VOCAB_SIZE
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on ``texts``, as GPT-2's and Llama 3's tokenizers are made.
+
+    Ids 0-2 are ``<|pad|>``, ``<|bos|>``, ``<|endoftext|>`` (the EOS), then the
+    256 byte symbols, then the merges in the order they were learnt. Text is
+    split GPT-2's way (``ByteLevel`` pre-tokenizer without an added prefix
+    space), so a word inside a sentence is read with its leading space
+    (``" sturdy"``), and a word is one token or several depending on how often
+    the training text has it. Training is deterministic: the merges depend on
+    the texts only. Encoding prepends ``<|bos|>`` (Llama 3's post-processor);
+    decoding is exact, so ``decode(encode(text), skip_special_tokens=True)``
+    gives back any text.
+
+    :param texts: the training text, one document per item.
+    :param int vocab_size: the size of the vocabulary, special tokens and the
+        256 bytes included.
+    :return: the tokenizer.
+    :raises ValueError: if ``vocab_size`` leaves no room for merges.
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size <= len(BPE_SPECIAL_TOKENS) + len(alphabet):
+        raise ValueError(
+            f"vocab_size: {vocab_size} leaves no room for merges after the "
+            f"{len(BPE_SPECIAL_TOKENS)} special tokens and {len(alphabet)} bytes; "
+            f"pass more than {len(BPE_SPECIAL_TOKENS) + len(alphabet)}"
+        )
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(BPE_SPECIAL_TOKENS),
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    pad, bos, eos = BPE_SPECIAL_TOKENS
+    backend.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, BOS_ID)]
+            ),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        clean_up_tokenization_spaces=False,
+        model_max_length=N_POSITIONS,
+    )
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> None:
+    """Check that the tokenizer reads the corpus as the model card says.
+
+    :param tokenizer: a tokenizer of :func:`build_tokenizer` or :func:`build_bpe_tokenizer`.
+    :param texts: documents as the model reads them.
+    :raises RuntimeError: if a text does not round-trip, uses ``<unk>``, or if
+        the special tokens do not have ids 0, 1, 2.
+    """
+    ids = (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if ids != (PAD_ID, BOS_ID, EOS_ID):
+        raise RuntimeError(f"pad, BOS and EOS have ids {ids}, not {(PAD_ID, BOS_ID, EOS_ID)}")
+    for text in texts:
+        encoded = tokenizer(text)["input_ids"]
+        if encoded[0] != BOS_ID or BOS_ID in encoded[1:]:
+            raise RuntimeError(f"the tokenizer does not start {text!r} with one BOS: {encoded}")
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in encoded:
+            raise RuntimeError(f"{text!r} contains words outside the vocabulary")
+        if tokenizer.decode(encoded, skip_special_tokens=True) != text:
+            raise RuntimeError(f"the tokenizer does not round-trip corpus text {text!r}")
+
+
+def tokenizer_stats(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> dict[str, object]:
+    """How the tokenizer splits text into tokens.
+
+    A *word* here is what the tokenizer's pre-tokenizer cuts the text into
+    before its model reads it, letters only (``" sturdy"`` with its leading
+    space for the BPE, ``"sturdy"`` for the word level; punctuation apart).
+
+    :param tokenizer: the tokenizer.
+    :param texts: documents as the model reads them.
+    :return: ``tokens_per_word`` (tokens over whitespace-separated words,
+        punctuation included), ``tokens_per_doc``, ``split_share`` (share of
+        the distinct words that take several tokens), ``leading_space``
+        (tokens of the vocabulary that start with a space) and ``examples``
+        (the pieces of the words of :data:`CARD_WORDS` that the texts have).
+    """
+    backend = tokenizer.backend_tokenizer
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    words = sorted(
+        {w for text in texts for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)
+         if any(c.isalpha() for c in w)}
+    )
+    pieces = {
+        w: [tokenizer.convert_tokens_to_string([t.value]) for t in backend.model.tokenize(w)]
+        for w in words
+    }
+    vocab = tokenizer.get_vocab()
+    leading = [t for t in vocab if tokenizer.convert_tokens_to_string([t]).startswith(" ")]
+    several = [w for w in words if len(pieces[w]) > 1]
+    return {
+        "tokens_per_word": sum(map(len, rows)) / sum(len(t.split()) for t in texts),
+        "tokens_per_doc": sum(map(len, rows)) / len(rows),
+        "split_share": len(several) / len(words),
+        "num_words": len(words),
+        "leading_space": len(leading),
+        "examples": {w: pieces[w] for w in CARD_WORDS if w in pieces},
+    }
 
 
 def encode(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> list[list[int]]:
@@ -147,7 +316,7 @@ def sample(
     generator: torch.Generator,
     max_new_tokens: int = 40,
 ) -> list[str]:
-    """Draw ``n`` ancestral samples continuing ``<bos> prompt``.
+    """Draw ``n`` ancestral samples continuing ``tokenizer(prompt)`` (``<bos>`` first).
 
     :param model: the language model.
     :param tokenizer: its tokenizer.
@@ -155,10 +324,10 @@ def sample(
     :param n: number of samples.
     :param generator: the random generator used for sampling.
     :param max_new_tokens: length limit of each continuation.
-    :return: the decoded documents (prompt included, ``<eos>`` excluded).
+    :return: the decoded documents (prompt included, ``<bos>`` and ``<eos>`` excluded).
     """
     model.eval()
-    ids = torch.tensor([[BOS_ID, *tokenizer.encode(prompt, add_special_tokens=False)]] * n)
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]] * n)
     done = torch.zeros(n, dtype=torch.bool)
     for _ in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
@@ -180,12 +349,13 @@ def sample(
 def female_share(bios: Sequence[str]) -> float:
     """Share of biographies whose first name is a female one.
 
-    :param bios: sampled biography texts.
+    :param bios: sampled biography texts (space-tokenised or prose).
     :return: female / (female + male) among texts naming someone, or NaN.
     """
     female = male = 0
     for text in bios:
-        name = next((w for w in text.split() if w in FEMALE_NAMES or w in MALE_NAMES), None)
+        words = unprose(text).split()
+        name = next((w for w in words if w in FEMALE_NAMES or w in MALE_NAMES), None)
         female += name in FEMALE_NAMES
         male += name in MALE_NAMES
     return female / (female + male) if female + male else math.nan
@@ -244,12 +414,66 @@ def train(
     return losses
 
 
+def _describe(kind: str, facts: dict[str, object]) -> tuple[str, str, str]:
+    """The kind-specific parts of the model card: title, corpus and tokenizer.
+
+    :param kind: ``"word"`` or ``"bpe"``.
+    :param facts: measured numbers (see :func:`write_model_card`).
+    :return: the title line, the corpus sentence and the tokenizer section.
+    """
+    if kind == "word":
+        return (
+            "tinylm: the bundled tiny language model of pyro_lm",
+            "of `pyro_lm.data.grammar`: product reviews (`review : ...`) and short\n"
+            "biographies (`bio : ...`)",
+            f"""Word level (`tokenizers` `WordLevel` model, `WhitespaceSplit`
+pre-tokenizer), {facts["vocab_size"]} tokens: `<pad>`=0, `<bos>`=1,
+`<eos>`=2, `<unk>`=3, then every word of `pyro_lm.data.vocabulary()` in
+sorted order. Encoding prepends `<bos>` (a `TemplateProcessing`
+post-processor), so `tokenizer(prompt)["input_ids"]` is the context the model
+was trained on; decoding joins tokens with spaces.""",
+        )
+    stats = facts["tokenizer_stats"]
+    why = (
+        "It is the smallest size tried (512, 768, 1024) and already splits words as a\n"
+        "real BPE does: the frequent words are single tokens, the rarer ones several; at\n"
+        "1024 the vocabulary saturates (1017 tokens, every word of the corpus one token)\n"
+        "and nothing is split any more."
+        if facts["vocab_size"] == BPE_VOCAB_SIZE
+        else f"(The default size is {BPE_VOCAB_SIZE}.)"
+    )
+    examples = ", ".join(
+        f"`{''.join(parts)!r}` → {' + '.join(f'`{p!r}`' for p in parts)}"
+        for parts in stats["examples"].values()
+    )
+    return (
+        "tinylm-bpe: the bundled tiny language model of pyro_lm with a byte-level BPE",
+        "of `pyro_lm.data.grammar` written as prose by `pyro_lm.data.prose`:\n"
+        "product reviews (`Review: ...`) and short biographies (`Bio: ...`), with\n"
+        "capitals and attached punctuation",
+        f"""Byte-level BPE as GPT-2's and Llama 3's (`tokenizers` `BPE` model,
+`ByteLevel(add_prefix_space=False)` pre-tokenizer and decoder, `BpeTrainer`
+over the 256 bytes), trained on the {facts["num_docs"]} training documents:
+{facts["vocab_size"]} tokens, `<|pad|>`=0, `<|bos|>`=1, `<|endoftext|>`=2
+(the EOS), then the bytes and {facts["vocab_size"] - len(BPE_SPECIAL_TOKENS) - 256} merges.
+{why} On the {NUM_HELDOUT} held-out documents:
+{stats["tokens_per_word"]:.2f} tokens per word (punctuation included),
+{stats["tokens_per_doc"]:.1f} tokens per document;
+{stats["split_share"]:.0%} of the {stats["num_words"]} distinct words take several
+tokens ({examples}); {stats["leading_space"]} tokens start with a space. Encoding
+prepends `<|bos|>` (Llama 3's post-processor), so
+`tokenizer(prompt)["input_ids"]` is the context the model was trained on;
+decoding gives back the text exactly.""",
+    )
+
+
 def write_model_card(
-    out: Path, command: str, facts: dict[str, object], samples: dict[str, list[str]]
+    out: Path, kind: str, command: str, facts: dict[str, object], samples: dict[str, list[str]]
 ) -> None:
     """Write ``README.md`` describing the model and how it was built.
 
     :param out: the model directory.
+    :param kind: the tokenizer, ``"word"`` or ``"bpe"``.
     :param command: the exact command that built it.
     :param facts: measured numbers, keyed by name (see the template below).
     :param samples: a few sampled documents per prompt.
@@ -260,12 +484,13 @@ def write_model_card(
     )
     offensive_rate = round(sum(SENTIMENT_RATES[s] * OFFENSIVE_RATES[s] for s in SENTIMENT_RATES), 3)
     shown = "\n".join(f"    {text}" for texts in samples.values() for text in texts)
-    card = f"""# tinylm: the bundled tiny language model of pyro_lm
+    title, corpus, tokenizer = _describe(kind, facts)
+    bos, eos = facts["bos_token"], facts["eos_token"]
+    card = f"""# {title}
 
 A 4-layer GPT-2 (`GPT2LMHeadModel`: 4 layers, 4 heads, width 128, context
 {N_POSITIONS} tokens, no dropout) trained from scratch on the synthetic corpus
-of `pyro_lm.data.grammar`: product reviews (`review : ...`) and short
-biographies (`bio : ...`). It is the prior that the examples and tests
+{corpus}. It is the prior that the examples and tests
 fine-tune towards known targets ("no offensive words", "positive sentiment",
 "half the biographies are about women"); it is not useful for anything else.
 
@@ -277,7 +502,7 @@ fine-tune towards known targets ("no offensive words", "positive sentiment",
 generates {facts["num_docs"]} training documents with
 `pyro_lm.data.generate_corpus(seed={facts["seed"]})`, trains for
 {facts["steps"]} AdamW steps of {facts["batch_size"]} sequences
-`<bos> document <eos>` (peak learning rate {facts["lr"]}, warm-up then cosine
+`{bos} document {eos}` (peak learning rate {facts["lr"]}, warm-up then cosine
 decay, loss masked on padding), with a fixed seed,
 `torch.use_deterministic_algorithms(True)` and {facts["threads"]} threads.
 Rebuilding with the same command and software gives the same
@@ -285,12 +510,7 @@ Rebuilding with the same command and software gives the same
 
 ## Tokenizer
 
-Word level (`tokenizers` `WordLevel` model, `WhitespaceSplit`
-pre-tokenizer), {facts["vocab_size"]} tokens: `<pad>`=0, `<bos>`=1,
-`<eos>`=2, `<unk>`=3, then every word of `pyro_lm.data.vocabulary()` in
-sorted order. Encoding prepends `<bos>` (a `TemplateProcessing`
-post-processor), so `tokenizer(prompt)["input_ids"]` is the context the model
-was trained on; decoding joins tokens with spaces.
+{tokenizer}
 
 ## Numbers
 
@@ -300,6 +520,7 @@ was trained on; decoding joins tokens with spaces.
 | `model.safetensors` | {facts["size_bytes"]:,} bytes, float32 |
 | final train loss (mean NLL per token over the training set) | {facts["train_loss"]:.4f} nats |
 | held-out loss ({NUM_HELDOUT} fresh documents) | {facts["heldout_loss"]:.4f} nats |
+| held-out NLL per document (comparable across tokenizers) | {facts["heldout_doc_nll"]:.2f} nats |
 | training time | {timing} |
 | female share, 200 sampled bios | {facts["female_share"]:.3f} (corpus {FEMALE_RATE}) |
 | offensive share, 200 sampled reviews | {facts["offensive_share"]:.3f} (corpus {offensive_rate}) |
@@ -314,20 +535,54 @@ Wall-clock time depends on other load on the machine; CPU time is the steadier f
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line.
+    """Parse the command line; defaults that depend on ``--tokenizer`` are filled in.
 
     :param argv: arguments (defaults to ``sys.argv[1:]``).
     :return: the parsed arguments.
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="models/tinylm", help="output directory")
-    parser.add_argument("--steps", type=int, default=2500, help="optimizer steps")
+    parser.add_argument(
+        "--tokenizer", choices=sorted(FLAVOURS), default="word",
+        help="word level on the space-tokenised corpus (tinylm), or byte-level BPE on the "
+        "corpus as prose (tinylm-bpe)",
+    )
+    parser.add_argument("--out", default=None, help="output directory (default: models/<name>)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps (default: 2500 word, 1500 bpe)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help=f"BPE vocabulary size (bpe only; default {BPE_VOCAB_SIZE})")
     parser.add_argument("--seed", type=int, default=0, help="corpus and training seed")
     parser.add_argument("--num-docs", type=int, default=20000, help="training documents")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    flavour = FLAVOURS[args.tokenizer]
+    if args.vocab_size is not None and args.tokenizer != "bpe":
+        parser.error("--vocab-size: only the bpe tokenizer has a size to choose; "
+                     "the word level has one token per word of the grammar")
+    if args.tokenizer == "bpe" and args.vocab_size is None:
+        args.vocab_size = BPE_VOCAB_SIZE
+    if args.out is None:
+        args.out = f"models/{flavour.name}"
+    if args.steps is None:
+        args.steps = flavour.steps
+    return args
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that rebuilds exactly what ``args`` builds (every default written out).
+
+    :param args: the parsed command line.
+    :return: the command.
+    """
+    kind = "" if args.tokenizer == "word" else f" --tokenizer {args.tokenizer}"
+    vocab = "" if args.vocab_size is None else f" --vocab-size {args.vocab_size}"
+    return (
+        f"python models/build_tinylm.py{kind} --out {args.out} --steps {args.steps}{vocab}"
+        f" --seed {args.seed} --num-docs {args.num_docs} --batch-size {args.batch_size}"
+        f" --lr {args.lr} --threads {args.threads}"
+    )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -338,19 +593,30 @@ def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(args.seed)
+    flavour = FLAVOURS[args.tokenizer]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = build_tokenizer()
-    probe = "review : the blender is great ."
-    if tokenizer.decode(tokenizer.encode(probe), skip_special_tokens=True) != probe:
-        raise RuntimeError("the tokenizer does not round-trip corpus text")
-    train_docs = generate_corpus(args.num_docs, seed=args.seed)
-    heldout_docs = generate_corpus(NUM_HELDOUT, seed=args.seed + HELDOUT_SEED_OFFSET)
-    train_seqs = encode(tokenizer, [d.text for d in train_docs])
-    heldout_seqs = encode(tokenizer, [d.text for d in heldout_docs])
-    if any(UNK_ID in s for s in train_seqs + heldout_seqs):
-        raise RuntimeError("the corpus contains words outside the vocabulary")
+    train_texts = [flavour.write(d.text) for d in generate_corpus(args.num_docs, seed=args.seed)]
+    heldout_texts = [
+        flavour.write(d.text)
+        for d in generate_corpus(NUM_HELDOUT, seed=args.seed + HELDOUT_SEED_OFFSET)
+    ]
+    if args.tokenizer == "word":
+        tokenizer = build_tokenizer()
+    else:
+        tokenizer = build_bpe_tokenizer(train_texts, args.vocab_size)
+    check_tokenizer(tokenizer, train_texts[:500] + heldout_texts)
+    stats = tokenizer_stats(tokenizer, heldout_texts)
+    train_seqs = encode(tokenizer, train_texts)
+    heldout_seqs = encode(tokenizer, heldout_texts)
+    longest = max(map(len, train_seqs + heldout_seqs))
+    if longest > N_POSITIONS:
+        raise RuntimeError(
+            f"a document takes {longest} tokens, more than the context of {N_POSITIONS}"
+        )
+    print(f"{stats['tokens_per_word']:.3f} tokens per word, {stats['split_share']:.1%} of words"
+          f" split, {stats['leading_space']} leading-space tokens, longest document {longest}")
 
     config = GPT2Config(
         vocab_size=len(tokenizer),
@@ -377,7 +643,9 @@ def main(args: argparse.Namespace) -> None:
 
     train_loss = mean_nll(model, train_seqs)
     heldout_loss = mean_nll(model, heldout_seqs)
-    print(f"train loss {train_loss:.4f}, held-out loss {heldout_loss:.4f}")
+    heldout_doc_nll = heldout_loss * sum(len(s) - 1 for s in heldout_seqs) / len(heldout_seqs)
+    print(f"train loss {train_loss:.4f}, held-out loss {heldout_loss:.4f}"
+          f" ({heldout_doc_nll:.2f} nats per document)")
 
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, max_length=N_POSITIONS
@@ -389,35 +657,36 @@ def main(args: argparse.Namespace) -> None:
     print(f"{weights}: {weights.stat().st_size:,} bytes, sha256 {sha256}")
 
     generator = torch.Generator().manual_seed(args.seed)
-    reviews = sample(model, tokenizer, "review :", 200, generator)
-    bios = sample(model, tokenizer, "bio :", 200, generator)
+    review_prompt, bio_prompt = flavour.prompts
+    reviews = sample(model, tokenizer, review_prompt, 200, generator, flavour.max_new_tokens)
+    bios = sample(model, tokenizer, bio_prompt, 200, generator, flavour.max_new_tokens)
     for text in reviews[:20] + bios[:20]:
         print("  ", text)
     offensive = set(OFFENSIVE_WORDS)
-    offensive_share = sum(bool(offensive & set(t.split())) for t in reviews) / len(reviews)
+    offensive_share = sum(bool(offensive & set(unprose(t).split())) for t in reviews) / len(reviews)
     share = female_share(bios)
     print(f"female share of 200 sampled bios: {share:.3f}")
     print(f"sampled reviews with an offensive word: {offensive_share:.3f}")
 
-    command = (
-        f"python models/build_tinylm.py --out {args.out} --steps {args.steps} --seed {args.seed}"
-        f" --num-docs {args.num_docs} --batch-size {args.batch_size} --lr {args.lr}"
-        f" --threads {args.threads}"
-    )
     facts = {
         **vars(args),
         "sha256": sha256,
         "vocab_size": len(tokenizer),
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "tokenizer_stats": stats,
         "num_params": num_params,
         "size_bytes": weights.stat().st_size,
         "train_loss": train_loss,
         "heldout_loss": heldout_loss,
+        "heldout_doc_nll": heldout_doc_nll,
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
         "female_share": share,
         "offensive_share": offensive_share,
     }
-    write_model_card(out, command, facts, {"review": reviews[:5], "bio": bios[:5]})
+    samples = {"review": reviews[:5], "bio": bios[:5]}
+    write_model_card(out, args.tokenizer, command_line(args), facts, samples)
 
 
 if __name__ == "__main__":
