@@ -9,13 +9,16 @@ five inference algorithms:
 * ``DPG`` — forward-KL distribution matching: fine-tuning that is not RL;
 * ``reward max`` — the same SVI without the KL term: the guide collapses;
 * ``Importance`` — no training: the prior proposes, the reward weighs;
-* ``SMC`` — no training: token-level SMC with a lookahead proposal.
+* ``SMC`` — no training: token-level SMC with a lookahead proposal (the top 32
+  next tokens scored exactly, the rest from the prior).
 
+It runs on the bundled byte-level BPE LM (``models/tinylm-bpe``: words split into
+pieces, prompt ``"Review:"``); ``--model tinylm`` runs it on the word-level one.
 It prints a table (mean reward, KL(q‖p0), estimated KL(q‖p*), ESS and PSIS k̂,
 log Z, distinct-2, wall time), a few completions from each, and writes plots to
 ``out/``.
 
-    python examples/demo.py [--beta 0.5] [--steps 120] [--device cuda] [--tiny]
+    python examples/demo.py [--beta 0.5] [--steps 120] [--model tinylm-bpe] [--device cuda] [--tiny]
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from _common import base_parser, load_prior  # noqa: E402
 
 import pyro_lm  # noqa: E402
 from pyro_lm import diagnostics  # noqa: E402
-from pyro_lm.programs import REVIEW_PROMPT, positive_reviews_reward, reward_model  # noqa: E402
+from pyro_lm.programs import positive_reviews_reward, reward_model, task_prompt  # noqa: E402
 
 
 def distinct_n(x: torch.Tensor, eos: int, n: int = 2) -> float:
@@ -78,18 +81,20 @@ def main(args):
     pyro.set_rng_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prior = load_prior(args.device)
+    prior = load_prior(args.device, args.model)
+    prompt = task_prompt(prior)
     reward = positive_reviews_reward(prior.tokenizer)
     beta, t = args.beta, args.max_new_tokens
     model = reward_model(prior, reward, beta=beta, max_new_tokens=t)
-    prompts = [REVIEW_PROMPT]
+    prompts = [prompt]
     print(f"prior: {prior}\ntarget: p*(x) ∝ p0(x) exp(r(x)/{beta}), r = positive − negative "
-          f"− 3·offensive words, prompt {REVIEW_PROMPT!r}, {t} new tokens\n")
+          f"− 3·offensive words, prompt {prompt!r}, {t} new tokens\n")
     results, samples, eos = {}, {}, prior.eos_token_id
 
     # --- sampling without training ---------------------------------------------------------
     start = time.perf_counter()
-    smc = pyro_lm.infer.SMC(model, num_particles=args.num_eval, lookahead="full").run(prompts)
+    smc = pyro_lm.infer.SMC(model, num_particles=args.num_eval,
+                            lookahead=args.lookahead).run(prompts)
     results["SMC"] = dict(time=time.perf_counter() - start, log_w=smc.log_weights[:, 0],
                           log_Z=float(smc.log_normalizer()[0]), post=smc)
     start = time.perf_counter()
@@ -154,7 +159,7 @@ def main(args):
     for name, x in samples.items():
         print(f"{name}:")
         for text in prior.decode(x[:args.show]):
-            print(f"    {REVIEW_PROMPT} {text}")
+            print(f"    {prompt}{text if text[:1].isspace() else ' ' + text}")
 
     # --- plots ----------------------------------------------------------------------------------
     if not args.no_plots:
@@ -170,13 +175,15 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], model="tinylm-bpe")
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--num-particles", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--num-eval", type=int, default=512)
+    p.add_argument("--lookahead", default="32", type=lambda v: v if v == "full" else int(v),
+                   help="SMC's lookahead proposal: top-k candidates (exact) or 'full'")
     p.add_argument("--show", type=int, default=3, help="completions printed per method")
     p.add_argument("--out", default="out")
     p.add_argument("--no-plots", action="store_true")
