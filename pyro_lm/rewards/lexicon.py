@@ -222,9 +222,38 @@ class Lexicon(Reward):
                                                 device=device),
                                 torch.tensor([w for _, w in items], dtype=torch.float32,
                                              device=device)))
-            folds = None if self.case_sensitive else _casefold_table().to(device)
-            self._cache[device] = keys.to(device), base, phrases, folds
+            per_token = self._per_token_words(index)
+            if per_token is not None:  # word-level: no character table needed
+                if len(phrases) == 1 and phrases[0][0] == 1:  # words only: a weight per token
+                    _, codes, weights = phrases[0]
+                    at = torch.searchsorted(codes.cpu(), per_token).clamp(max=codes.numel() - 1)
+                    hit = (per_token > 0) & (codes.cpu()[at] == per_token)
+                    per_token = torch.where(hit, weights.cpu()[at], 0.0)
+                per_token = per_token.to(device)
+                folds = None
+            else:
+                folds = None if self.case_sensitive else _casefold_table().to(device)
+            self._cache[device] = keys.to(device), base, phrases, folds, per_token
         return self._cache[device]
+
+    def _per_token_words(self, index):
+        """For word-level tokenizers (no token continues a word, and each token writes at
+        most one word), ``(V + 1,)`` int64: each token id's word id in ``index`` (0 for a
+        word outside the lexicon, -1 for a token with no word; the last entry for ids past
+        the tokenizer's). Words are then tokens, so the settled words of a row are its
+        counted tokens that write one (and a lexicon of single words is a weight per
+        token); ``None`` where that does not hold."""
+        if self._can_extend or self._exact_text is None:
+            return None
+        size = len(self.tokenizer)
+        table = torch.full((size + 1,), -1, dtype=torch.int64)
+        for i in range(size):
+            words = WORD.findall(self.tokenizer.decode([i], skip_special_tokens=True))
+            if len(words) > 1:
+                return None
+            if words:
+                table[i] = index.get(self._fold(words[0]), 0)
+        return table
 
     def _word_keys(self, cp, word, start, folds):
         """``(N, M)`` int64: at the last character of each word, its key (see
@@ -248,7 +277,13 @@ class Lexicon(Reward):
         return key
 
     def _forward_tokens(self, x):
-        keys, base, phrases, folds = self._tables(x.device)
+        keys, base, phrases, folds, per_token = self._tables(x.device)
+        if per_token is not None:
+            word = per_token[x.clamp(min=0, max=per_token.numel() - 1)]
+            if word.is_floating_point():  # each token's weight (select: 0 * -inf is NaN)
+                return torch.where(counted_mask(x, self.eos), word, 0.0).sum(-1)
+            return self._sum_phrases(compact(word, counted_mask(x, self.eos) & (word >= 0), -1),
+                                     base, phrases, x)
         complete = is_complete(x, self.eos)
         cp, kind = self._text.chars(x, counted_mask(x, self.eos), complete)
         word = kind == WORD_CHAR
@@ -265,6 +300,12 @@ class Lexicon(Reward):
         at = torch.searchsorted(keys, key).clamp(max=keys.numel() - 1)
         ids = torch.where(keys[at] == key, at + 1, 0)
         ids = compact(ids, end, -1)  # the settled words' ids in order, -1 past the last
+        return self._sum_phrases(ids, base, phrases, x)
+
+    @staticmethod
+    def _sum_phrases(ids, base, phrases, x):
+        """``(N,)``: the weights of the phrases found in ``ids`` (``(N, M)`` settled word
+        ids in order, 0 outside the lexicon, -1 past the last)."""
         total = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
         for n, codes, weights in phrases:
             if ids.shape[-1] < n:

@@ -216,6 +216,25 @@ def test_bundled_word_level_tokenizer_counts_as_before():
         assert Lexicon(tok, weights, mode=mode)(x).tolist() == [1.5, -1.5, 1.0]
 
 
+@pytest.mark.parametrize("weights", [{"great": 1.0, "awful": -math.inf, "is": 0.5},
+                                     {"great": 1.0, "is great": 3.0, "one star": -2.0}],
+                         ids=["words", "phrases"])
+def test_word_level_fast_path_agrees_with_text_mode(weights):
+    """On a word-level tokenizer token mode reads a weight (or word id) per token; it must
+    give text mode's values on corpus documents, whole and on every prefix."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained("models/tinylm")
+    fast, text = (Lexicon(tok, weights, mode=m) for m in ("tokens", "text"))
+    assert fast._tables(torch.device("cpu"))[-1] is not None  # the per-token path is taken
+    docs = [d.text for d in generate_corpus(100, seed=3)] + ["it is great one star"]
+    x = batch([tok(s, add_special_tokens=False)["input_ids"] for s in docs], tok.eos_token_id)
+    assert torch.equal(fast(x), text(x))
+    for t in (1, 3, 7, 12):
+        with prefix_context(t):
+            assert torch.equal(fast(x), text(x))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_device_and_batch_shape(device, mode):
     tok = train_tokenizer("gpt2")
