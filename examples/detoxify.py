@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import base_parser, load_prior  # noqa: E402
 
 import pyro_lm  # noqa: E402
-from pyro_lm.programs import REVIEW_PROMPT, detox_reward, reward_model  # noqa: E402
+from pyro_lm.programs import detox_reward, reward_model, task_prompt  # noqa: E402
 
 
 def offensive_rate(prior, x: torch.Tensor) -> float:
@@ -33,9 +33,10 @@ def offensive_rate(prior, x: torch.Tensor) -> float:
 
 def main(args):
     pyro.set_rng_seed(args.seed)
-    prior = load_prior(args.device)
+    prior = load_prior(args.device, args.model)
     t = args.max_new_tokens
-    prompts = [REVIEW_PROMPT]
+    prompt = task_prompt(prior)
+    prompts = [prompt]
     n = args.num_samples
 
     x0 = pyro_lm.LMDistribution(prior, prompts, t).sample((n,))
@@ -58,13 +59,13 @@ def main(args):
     x_rl = pyro_lm.LMDistribution(policy, prompts, t).sample((n,))
     print(f"KL-RL: offensive share {offensive_rate(prior, x_rl):.3f} after {args.steps} steps")
     for text in prior.decode(x_rl[:3, 0]):
-        print("   ", REVIEW_PROMPT, text)
+        print(f"    {prompt}{text if text[:1].isspace() else ' ' + text}")
     return {"prior": offensive_rate(prior, x0), "smc": offensive_rate(prior, x_smc),
             "rl": offensive_rate(prior, x_rl)}
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], model="tinylm-bpe")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--num-samples", type=int, default=512)
     p.add_argument("--num-particles", type=int, default=16)
