@@ -78,6 +78,12 @@ def weighted_count(counts, log_w) -> float:
     return float((log_w.softmax(0) * counts).sum())
 
 
+def particles_summary(particles, counts):
+    """``(log Ẑ, E[count])`` from hfppl's final particles and their counts of TOKEN."""
+    log_w = torch.tensor([p.weight for p in particles], dtype=torch.float64)
+    return float(log_w.logsumexp(0)) - math.log(len(particles)), weighted_count(counts, log_w)
+
+
 # ------------------------------------------------------------------ contenders
 def floor_run(args):
     lm = make_lm()
@@ -152,10 +158,8 @@ def hfppl_run(args, batch_size, timeout):
         return asyncio.run(hfppl.smc_standard(CountModel(), args.particles, ess_threshold=0.5))
 
     def summary(particles):
-        log_w = torch.tensor([p.weight for p in particles], dtype=torch.float64)
-        counts = [p.context.tokens[1:].count(TOKEN) for p in particles]
-        return (float(log_w.logsumexp(0)) - math.log(len(particles)),
-                weighted_count(counts, log_w))
+        return particles_summary(particles, [p.context.tokens[1:].count(TOKEN)
+                                             for p in particles])
 
     return run, summary
 
@@ -275,12 +279,9 @@ def two_site_hfppl_run(args, batch_size, timeout):
         return asyncio.run(hfppl.smc_standard(TwoSite(), args.particles, ess_threshold=0.5))
 
     def summary(particles):
-        log_w = torch.tensor([p.weight for p in particles], dtype=torch.float64)
-        counts = [p.x1.count(TOKEN)
-                  + p.context.tokens[p.context.prompt_token_count:].count(TOKEN)
-                  for p in particles]
-        return (float(log_w.logsumexp(0)) - math.log(len(particles)),
-                weighted_count(counts, log_w))
+        return particles_summary(particles, [
+            p.x1.count(TOKEN) + p.context.tokens[p.context.prompt_token_count:].count(TOKEN)
+            for p in particles])
 
     return run, summary
 
