@@ -78,6 +78,19 @@ def weighted_count(counts, log_w) -> float:
     return float((log_w.softmax(0) * counts).sum())
 
 
+def build_contenders(contenders):
+    """``(fns, summaries, notes)`` from ``{name: (build, note)}``; a contender whose
+    package is missing keeps a note saying so instead of a function."""
+    fns, summaries, notes = {}, {}, {}
+    for name, (build, note) in contenders.items():
+        try:
+            fns[name], summaries[name] = build()
+            notes[name] = note
+        except ImportError as e:
+            notes[name] = f"not run: {type(e).__name__}: {e} (interpreter {sys.executable})"
+    return fns, summaries, notes
+
+
 def particles_summary(particles, counts):
     """``(log Ẑ, E[count])`` from hfppl's final particles and their counts of TOKEN."""
     log_w = torch.tensor([p.weight for p in particles], dtype=torch.float64)
@@ -334,13 +347,7 @@ def two_site(args):
             f"genlm-control 0.4.1 SMC on one {2 * t}-token sequence (it cannot write the "
             f"second call), batch_size {n}, timeout 0"),
     }
-    fns, summaries, notes = {}, {}, {}
-    for name, (build, note) in contenders.items():
-        try:
-            fns[name], summaries[name] = build()
-            notes[name] = note
-        except ImportError as e:
-            notes[name] = f"not run: {type(e).__name__}: {e} (interpreter {sys.executable})"
+    fns, summaries, notes = build_contenders(contenders)
     med = interleaved(fns, repeats=args.repeats, warmup=args.warmup)
     return two_site_section(args, med, summaries, fns, notes)
 
@@ -368,13 +375,7 @@ def main(args):
                                    "genlm-control 0.4.1 SMC, defaults: batch_size 20, "
                                    "timeout 20 ms"),
     }
-    fns, summaries, notes = {}, {}, {}
-    for name, (build, note) in contenders.items():
-        try:
-            fns[name], summaries[name] = build()
-            notes[name] = note
-        except ImportError as e:
-            notes[name] = f"not run: {type(e).__name__}: {e} (interpreter {sys.executable})"
+    fns, summaries, notes = build_contenders(contenders)
     med = interleaved(fns, repeats=args.repeats, warmup=args.warmup)
     floor = med["floor"]
     rows = []
