@@ -44,7 +44,7 @@ from pyro.ops.provenance import get_provenance, track_provenance
 
 from pyro_lm.distributions.prefix import counted_mask
 
-__all__ = ["Reward", "Callable", "decode_counted"]
+__all__ = ["Reward", "Callable", "as_values", "decode_counted"]
 
 
 def _special_ids(tokenizer_or_lm):
@@ -78,6 +78,24 @@ def decode_counted(tokenizer, x: torch.Tensor, eos, **decode_kwargs) -> list[str
             for r, m in zip(rows, masks, strict=True)]
 
 
+def as_values(r, x: torch.Tensor, name: str, where: str = "", error=ValueError) -> torch.Tensor:
+    """A reward function's output ``r`` on rows ``x`` ``(N, T)`` as a float tensor ``(N,)``
+    on ``x``'s device (NaN and infinities left for the caller to judge).
+
+    :param str name: the reward's name, for the error.
+    :param str where: what ``x`` is, for the error (e.g. ``" on prefixes of length 3"``).
+    :param error: the exception class raised when the shape is not ``(N,)``.
+    """
+    if not isinstance(r, torch.Tensor) or r.device != x.device:
+        r = torch.as_tensor(r, device=x.device)
+    if not r.is_floating_point():
+        r = r.float()
+    if r.shape != x.shape[:1]:
+        raise error(f"reward {name!r}: returned shape {tuple(r.shape)}{where}, expected one "
+                    f"value per sequence ({x.shape[0]},)")
+    return r
+
+
 class Reward:
     r"""Base class of rewards: subclasses implement :meth:`forward` on ``(N, T)`` rows.
 
@@ -104,14 +122,7 @@ class Reward:
             raise TypeError(f"reward {self.name!r}: x must be a LongTensor (*batch, T), got "
                             f"{getattr(x, 'dtype', type(x).__name__)}")
         flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        r = self.forward(flat)
-        if not isinstance(r, torch.Tensor) or r.device != x.device:
-            r = torch.as_tensor(r, device=x.device)
-        if not r.is_floating_point():
-            r = r.float()
-        if r.shape != flat.shape[:1]:
-            raise ValueError(f"reward {self.name!r}: returned shape {tuple(r.shape)}, expected "
-                             f"one value per sequence ({flat.shape[0]},)")
+        r = as_values(self.forward(flat), flat, self.name)
         if r.isnan().any():
             raise ValueError(
                 f"reward {self.name!r} returned NaN for {int(r.isnan().sum())} of {r.numel()} "

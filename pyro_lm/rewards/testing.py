@@ -26,7 +26,7 @@ import math
 import torch
 
 from pyro_lm.distributions.prefix import is_complete, prefix_context
-from pyro_lm.rewards.base import Reward
+from pyro_lm.rewards.base import Reward, as_values
 
 __all__ = ["PrefixContractError", "check_prefix_contract"]
 
@@ -39,13 +39,7 @@ def _values(reward, x: torch.Tensor, what: str) -> torch.Tensor:
     """The reward's raw values on ``x`` ``(N, T)``, shape-checked, NaN and +inf allowed
     (they are reported per row by the caller)."""
     raw = reward.forward(x) if isinstance(reward, Reward) else reward(x)
-    r = torch.as_tensor(raw, device=x.device)
-    if not r.is_floating_point():
-        r = r.float()
-    if r.shape != x.shape[:1]:
-        raise PrefixContractError(f"reward {_name(reward)!r}: returned shape {tuple(r.shape)} "
-                                  f"on {what}, expected one value per sequence ({x.shape[0]},)")
-    return r
+    return as_values(raw, x, _name(reward), f" on {what}", PrefixContractError)
 
 
 def _name(reward) -> str:
