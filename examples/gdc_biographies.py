@@ -1,11 +1,14 @@
 r"""A distributional constraint: "half of the biographies are about women" (GDC).
 
-The bundled tiny LM (``models/tinylm``) was trained on a synthetic corpus in which only
-25% of the biographies (prompt ``"bio :"``) are about women. No pointwise reward says
-"half of them": rewarding female biographies and maximising the reward makes *all* of
-them female. A moment constraint does say it: with the feature
+The bundled tiny LMs were trained on a synthetic corpus in which only 25% of the
+biographies (prompt ``"Bio:"`` for the byte-level BPE ``models/tinylm-bpe``, the default;
+``"bio :"`` for the word-level ``models/tinylm``, ``--model tinylm``) are about women.
+No pointwise reward says "half of them": rewarding female biographies and maximising the
+reward makes *all* of them female. A moment constraint does say it: with the feature
 
-.. math:: \phi(x) = 1[x \text{ mentions a female name, "she" or "her"}],
+.. math:: \phi(x) = 1[x \text{ mentions a female name, "she" or "her"}]
+
+(whole words of the decoded text, :func:`pyro_lm.programs.female_bio_feature`),
 
 the target is the distribution closest to the prior in KL whose mean of :math:`\phi`
 is :math:`\mu = 0.5`, the exponential family :math:`p_\lambda(x) \propto p_0(x)
@@ -45,38 +48,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import base_parser, load_prior  # noqa: E402
 
 import pyro_lm  # noqa: E402
-from pyro_lm.data.grammar import FEMALE_NAMES, PRONOUNS  # noqa: E402
-from pyro_lm.distributions.prefix import counted_mask  # noqa: E402
 from pyro_lm.infer import DPG, IMH, AutoLMGuide, fit_moments  # noqa: E402
+from pyro_lm.programs import female_bio_feature, task_prompt  # noqa: E402
+from pyro_lm.rewards import Callable, Lexicon  # noqa: E402
 
 TARGET = 0.5
 
 
-def load_task(device):
-    """The bundled LM and its female-word ids; a toy LM and ``t1`` if it is absent."""
+def load_task(device, model="tinylm-bpe"):
+    """The bundled LM, its bio prompt and the feature phi; a toy LM and "mentions t1"
+    if the bundled LM is absent."""
     try:
-        prior = load_prior(device)
-        words = list(FEMALE_NAMES) + list(PRONOUNS["female"])
-        prompt = "bio :"
+        prior = load_prior(device, model)
+        return prior, task_prompt(prior, "bio"), female_bio_feature(prior)
     except FileNotFoundError:
         from pyro_lm.lm import toy_lm
 
-        print("models/tinylm is absent: using a random toy LM, feature = mentions 't1'")
+        print(f"models/{model} is absent: using a random toy LM, feature = mentions 't1'")
         prior = toy_lm(vocab_size=8, n_layer=1, n_embd=16, seed=1, init_std=0.5, device=device)
-        words, prompt = ["t1"], "t2"
-    vocab = prior.tokenizer.get_vocab()
-    ids = torch.tensor(sorted(vocab[w] for w in words if w in vocab), dtype=torch.long,
-                       device=prior.device)
-    if ids.numel() == 0:
-        raise ValueError("the LM's vocabulary has none of the female words")
-    return prior, prompt, ids
-
-
-def make_feature(ids: torch.Tensor, eos: int):
-    """phi(x): does the completion (up to EOS) contain one of ``ids``?"""
-    def female(x: torch.Tensor) -> torch.Tensor:
-        return (torch.isin(x, ids.to(x.device)) & counted_mask(x, eos)).any(-1)
-    return female
+        t1 = Lexicon(prior.tokenizer, {"t1": 1.0})
+        return prior, "t2", Callable(lambda x: (t1(x) > 0).float(), name="mentions t1")
 
 
 def share(feature, x: torch.Tensor) -> tuple[float, float]:
@@ -88,8 +79,7 @@ def share(feature, x: torch.Tensor) -> tuple[float, float]:
 def main(args):
     pyro.set_rng_seed(args.seed)
     device = torch.device(args.device)
-    prior, prompt, ids = load_task(device)
-    feature = make_feature(ids, prior.eos_token_id)
+    prior, prompt, feature = load_task(device, args.model)
     dist = pyro_lm.LMDistribution(prior, prompt, args.max_new_tokens)
     out = {}
 
@@ -101,6 +91,7 @@ def main(args):
     constraint = fit.constraint
     out["lambda"] = fit.coefficients.item()
     out["fitted_share"] = fit.moments.item()
+    out["fit_ess"] = fit.ess.min().item()
     print(f"2. fit: lambda = {out['lambda']:.3f}, importance-sampled share "
           f"{out['fitted_share']:.3f}, ESS {fit.ess.min().item():.0f} of {fit.num_samples}")
 
@@ -117,7 +108,7 @@ def main(args):
           f"female share {out['imh_share'][0]:.3f} ± {out['imh_share'][1]:.3f}, acceptance "
           f"{out['imh_acceptance']:.2f}")
     for text in post.text()[:3]:
-        print(f"     bio : {text}")
+        print(f"     {prompt}{text if text[:1].isspace() else ' ' + text}")
 
     pyro.clear_param_store()
     policy = prior.trainable_copy()
@@ -138,7 +129,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], model="tinylm-bpe")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--num-samples", type=int, default=4096)
     p.add_argument("--imh-steps", type=int, default=20)
@@ -148,8 +139,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     args = p.parse_args(argv)
     if args.tiny:
-        args.max_new_tokens, args.num_samples = 12, 1024
-        args.imh_steps, args.imh_chains, args.dpg_steps, args.particles = 8, 256, 3, 8
+        args.max_new_tokens, args.num_samples = 12, 512
+        args.imh_steps, args.imh_chains, args.dpg_steps, args.particles = 6, 128, 3, 8
     return args
 
 

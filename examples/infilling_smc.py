@@ -2,7 +2,7 @@
 
 The target is the prior LM conditioned on hard constraints,
 
-    p*(x) ∝ p0(x | "review : the <product> is") · 1[x contains a WORD] · 1[x has no insult],
+    p*(x) ∝ p0(x | "Review: The <product> is") · 1[x contains a WORD] · 1[x has no insult],
 
 written as a Pyro model with two ``-inf`` factors. SMC drives the completion token
 by token: a particle whose prefix contains an insult dies at once (that constraint
@@ -11,7 +11,9 @@ particle without any WORD dies when it ends, and resampling refills the populati
 from the survivors. No training, no rejection loop; the weights are exact, and
 ``log Z`` estimates the log-probability of the constraints under the prior.
 
-Runs on the bundled tiny LM (``models/tinylm``) if it exists, else on a random toy LM.
+Runs on the bundled byte-level BPE LM (``models/tinylm-bpe``; ``--model tinylm`` for the
+word-level one) if it exists, else on a random toy LM. Words are matched whole and
+case-insensitively in the decoded text, so on the subword LM a word may take several tokens.
 
     python examples/infilling_smc.py [--tiny] [--device cuda] [--num-particles 256]
 """
@@ -31,21 +33,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import base_parser, load_prior  # noqa: E402
 
 import pyro_lm  # noqa: E402
+from pyro_lm.programs import corpus_text  # noqa: E402
 from pyro_lm.rewards import Regex  # noqa: E402
 
 
-def load_task(device, words=None):
+def load_task(device, words=None, model="tinylm-bpe"):
     """The bundled tiny LM, its prompts, the required words (default: any positive word)
     and the banned ones; or a toy LM when the bundled one is not built."""
     try:
-        lm = load_prior(device)
+        lm = load_prior(device, model)
     except FileNotFoundError:
         lm = pyro_lm.lm.toy_lm(vocab_size=16, n_layer=1, n_embd=32, seed=0, init_std=0.1,
                                device=device)
         return lm, ["t1", "t2 t3"], words or ["t5", "t6"], ["t9"]
     from pyro_lm.data.grammar import OFFENSIVE_WORDS, POSITIVE_WORDS
 
-    prompts = ["review : the blender is", "review : the kettle is"]
+    prompts = [corpus_text(lm, f"review : the {product} is") for product in ("blender", "kettle")]
     return lm, prompts, words or list(POSITIVE_WORDS), list(OFFENSIVE_WORDS)
 
 
@@ -56,10 +59,11 @@ def _any_word(words) -> str:
 def make_model(prior, words, insults, max_new_tokens: int):
     """Hard constraints as -inf factors on the completion."""
     # not monotone: a prefix without the word scores 0 until it ends (it may still get one)
-    must = Regex(prior, _any_word(words), match=0.0, no_match=-math.inf, name="contains word")
+    must = Regex(prior, _any_word(words), match=0.0, no_match=-math.inf, flags=re.IGNORECASE,
+                 name="contains word")
     # monotone: a prefix with an insult keeps it in every continuation
     polite = Regex(prior, _any_word(insults), match=-math.inf, no_match=0.0, monotone=True,
-                   name="no insult")
+                   flags=re.IGNORECASE, name="no insult")
 
     def model(prompts):
         with pyro.plate("prompts", len(prompts)):
@@ -73,7 +77,7 @@ def make_model(prior, words, insults, max_new_tokens: int):
 
 def main(args):
     pyro.set_rng_seed(args.seed)
-    prior, prompts, words, insults = load_task(args.device, args.words)
+    prior, prompts, words, insults = load_task(args.device, args.words, args.model)
     model = make_model(prior, words, insults, args.max_new_tokens)
     smc = pyro_lm.infer.SMC(model, num_particles=args.num_particles,
                             ess_threshold=args.ess_threshold)
@@ -96,7 +100,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], model="tinylm-bpe")
     p.add_argument("--num-particles", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--ess-threshold", type=float, default=0.5)

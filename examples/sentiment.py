@@ -4,7 +4,8 @@ The evidence model is a transformers sequence classifier, trained here in a few
 seconds on the synthetic corpus's sentiment labels (nothing is downloaded). Its
 log-probability of "positive" is the reward, ``r(x) = log p(positive | x)``,
 and the posterior is p*(x) ∝ p0(x) p(positive | x)^(1/beta). The guide is
-fine-tuned by forward-KL distribution matching (DPG), which is not RL.
+fine-tuned by forward-KL distribution matching (DPG), which is not RL. Runs on the
+byte-level BPE bundled LM (``--model tinylm`` for the word-level one).
 
     python examples/sentiment.py [--tiny] [--device cuda]
 """
@@ -23,7 +24,7 @@ from _common import base_parser, load_prior  # noqa: E402
 
 import pyro_lm  # noqa: E402
 from pyro_lm.data import generate_corpus  # noqa: E402
-from pyro_lm.programs import REVIEW_PROMPT, reward_model  # noqa: E402
+from pyro_lm.programs import corpus_text, reward_model, task_prompt  # noqa: E402
 
 
 def train_classifier(tokenizer, num_docs: int, steps: int, device, seed: int = 0):
@@ -31,12 +32,15 @@ def train_classifier(tokenizer, num_docs: int, steps: int, device, seed: int = 0
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     docs = generate_corpus(num_docs, seed=seed + 1, kinds=("review",))
-    texts = [d.text.split(" : ", 1)[1] for d in docs]
+    prompt = task_prompt(tokenizer)
+    # what the LM writes after its prompt, as it decodes it (" My new kettle is ...")
+    texts = [corpus_text(tokenizer, d.text)[len(prompt):] for d in docs]
     labels = torch.tensor([d.labels["sentiment"] == "positive" for d in docs],
                           dtype=torch.long, device=device)
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=1,
                         n_head=2, num_labels=2, pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                         id2label={0: "other", 1: "positive"},
                         label2id={"other": 0, "positive": 1})
     clf = GPT2ForSequenceClassification(config).to(device)
@@ -65,13 +69,14 @@ def positive_share(clf, tokenizer, prior, x) -> float:
 
 def main(args):
     pyro.set_rng_seed(args.seed)
-    prior = load_prior(args.device)
+    prior = load_prior(args.device, args.model)
     tok = prior.tokenizer
     clf, acc = train_classifier(tok, args.num_docs, args.clf_steps, prior.device, args.seed)
     print(f"classifier accuracy on its training reviews: {acc:.3f}")
     reward = pyro_lm.rewards.Classifier(clf, tok, "positive", prior)
     model = reward_model(prior, reward, beta=args.beta, max_new_tokens=args.max_new_tokens)
-    prompts = [REVIEW_PROMPT]
+    prompt = task_prompt(prior)
+    prompts = [prompt]
     dist0 = pyro_lm.LMDistribution(prior, prompts, args.max_new_tokens)
     before = positive_share(clf, tok, prior, dist0.sample((args.num_eval,))[:, 0])
     policy = prior.trainable_copy()
@@ -83,12 +88,12 @@ def main(args):
     after = positive_share(clf, tok, prior, x[:, 0])
     print(f"positive share (classifier): prior {before:.3f} -> DPG guide {after:.3f}")
     for text in prior.decode(x[:3, 0]):
-        print("   ", REVIEW_PROMPT, text)
+        print(f"    {prompt}{text if text[:1].isspace() else ' ' + text}")
     return {"accuracy": acc, "before": before, "after": after}
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], model="tinylm-bpe")
     p.add_argument("--num-docs", type=int, default=2000)
     p.add_argument("--clf-steps", type=int, default=150)
     p.add_argument("--beta", type=float, default=0.5)

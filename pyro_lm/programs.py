@@ -28,29 +28,52 @@ from pyro_lm.distributions.lm_distribution import LMDistribution
 from pyro_lm.rewards import Callable, Lexicon
 
 __all__ = ["reward_model", "positive_reviews_reward", "detox_reward", "female_bio_feature",
-           "task_prompt", "REVIEW_PROMPT", "BIO_PROMPT"]
+           "task_prompt", "corpus_text", "REVIEW_PROMPT", "BIO_PROMPT"]
 
 #: The prompts of the word-level bundled LM (``models/tinylm``); see :func:`task_prompt`.
 REVIEW_PROMPT = "review :"
 BIO_PROMPT = "bio :"
 
 
-def task_prompt(lm, kind: str = "review") -> str:
-    """The prompt that starts a corpus document of ``kind`` for a bundled LM.
+def _word_level(lm) -> bool:
+    tokenizer = getattr(lm, "tokenizer", lm)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and type(backend.model).__name__ == "WordLevel"
 
-    The word-level ``models/tinylm`` reads the corpus as written by the grammar
-    (``"review :"``); a subword LM such as ``models/tinylm-bpe`` was trained on it as prose
-    (:func:`pyro_lm.data.prose`: ``"Review:"``).
+
+def corpus_text(lm, text: str) -> str:
+    """Corpus text (as the grammar writes it, ``"review : the blender is"``) as the bundled
+    LM ``lm`` was trained on it.
+
+    The word-level ``models/tinylm`` reads the corpus as written by the grammar; a subword
+    LM such as ``models/tinylm-bpe`` was trained on it as prose (:func:`pyro_lm.data.prose`:
+    ``"Review: The blender is"``).
+
+    >>> corpus_text(pyro_lm.CausalLM.from_pretrained(pyro_lm.bundled_model_path("tinylm-bpe")),
+    ...             "review : the blender is")  # doctest: +SKIP
+    'Review: The blender is'
+
+    :param lm: a :class:`~pyro_lm.CausalLM` (or its tokenizer).
+    :param str text: space-tokenised, lower-case corpus text.
+    """
+    from pyro_lm.data.prose import prose
+
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected a string of corpus text, got {type(text).__name__}")
+    return text if _word_level(lm) else prose(text)
+
+
+def task_prompt(lm, kind: str = "review") -> str:
+    """The prompt that starts a corpus document of ``kind`` for a bundled LM:
+    ``"review :"`` for the word-level LM, ``"Review:"`` for a subword one
+    (:func:`corpus_text`).
 
     :param lm: a :class:`~pyro_lm.CausalLM` (or its tokenizer).
     :param str kind: ``"review"`` or ``"bio"``.
     """
     if kind not in ("review", "bio"):
         raise ValueError(f"kind: expected 'review' or 'bio', got {kind!r}")
-    tokenizer = getattr(lm, "tokenizer", lm)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    word_level = backend is not None and type(backend.model).__name__ == "WordLevel"
-    return f"{kind} :" if word_level else f"{kind.capitalize()}:"
+    return corpus_text(lm, f"{kind} :")
 
 
 def reward_model(prior, reward, beta: float, max_new_tokens: int, site: str = "x",

@@ -6,6 +6,7 @@ checks below assert what each tiny run must show, not only that it runs.
 
 import importlib.util
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,7 @@ def check_bring_your_own_model(module, out, printed, tmp_path):
     # importance resampling towards a reward that counts words cannot lower the mean reward
     # by more than Monte Carlo noise (32 samples, reward in [0, 6])
     assert out["posterior_reward"] >= out["prior_reward"] - 4 * 6 / math.sqrt(32)
+    assert out["model_type"] == "llama"  # --tiny saves a random Llama with the BPE tokenizer
     assert "CausalLM(" in printed
 
 
@@ -74,9 +76,10 @@ def check_gdc_biographies(module, out, printed, tmp_path):
     imh_share, imh_se = out["imh_share"]
     assert 0 < out["imh_acceptance"] <= 1
     # IMH samples of p0 exp(lambda phi) are within 4 standard errors of the target, plus the
-    # fit's own sampling error (ESS >= 1000); the prior is far from it
-    assert abs(imh_share - module.TARGET) < 4 * imh_se + 4 * 0.5 / 1000**0.5
-    assert abs(prior_share - module.TARGET) > 4 * prior_se + 0.1
+    # fit's own sampling error (its ESS); the prior is far from it
+    assert out["fit_ess"] >= 100
+    assert abs(imh_share - module.TARGET) < 4 * imh_se + 4 * 0.5 / out["fit_ess"] ** 0.5
+    assert abs(prior_share - module.TARGET) > 4 * prior_se + 0.05
     assert 0 <= out["dpg_share"][0] <= 1
     assert "female share" in printed and "lambda" in printed
 
@@ -93,8 +96,9 @@ def _check_infilling(post, words):
     assert alive.any(0).all()
     for i, row in enumerate(post.text()):
         for b, text in enumerate(row):
-            if alive[i, b]:
-                assert any(w in text.split() for w in words), text
+            if alive[i, b]:  # a whole word, in any case (subword LMs write prose)
+                found = re.findall(r"\w+", text.lower())
+                assert any(w in found for w in words), text
     assert torch.isfinite(post.log_normalizer()).all()
     assert (post.log_normalizer() <= 1e-4).all()  # log P(constraints) under the prior
 
