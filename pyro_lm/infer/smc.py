@@ -66,6 +66,7 @@ from pyro_lm.infer.resampling import RESAMPLERS
 from pyro_lm.infer.smc_population import Populations, decode
 from pyro_lm.infer.smc_program import run_program
 from pyro_lm.infer.smc_proposals import BootstrapProposal, LookaheadProposal
+from pyro_lm.infer.smc_steps import StepEnds, check_steps, gated_potential
 from pyro_lm.lm.causal_lm import CausalLM
 from pyro_lm.lm.decoding import make_decoder
 from pyro_lm.ops.stats import log_normalizer
@@ -119,6 +120,17 @@ class SMC:
         from :math:`q`), ``"full"`` (the locally optimal proposal, every next
         token scored) or an int ``k`` (only the proposal's top-``k`` next tokens
         scored); see below.
+    :param steps: where potentials are applied and resampling decided:
+        ``"token"`` (default: every token), an int ``k`` (every ``k`` tokens),
+        ``"word"`` (before each token that starts a new word) or a delimiter regex
+        (where the completion's text ends with a match, e.g. ``r"[.!?]\s"`` or
+        ``"\n"``); exact for any of them (:mod:`pyro_lm.infer.smc_steps`). Other
+        than ``"token"`` it takes the bootstrap proposal (``lookahead=None``).
+    :param int lookahead_budget: bytes that the lookahead's candidate prefixes may
+        take: its ``(C N B, T)`` int64 token buffer, ``8 C N B T`` bytes with
+        ``C = V`` for ``"full"`` (``k`` for an int), is checked against it before
+        the run, which is refused naming ``lookahead=k`` above it; the potential's
+        own memory per candidate prefix comes on top. Default ``2**26`` (64 MiB).
 
     **Lookahead.** With ``lookahead`` set, at step ``t`` each particle scores
     candidate next tokens :math:`v` by the change of potential they would cause,
@@ -178,7 +190,7 @@ class SMC:
 
     def __init__(self, model, guide=None, num_particles: int = 100, ess_threshold: float = 0.5,
                  twist=None, resampling: str = "systematic", sync_every: int | None = None,
-                 lookahead=None):
+                 lookahead=None, steps="token", lookahead_budget: int = 2**26):
         if not callable(model):
             raise TypeError(f"model: expected a callable Pyro model, got {type(model).__name__}")
         if guide is not None and not isinstance(getattr(guide, "lm", None), CausalLM):
@@ -206,6 +218,12 @@ class SMC:
         self.sync_every = (None if sync_every is None
                            else check_positive_int(sync_every, "sync_every"))
         self.lookahead = _check_lookahead(lookahead)
+        self.steps = check_steps(steps)
+        if self.steps != "token" and self.lookahead is not None:
+            raise ValueError(f"steps: the lookahead proposal scores the potential of every "
+                             f"next token, so it runs with steps='token'; pass lookahead=None "
+                             f"for steps={steps!r}, or steps='token'")
+        self.lookahead_budget = check_positive_int(lookahead_budget, "lookahead_budget")
 
     # --------------------------------------------------------------------- run
     def run(self, *args, **kwargs) -> WeightedPosterior:
@@ -237,12 +255,31 @@ class SMC:
         eos, pad = prior.lm.eos_token_ids, prior.lm.pad_token_id
         pop = Populations(shape, big_t, eos, pad, self.ess_threshold, self.resampling, decoders,
                           ids.device)
+        steps = None if self.steps == "token" else StepEnds(
+            self.steps, prior.lm.tokenizer, decoder_q.logits.shape[-1], shape.numel(),
+            ids.device)
         if self.lookahead is None:
+            if steps is not None:
+                potential = gated_potential(potential, pop)
             step = BootstrapProposal(potential, decoder_q, decoder_p)
         else:
             top_k = None if self.lookahead == "full" else self.lookahead
+            self._check_budget(decoder_q.logits.shape[-1], shape.numel(), big_t)
             step = LookaheadProposal(potential, decoder_q, decoder_p, top_k, shape, pad)
-        return decode(pop, step, sync_every)
+        return decode(pop, step, sync_every, steps=steps)
+
+    def _check_budget(self, vocab: int, rows: int, big_t: int) -> None:
+        """Refuse a lookahead whose candidate prefixes exceed ``lookahead_budget`` bytes."""
+        c = vocab if self.lookahead == "full" else min(self.lookahead, vocab)
+        need = 8 * c * rows * big_t
+        if need > self.lookahead_budget:
+            raise ValueError(
+                f"lookahead={self.lookahead!r}: scoring {c} next tokens for {rows} particles "
+                f"x prompts over {big_t} tokens needs a ({c * rows}, {big_t}) buffer of "
+                f"candidate prefixes, {need / 2**20:.0f} MiB (and the potential's own memory "
+                f"per candidate on top), above lookahead_budget={self.lookahead_budget} bytes; "
+                f"use lookahead=k with a small k (e.g. lookahead=32: the proposal's top-k "
+                f"next tokens, still exact), fewer particles, or raise lookahead_budget")
 
     def _run_program(self, args, kwargs) -> WeightedPosterior:
         """SMC over a whole program (:mod:`pyro_lm.infer.smc_program`)."""

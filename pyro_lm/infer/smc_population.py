@@ -70,6 +70,9 @@ class Populations:
         # ESS = exp(2 lse - lse2) < threshold * N, i.e. lse2 - 2 lse > -log(threshold * N)
         self._log_bound = -math.log(ess_threshold * n) if ess_threshold > 0 else math.inf
         self._lse, self._lse2, self._resampled = [], [], []
+        #: rows at a step end at the current token (step-level SMC,
+        #: :mod:`pyro_lm.infer.smc_steps`): ``None`` every row, ``False`` none, or a mask
+        self.at_end = None
 
     def append(self, t: int, token: torch.Tensor) -> None:
         """Write ``token`` ``(R,)`` at column ``t`` (padding, in place, on rows that had
@@ -130,7 +133,8 @@ class Populations:
             decoder.advance(token)
 
     def stop(self) -> None:
-        """Record the last step, after which nothing is resampled."""
+        """Record a step after which nothing is resampled (the last one, or one where no
+        particle reached a step end)."""
         self._resampled.append(False if self._single else
                                torch.zeros(self.num_populations, dtype=torch.bool,
                                            device=self.x.device))
@@ -144,13 +148,19 @@ class Populations:
                 "resampled": resampled}
 
 
-def decode(pop: Populations, step, sync_every: int, on_resample=None) -> Populations:
+def decode(pop: Populations, step, sync_every: int, on_resample=None,
+           steps=None) -> Populations:
     """The token loop of SMC: draw, weigh and resample ``pop`` one token at a time until the
     last column or until every row has ended (checked every ``sync_every`` tokens).
 
     :param step: a proposal (:mod:`pyro_lm.infer.smc_proposals`).
     :param on_resample: ``None`` or a callable of the rows' ancestor index, for state kept
         outside the populations (the earlier sites of a program).
+    :param steps: ``None`` (a step per token) or a
+        :class:`~pyro_lm.infer.smc_steps.StepEnds`: ``pop.at_end`` is set from it before
+        each weighing (the proposal's potential reads it through
+        :func:`~pyro_lm.infer.smc_steps.gated_potential`), and resampling is decided only
+        at tokens where some particle reached a step end.
     """
     big_t = pop.x.shape[-1]
     for t in range(big_t):
@@ -159,12 +169,19 @@ def decode(pop: Populations, step, sync_every: int, on_resample=None) -> Populat
         token = step.draw(pop, t, last)
         pop.append(t, token)
         final = last or ((t + 1) % sync_every == 0 and bool(pop.done.all()))
+        if steps is not None:
+            pop.at_end = None if final else steps.ends(token, t, ended, pop.done)
         pop.reweight(*step.weigh(pop, token, t, ended, final, last))
-        if final:
+        if final or pop.at_end is False:
             pop.stop()
-            break
-        index = pop.resample()
-        if index is not None and on_resample is not None:
-            on_resample(index)
+            if final:
+                break
+        else:
+            index = pop.resample()
+            if index is not None:
+                if steps is not None:
+                    steps.reorder(index)
+                if on_resample is not None:
+                    on_resample(index)
         pop.advance(t)
     return pop

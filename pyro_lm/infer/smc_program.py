@@ -18,7 +18,10 @@ latent site,
 
 The potentials telescope to the program's full log-factor, so the final weights target
 the posterior exactly and :math:`\log \hat Z` is unbiased for :math:`Z`. Resampling
-reorders every particle's earlier values with its KV cache.
+reorders every particle's earlier values with its KV cache. With ``steps`` (step-level
+SMC, :mod:`pyro_lm.infer.smc_steps`) a stage's potential is applied only at the step
+ends of its site's completion, and the last token of each stage is a step end of
+every particle.
 
 References:
 
@@ -46,6 +49,7 @@ from pyro_lm.infer.program import (
 )
 from pyro_lm.infer.smc_population import Populations, decode
 from pyro_lm.infer.smc_proposals import BootstrapProposal
+from pyro_lm.infer.smc_steps import StepEnds, gated_potential
 from pyro_lm.lm.decoding import make_decoder
 from pyro_lm.poutine import LogFactorsMessenger
 
@@ -175,4 +179,10 @@ def _decode(smc, name, prior, proposal, shape, values, factors, args, kwargs, lo
             values[key] = _rows(value, shape, event).index_select(0, index).reshape(
                 tuple(shape) + tuple(value.shape[len(shape):]) if event else shape)
 
-    return decode(pop, BootstrapProposal(potential, decoder_q, decoder_p), sync_every, follow)
+    steps = None
+    if smc.steps != "token":  # a stage's text is its own site's completion
+        steps = StepEnds(smc.steps, prior.lm.tokenizer, decoder_q.logits.shape[-1],
+                         shape.numel(), ids.device)
+        potential = gated_potential(potential, pop)
+    return decode(pop, BootstrapProposal(potential, decoder_q, decoder_p), sync_every, follow,
+                  steps)

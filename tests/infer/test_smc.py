@@ -384,6 +384,20 @@ def test_bad_lookahead(tiny_lm, bad):
         SMC(make_model(tiny_lm), lookahead=bad)
 
 
+@pytest.mark.parametrize("lookahead", ["full", 3])
+def test_lookahead_budget_refuses_large_runs(tiny_lm, lookahead):
+    """The candidate buffer (8 C N B T bytes: C = V = 4 or k = 3, N = 8, B = 1, T = 3) is
+    checked against lookahead_budget before the run; the message names lookahead=k."""
+    model = make_model(tiny_lm, batched=False)
+    need = 8 * (4 if lookahead == "full" else 3) * 8 * T
+    with pytest.raises(ValueError, match=r"lookahead=.*lookahead_budget=.*use lookahead=k"):
+        SMC(model, num_particles=8, lookahead=lookahead, lookahead_budget=need - 1).run("t1")
+    post = SMC(model, num_particles=8, lookahead=lookahead, lookahead_budget=need).run("t1")
+    assert torch.isfinite(post.log_weights).all()
+    with pytest.raises(ValueError, match="lookahead_budget"):
+        SMC(model, lookahead="full", lookahead_budget=0)
+
+
 def test_outputs_work_with_autograd(tiny_lm):
     """The loop runs in inference mode; what it returns must be ordinary tensors."""
     model = make_model(tiny_lm, batched=False)
