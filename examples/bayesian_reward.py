@@ -1,12 +1,13 @@
 """A Bayesian evidence model as the reward: logistic regression fitted by NUTS.
 
-The bundled LM (``models/tinylm``) writes reviews of the synthetic corpus. We label
+The bundled byte-level BPE LM (``models/tinylm-bpe``; ``--model tinylm`` for the word-level
+one) writes reviews of the synthetic corpus. We label
 corpus reviews by the grammar that generated them (``sentiment == "positive"``),
 fit :class:`pyro_lm.rewards.BayesianClassifier` (mean-pooled hidden states of the
 LM, NumPyro NUTS, R-hat / ESS through ArviZ), and use its posterior predictive
 ``log p(positive | x)`` as the reward factor of a Pyro model,
 
-    p*(x) ∝ p0(x | "review :") · p(positive | x)^(1/beta).
+    p*(x) ∝ p0(x | "Review:") · p(positive | x)^(1/beta).
 
 Importance sampling from the prior then reweights the LM's reviews; the share of
 positive ones (judged by the grammar's lexicon) is printed before and after.
@@ -34,6 +35,7 @@ from _common import base_parser, load_prior  # noqa: E402
 
 import pyro_lm  # noqa: E402
 from pyro_lm import diagnostics  # noqa: E402
+from pyro_lm.programs import corpus_text, task_prompt  # noqa: E402
 from pyro_lm.rewards import BayesianClassifier  # noqa: E402
 from pyro_lm.rewards.bayesian import encode_completions  # noqa: E402
 
@@ -41,7 +43,7 @@ _WORD = re.compile(r"[a-z]+")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = base_parser(__doc__.split("\n")[0])
+    p = base_parser(__doc__.split("\n")[0], model="tinylm-bpe")
     p.add_argument("--features", choices=("hidden", "tokens"), default="hidden")
     p.add_argument("--num-docs", type=int, default=None, help="labelled reviews to fit on")
     p.add_argument("--num-warmup", type=int, default=None)
@@ -68,17 +70,19 @@ def bundled_task(args):
     """The bundled LM, corpus reviews labelled positive / not, and a lexicon judge."""
     from pyro_lm.data import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS, generate_corpus
 
-    lm = load_prior(args.device)
+    lm = load_prior(args.device, args.model)
+    prompt = task_prompt(lm)
     docs = generate_corpus(args.num_docs, seed=args.seed + 1, kinds=("review",))
-    texts = [d.body for d in docs]
+    # each review as the LM writes it after its prompt (" My new kettle is ...")
+    texts = [corpus_text(lm, d.text)[len(prompt):] for d in docs]
     labels = [d.labels["sentiment"] == "positive" for d in docs]
     pos, other = set(POSITIVE_WORDS), set(NEGATIVE_WORDS) | set(NEUTRAL_WORDS)
 
     def judge(text: str) -> bool:
-        words = _WORD.findall(text)
+        words = _WORD.findall(text.lower())
         return sum(w in pos for w in words) > sum(w in other for w in words)
 
-    return lm, "review :", encode_completions(lm, texts, args.max_new_tokens), labels, judge
+    return lm, prompt, encode_completions(lm, texts, args.max_new_tokens), labels, judge
 
 
 def toy_task(args):
@@ -100,7 +104,7 @@ def main(args) -> dict:
     pyro.set_rng_seed(args.seed)
     try:
         lm, prompt, x_train, labels, judge = bundled_task(args)
-        task = "bundled tinylm, corpus reviews labelled by their grammar"
+        task = f"bundled {args.model}, corpus reviews labelled by their grammar"
     except FileNotFoundError:
         if not args.tiny:
             raise

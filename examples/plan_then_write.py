@@ -1,18 +1,19 @@
 """Plan, then write: two chained LM calls, a reward on each, solved by SMC and by SVI.
 
-A first LM call writes a short plan (the review's opening, ``"the kettle is"``), a second
+A first LM call writes a short plan (the review's opening, ``" The kettle is"``), a second
 writes the review conditioned on it (its prompt is the first call's prompt followed by
 the plan, ``first.prompt_with(plan)``). Each gets a lexicon reward:
 
-    plan   ~ p0( · | "review :")                      3 tokens
-    review ~ p0( · | "review :" + plan)               T tokens
+    plan   ~ p0( · | "Review:")                       as many tokens as " The kettle is"
+    review ~ p0( · | "Review:" + plan)                T tokens
     p*(plan, review) ∝ p0(plan) p0(review | plan) exp(r_plan(plan) + r_review(review))
 
 with ``r_plan`` = +2 for a kitchen product in the plan and ``r_review`` = +1 per positive
 and -1 per negative word. SMC decodes both sites token by token (one stage per LM site)
 and returns weighted samples and log Z; SVI fits one trainable copy of the LM that is the
 guide of both sites (``AutoLMGuide``) with ``SequenceELBO``, and the trained guide is then
-used as Importance's proposal.
+used as Importance's proposal. Runs on the byte-level BPE bundled LM (``--model tinylm``
+for the word-level one, prompt ``"review :"``, a 3-token plan).
 
     python examples/plan_then_write.py [--tiny] [--num-particles 256] [--steps 30]
 """
@@ -32,10 +33,19 @@ from _common import base_parser, load_prior  # noqa: E402
 
 import pyro_lm  # noqa: E402
 from pyro_lm.data.grammar import NEGATIVE_WORDS, POSITIVE_WORDS  # noqa: E402
+from pyro_lm.programs import corpus_text, task_prompt  # noqa: E402
 from pyro_lm.rewards import Lexicon  # noqa: E402
 
-PROMPT = "review :"
 KITCHEN = ("blender", "toaster", "kettle", "mixer", "mug")
+
+
+def plan_length(lm) -> int:
+    """Tokens of the plan: as many as the LM's tokenizer gives the opening "the kettle is"
+    after the prompt (3 on the word-level LM)."""
+    prompt = task_prompt(lm)
+    full = lm.tokenizer(corpus_text(lm, "review : the kettle is"), add_special_tokens=False)
+    return len(full["input_ids"]) - len(lm.tokenizer(prompt, add_special_tokens=False)
+                                        ["input_ids"])
 
 
 def make_model(lm, plan_tokens: int, review_tokens: int):
@@ -43,8 +53,10 @@ def make_model(lm, plan_tokens: int, review_tokens: int):
     review_reward = Lexicon(lm, {**{w: 1.0 for w in POSITIVE_WORDS},
                                  **{w: -1.0 for w in NEGATIVE_WORDS}}, name="positive review")
 
+    prompt = task_prompt(lm)
+
     def model():
-        first = pyro_lm.LMDistribution(lm, PROMPT, plan_tokens)
+        first = pyro_lm.LMDistribution(lm, prompt, plan_tokens)
         plan = pyro.sample("plan", first)
         ids, mask = first.prompt_with(plan)
         review = pyro.sample("review", pyro_lm.LMDistribution(lm, ids, review_tokens,
@@ -62,7 +74,7 @@ def make_model(lm, plan_tokens: int, review_tokens: int):
 def texts(lm, post, idx):
     plans = lm.decode(post.samples["plan"][idx])
     reviews = lm.decode(post.samples["review"][idx])
-    return [f"{PROMPT} {p} | {r}" for p, r in zip(plans, reviews, strict=True)]
+    return [f"{task_prompt(lm)}{p} |{r}" for p, r in zip(plans, reviews, strict=True)]
 
 
 def weighted_mean(post, values):
@@ -71,10 +83,11 @@ def weighted_mean(post, values):
 
 def main(args):
     pyro.set_rng_seed(args.seed)
-    lm = load_prior(args.device)
-    model, total_reward = make_model(lm, args.plan_tokens, args.max_new_tokens)
+    lm = load_prior(args.device, args.model)
+    plan_tokens = args.plan_tokens or plan_length(lm)
+    model, total_reward = make_model(lm, plan_tokens, args.max_new_tokens)
     n = args.num_particles
-    out = {}
+    out = {"prompt": task_prompt(lm), "plan_tokens": plan_tokens}
 
     # the prior (Importance with the program as its own proposal): the reward to beat
     prior = pyro_lm.infer.Importance(model, num_samples=n).run()
@@ -131,9 +144,10 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], model="tinylm-bpe")
     p.add_argument("--num-particles", type=int, default=256)
-    p.add_argument("--plan-tokens", type=int, default=3)
+    p.add_argument("--plan-tokens", type=int, default=None,
+                   help="tokens of the plan (default: those of ' The kettle is')")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--steps", type=int, default=30)
     # lr 1e-3 with 8 particles overshoots on this LM (KL(q‖p0) 15 nats and ELBO -11 by step

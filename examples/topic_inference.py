@@ -4,12 +4,17 @@ The bundled LM has no sentiment token, but it has learned that a review keeps on
 sentiment throughout (the grammar of ``pyro_lm.data.grammar`` draws every adjective,
 verb and closing phrase of a review from its one sentiment). So a latent sentiment
 ``z`` can write a review through its prompt: the review's opening words up to ``is``
-(``"review : the blender is"``, which say nothing of the sentiment) followed by one
+(``"Review: The blender is"``, which say nothing of the sentiment) followed by one
 adjective of sentiment ``z`` (``great`` / ``awful`` / ``okay``); the *rest* of the
 review, after its own first adjective, is the observed text:
 
     z ~ Categorical(sentiment rates)
-    rest ~ p0( · | "review : the blender is " + ADJECTIVE[z])      (observed)
+    rest ~ p0( · | "Review: The blender is " + ADJECTIVE[z])      (observed)
+
+The LM is the byte-level BPE bundled one (``--model tinylm`` for the word-level one,
+which reads the corpus as the grammar writes it, ``"review : the blender is"``); the
+observed rest is the prose that follows the prompt (``", the price is fine. Nothing
+special."``), tokenized as the LM's tokenizer does.
 
 The review's first adjective (and intensifier) is left out of what is observed: it
 would give the answer away. The posterior of ``z`` is computed three ways: Importance
@@ -38,6 +43,7 @@ from _common import base_parser, load_prior  # noqa: E402
 import pyro_lm  # noqa: E402
 from pyro_lm.data import generate_corpus  # noqa: E402
 from pyro_lm.data.grammar import INTENSIFIERS, SENTIMENT_RATES  # noqa: E402
+from pyro_lm.programs import corpus_text  # noqa: E402
 
 #: The latent's values, and the adjective each one writes after the review's opening.
 SENTIMENTS = ("positive", "negative", "neutral")
@@ -59,7 +65,7 @@ def split_review(text: str) -> tuple[str, str]:
 
 def prompts_for(lm, head: str):
     """The K prompts, one per sentiment: token ids (K, L) and their mask, left-padded."""
-    return lm.encode([f"{head} {ADJECTIVE[s]}" for s in SENTIMENTS])
+    return lm.encode([corpus_text(lm, f"{head} {ADJECTIVE[s]}") for s in SENTIMENTS])
 
 
 def make_model(lm):
@@ -91,9 +97,17 @@ def exact_marginal(model, args, k: int):
 
 
 def model_args(lm, text: str):
+    """The model's arguments for a corpus review: the prompts of every z, and the observed
+    rest as the LM writes it after the prompt (its own text, its own token count)."""
     head, rest = split_review(text)
     ids, mask = prompts_for(lm, head)
-    return head, rest, (ids, mask, rest, len(rest.split()) + 1)
+    words = text.split()
+    # the rest as it follows its prompt in the LM's text: prose() of the whole review with
+    # the prose of the opening cut off (prose of a prefix is a prefix of the prose)
+    opening = " ".join(words[: len(words) - len(rest.split())])
+    observed = corpus_text(lm, text)[len(corpus_text(lm, opening)):]
+    num_tokens = len(lm.tokenizer(observed, add_special_tokens=False)["input_ids"])
+    return head, observed, (ids, mask, observed, num_tokens + 1)
 
 
 def recovery(lm, model, n: int, seed: int, check_novel: bool = True):
@@ -141,12 +155,13 @@ def main(args):
     pyro.set_rng_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lm = load_prior(args.device)
+    lm = load_prior(args.device, args.model)
     model = make_model(lm)
     k = len(SENTIMENTS)
 
     head, rest, margs = model_args(lm, args.review)
-    print(f"review: {args.review!r}\nprompt of z: {head!r} + one of "
+    print(f"review: {corpus_text(lm, args.review)!r}\n"
+          f"prompt of z: {corpus_text(lm, head)!r} + one of "
           f"{[ADJECTIVE[s] for s in SENTIMENTS]}; observed: {rest!r}\n")
     imp = pyro_lm.infer.Importance(model, num_samples=args.num_samples).run(*margs)
     smc = pyro_lm.infer.SMC(model, num_particles=args.num_samples).run(*margs)
@@ -183,10 +198,11 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], model="tinylm-bpe")
     p.add_argument("--review", default="review : my new kettle is quite decent , the price "
                    "is fine . nothing special .", help="the review whose sentiment is "
-                   "inferred (its opening 'the X is ADJ' is not observed)")
+                   "inferred, as the corpus grammar writes it (its opening 'the X is ADJ' is "
+                   "not observed)")
     p.add_argument("--num-samples", type=int, default=256, help="Importance samples and "
                    "SMC particles")
     p.add_argument("--num-heldout", type=int, default=200)
