@@ -315,6 +315,20 @@ def test_smc(prior, other, exacts, shape):
     within(mean, expectation(exact), se, "E[statistic]")
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.__name__)
+def test_smc_steps(prior, other, exacts, shape):
+    """Step-level SMC (a delimiter: a step ends at each token "t1"): Z-hat unbiased."""
+    model, args, kinds = shape(prior)
+    match = refused(kinds, {"subsample", "coupled", "scaled"})
+    smc = SMC(model, guide=AutoLMGuide(model, other), num_particles=64, steps="t1")
+    if match:
+        return assert_error(lambda: smc.run(*args), match)
+    exact = exacts(shape)
+    z_hat = torch.stack([(smc.run(*args).log_normalizer() - exact.log_Z).exp()
+                         for _ in range(20)])  # E = 1
+    within(z_hat.mean(0), 1.0, z_hat.std(0) / math.sqrt(20), "Z-hat / Z")
+
+
 ELBOS = {
     "SequenceELBO": lambda: SequenceELBO(num_particles=8),
     "SequenceELBO-prefix": lambda: SequenceELBO(num_particles=8, baseline="prefix"),
