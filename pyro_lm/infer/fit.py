@@ -1,20 +1,45 @@
-"""A training loop for :class:`pyro.infer.SVI`: progress bar, metric history and
-atomic checkpoints that resume exactly.
+r"""A training loop for :class:`pyro.infer.SVI` (or a loss module and a torch optimiser):
+progress bar, metric history and atomic checkpoints that resume exactly, in one process or
+data-parallel under ``torchrun`` / ``accelerate launch``.
 
 The history is a list with one dict per step, the contract consumed by
 :func:`pyro_lm.diagnostics.to_inference_data`::
 
     {"step": int,       # 0, 1, 2, ... (continues across resumes)
-     "loss": float,     # what svi.step returned
+     "loss": float,     # what svi.step returned (all ranks: reduced, see below)
      "time": float,     # wall-clock seconds of training so far, at the end of this step
      **metrics}         # the ELBO object's .metrics, e.g. SequenceELBO's elbo, log_factor,
                         # reward, kl, ess
 
 A checkpoint is one file written atomically (temporary file in the same folder,
 ``fsync``, :func:`os.replace`), so a crash never leaves a half-written one. It
-holds the param store, the optimiser state, the Python / NumPy / torch RNG
-states, the step and the history; resuming from it continues the run bit for
-bit (on the same device and software).
+holds the param store (or the loss module's ``state_dict``), the optimiser state, the
+Python / NumPy / torch RNG states of every rank, the step and the history; resuming from
+it continues the run bit for bit (on the same device, software and number of ranks).
+
+**Data parallel.** When :mod:`torch.distributed` is initialised
+(:func:`pyro_lm.distributed.init`), the first argument, a batch of prompts, is split
+across the ranks (:func:`pyro_lm.distributed.shard_args`: each prompt and all its
+particles on one rank). The plate sums the loss over prompts, so the gradient of the
+whole batch is the *sum* of the ranks' gradients,
+
+.. math:: \nabla \mathcal L = \textstyle\sum_r \nabla \mathcal L_r ,
+
+which ``fit`` all-reduces (:func:`pyro_lm.distributed.all_reduce_grads`, one flat buffer
+per dtype) between the backward pass and the optimiser step, so every rank takes the same
+step as one process on the same samples. This is exact for Pyro's param-store parameters
+(which :class:`~torch.nn.parallel.DistributedDataParallel` cannot see) and needs no
+wrapper; a loss module already wrapped in DDP (e.g. by ``accelerate``'s ``prepare``) is
+used as it is, with the loss scaled by the number of ranks so that DDP's *mean* is the
+sum. Parameters are broadcast from rank 0 at the start. Metrics are all-reduced: sums
+over prompts add up, per-prompt means (``ess``; DPG's ``reward``) are averaged weighted by
+the ranks' prompt counts. A call whose first argument cannot be sharded runs whole on
+every rank with the rank's own random stream, and gradients and metrics are averaged.
+Only rank 0 shows the progress bar and writes the checkpoint (the other ranks send it
+their RNG states); every rank reads the checkpoint through rank 0, so it resumes on any
+number of ranks: bit for bit on the number that wrote it, and on another number with the
+same parameters, optimiser state, step and history and a fresh random stream derived from
+the checkpoint.
 """
 
 from __future__ import annotations
@@ -23,12 +48,16 @@ import os
 import random
 import tempfile
 import time
+import zlib
 
 import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.infer.util import zero_grads
+from torch.nn.parallel import DistributedDataParallel
 
+from pyro_lm import distributed
 from pyro_lm.poutine import SkipLMMessenger
 
 __all__ = ["fit", "save_checkpoint", "load_checkpoint"]
@@ -38,17 +67,28 @@ _KEYS = ("format", "step", "history", "params", "optim", "rng")
 
 
 def fit(svi, *args, num_steps: int, checkpoint=None, every: int | None = None,
-        progress: bool = True, **kwargs) -> list[dict]:
+        progress: bool = True, optimizer=None, seed: int | None = None,
+        **kwargs) -> list[dict]:
     """Run ``svi.step(*args, **kwargs)`` until ``num_steps`` steps are done.
 
     :param svi: a :class:`pyro.infer.SVI` (any loss; with
-        :class:`~pyro_lm.infer.SequenceELBO` its :attr:`metrics` are recorded).
+        :class:`~pyro_lm.infer.SequenceELBO` its :attr:`metrics` are recorded), or a loss
+        module whose ``forward(*args, **kwargs)`` returns a differentiable loss (Pyro's
+        ``ELBOModule``: ``elbo(model, guide)`` with
+        ``pyro.settings.set(module_local_params=True)``; optionally wrapped in
+        :class:`~torch.nn.parallel.DistributedDataParallel`), with ``optimizer``.
     :param int num_steps: the total number of steps of the run. A run resumed from a
         checkpoint at step ``s`` does the remaining ``num_steps - s``.
     :param checkpoint: a file path, or ``None``. If the file exists, training resumes
         from it; it is (re)written every ``every`` steps and at the end.
     :param int every: checkpoint period in steps (default: only at the end).
-    :param bool progress: show a tqdm progress bar with the live loss, reward and KL.
+    :param bool progress: show a tqdm progress bar with the live loss, reward and KL
+        (on rank 0 only).
+    :param optimizer: a :class:`torch.optim.Optimizer` over the loss module's
+        parameters; only with a loss module (an SVI has its own).
+    :param int seed: if given, seed this rank with
+        :func:`pyro_lm.distributed.set_rng_seed` first (independent streams per rank
+        from one seed); ``None`` leaves the RNGs as they are.
     :returns: the history, one dict per step (see the module docstring).
     :raises ValueError: for a negative ``num_steps`` or ``every < 1``, or a checkpoint
         that cannot be read or does not fit the guide.
@@ -59,44 +99,217 @@ def fit(svi, *args, num_steps: int, checkpoint=None, every: int | None = None,
                               or every < 1):
         raise ValueError(f"every: expected a positive int (steps between checkpoints) or "
                          f"None, got {every!r}")
-    if not hasattr(svi, "step") or not hasattr(svi, "optim"):
-        raise TypeError(f"svi: expected a pyro.infer.SVI, got {type(svi).__name__}")
-    # SVI keeps the bound methods of its loss object: svi.loss is elbo.loss
-    elbo = getattr(svi.loss, "__self__", svi.loss)
+    trainer = _trainer(svi, optimizer)
+    if seed is not None:
+        distributed.set_rng_seed(seed)
+    shard = distributed.shard_args(args)
+    args, world = shard.args, distributed.world_size()
     start, history = 0, []
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
-        if os.path.exists(checkpoint):
-            _register_params(svi, args, kwargs)
-            state = load_checkpoint(checkpoint)
-            _restore(svi, state, checkpoint)
+        exists = os.path.exists(checkpoint)
+        if world > 1:
+            exists = distributed.broadcast_object(exists)
+        if exists:
+            trainer.register(args, kwargs)
+            state = load_checkpoint(checkpoint) if distributed.is_main_process() else None
+            if world > 1:
+                state = distributed.broadcast_object(state)
+            trainer.restore(state, checkpoint)
+            _restore_rng(state)
             start, history = state["step"], list(state["history"])
+    if world > 1:
+        if start == 0:
+            trainer.register(args, kwargs)
+        distributed.broadcast_tensors(trainer.parameters())
     elapsed = history[-1]["time"] if history else 0.0
     bar = None
-    if progress:
+    if progress and distributed.is_main_process():
         from tqdm.auto import tqdm
         bar = tqdm(total=num_steps, initial=min(start, num_steps), desc="fit", unit="step",
                    dynamic_ncols=True)
     try:
         for step in range(start, num_steps):
             tic = time.perf_counter()
-            loss = svi.step(*args, **kwargs)
+            with distributed.local():
+                loss = trainer.step(args, kwargs, shard)
             elapsed += time.perf_counter() - tic
             record = {"step": step, "loss": float(loss), "time": elapsed}
-            record.update(getattr(elbo, "metrics", None) or {})
+            record.update(getattr(trainer.elbo, "metrics", None) or {})
+            if world > 1:
+                record = _reduce_metrics(record, shard, trainer.elbo)
             history.append(record)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(_postfix(record), refresh=False)
             if checkpoint is not None and every is not None and (step + 1) % every == 0 \
                     and step + 1 < num_steps:
-                save_checkpoint(checkpoint, svi, step + 1, history)
-        if checkpoint is not None and (start < num_steps or not os.path.exists(checkpoint)):
-            save_checkpoint(checkpoint, svi, max(start, num_steps), history)
+                save_checkpoint(checkpoint, svi, step + 1, history, optimizer)
+        if checkpoint is not None and (start < num_steps or not _exists(checkpoint)):
+            save_checkpoint(checkpoint, svi, max(start, num_steps), history, optimizer)
     finally:
         if bar is not None:
             bar.close()
     return history
+
+
+def _exists(path: str) -> bool:
+    exists = os.path.exists(path)
+    return distributed.broadcast_object(exists) if distributed.is_distributed() else exists
+
+
+# ------------------------------------------------------------------ what is trained
+class _SVITrainer:
+    """Steps a :class:`pyro.infer.SVI`; its parameters are the param store's."""
+
+    def __init__(self, svi):
+        self.svi = svi
+        # SVI keeps the bound methods of its loss object: svi.loss is elbo.loss
+        self.elbo = getattr(svi.loss, "__self__", svi.loss)
+
+    def register(self, args, kwargs) -> None:
+        """Run the guide once without decoding, so that its parameters (e.g. an LM
+        registered with ``pyro.module``) exist in the param store before loading."""
+        with poutine.block(), torch.no_grad():
+            SkipLMMessenger()(self.svi.guide)(*args, **kwargs)
+
+    def parameters(self) -> list:
+        return [p for _, p in sorted(pyro.get_param_store().named_parameters())]
+
+    def step(self, args, kwargs, shard):
+        if not distributed.is_distributed():
+            return self.svi.step(*args, **kwargs)
+        svi = self.svi  # SVI.step with the gradients all-reduced before the optimiser step
+        with poutine.trace(param_only=True) as capture:
+            loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        names = {id(p): n for n, p in pyro.get_param_store().named_parameters()}
+        ordered = sorted(params, key=lambda p: names.get(id(p), ""))
+        distributed.all_reduce_grads(ordered, "sum" if shard.sharded else "mean")
+        svi.optim(params)
+        zero_grads(params)
+        return loss
+
+    def state(self) -> tuple:
+        return pyro.get_param_store().get_state(), self.svi.optim.get_state()
+
+    def restore(self, state: dict, path: str) -> None:
+        store = pyro.get_param_store()
+        current = dict(store.named_parameters())
+        saved = state["params"]
+        for name, value in saved["params"].items():
+            if name in current:
+                target = current[name]
+                if target.shape != value.shape:
+                    raise ValueError(f"checkpoint: {path!r} holds parameter {name!r} of shape "
+                                     f"{tuple(value.shape)}, the guide has "
+                                     f"{tuple(target.shape)}; it was written for another guide")
+                with torch.no_grad():  # in place: modules keep their own Parameter objects
+                    target.copy_(value.to(target.device))
+        missing = {k: v for k, v in saved["params"].items() if k not in current}
+        if missing:
+            devices = {t.device for t in current.values()}
+            device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+            store.set_state({"params": {k: v.to(device) for k, v in missing.items()},
+                             "constraints": {k: saved["constraints"][k] for k in missing}})
+        self.svi.optim.set_state(state["optim"])
+
+
+class _ModuleTrainer:
+    """Steps a loss module (``forward`` returns a differentiable loss) with a torch
+    optimiser; a module wrapped in DDP reduces its own gradients."""
+
+    def __init__(self, module, optimizer):
+        self.module, self.optimizer = module, optimizer
+        self.ddp = isinstance(module, DistributedDataParallel)
+        self.inner = module.module if self.ddp else module
+        self.elbo = getattr(self.inner, "elbo", None)
+
+    def register(self, args, kwargs) -> None:
+        pass  # a module's parameters exist already
+
+    def parameters(self) -> list:
+        return list(self.inner.parameters()) + list(self.inner.buffers())
+
+    def step(self, args, kwargs, shard):
+        self.optimizer.zero_grad()
+        loss = self.module(*args, **kwargs)
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"svi: the loss module returned {type(loss).__name__}, expected a "
+                            "differentiable tensor (a loss with differentiable_loss)")
+        if self.ddp and shard.sharded:
+            (loss * distributed.world_size()).backward()  # DDP's mean is then the sum
+        else:
+            loss.backward()
+            if not self.ddp:
+                params = [p for p in self.inner.parameters() if p.requires_grad]
+                distributed.all_reduce_grads(params, "sum" if shard.sharded else "mean")
+        self.optimizer.step()
+        return loss.detach()
+
+    def state(self) -> tuple:
+        return self.inner.state_dict(), self.optimizer.state_dict()
+
+    def restore(self, state: dict, path: str) -> None:
+        try:
+            self.inner.load_state_dict(state["params"])
+        except (RuntimeError, KeyError, TypeError) as e:
+            raise ValueError(f"checkpoint: {path!r} does not fit this loss module ({e}); it "
+                             "was written for another guide") from e
+        self.optimizer.load_state_dict(state["optim"])
+
+
+def _trainer(svi, optimizer):
+    if hasattr(svi, "step") and hasattr(svi, "optim"):
+        if optimizer is not None:
+            raise ValueError("optimizer: an SVI steps with its own optim; pass optimizer= "
+                             "only with a loss module")
+        return _SVITrainer(svi)
+    if isinstance(svi, torch.nn.Module):
+        if optimizer is None or not hasattr(optimizer, "step") \
+                or not hasattr(optimizer, "zero_grad"):
+            raise TypeError(f"optimizer: a loss module ({type(svi).__name__}) needs a torch "
+                            f"optimiser over its parameters, got {type(optimizer).__name__}")
+        return _ModuleTrainer(svi, optimizer)
+    raise TypeError(f"svi: expected a pyro.infer.SVI or a loss module (e.g. "
+                    f"SequenceELBO(...)(model, guide)), got {type(svi).__name__}")
+
+
+def _mean_metrics(elbo) -> set:
+    """The metrics that are means over prompts (the others are sums over prompts)."""
+    declared = getattr(elbo, "mean_metrics", None)
+    if declared is not None:
+        return set(declared)
+    from pyro_lm.infer.dpg import DPG
+
+    return {"ess", "reward"} if isinstance(elbo, DPG) else {"ess"}
+
+
+def _reduce_metrics(record: dict, shard, elbo) -> dict:
+    """The record's numbers all-reduced over ranks: sums over prompts added, means over
+    prompts weighted by prompt counts; the mean over ranks for a replicated call."""
+    keys = [k for k, v in record.items() if k not in ("step", "time")
+            and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    means = _mean_metrics(elbo)
+    weight = [float(shard.local_count) if shard.sharded and k in means else 1.0 for k in keys]
+    values = torch.tensor([record[k] * w for k, w in zip(keys, weight, strict=True)],
+                          dtype=torch.float64)
+    values = values.to(_collective_device())
+    torch.distributed.all_reduce(values)
+    total = sum(shard.counts) if shard.sharded else None
+    out = dict(record)
+    for k, v in zip(keys, values.tolist(), strict=True):
+        if not shard.sharded:
+            out[k] = v / distributed.world_size()
+        else:
+            out[k] = v / total if k in means else v
+    return out
+
+
+def _collective_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _postfix(record: dict) -> dict:
@@ -105,17 +318,25 @@ def _postfix(record: dict) -> dict:
 
 
 # ------------------------------------------------------------------ checkpoints
-def save_checkpoint(path, svi, step: int, history: list[dict]) -> None:
-    """Write ``svi``'s full training state to ``path`` atomically."""
+def save_checkpoint(path, svi, step: int, history: list[dict], optimizer=None) -> None:
+    """Write the full training state of ``svi`` (an SVI, or a loss module with its
+    ``optimizer``) to ``path`` atomically.
+
+    Under :mod:`torch.distributed` every rank calls it (it gathers the ranks' RNG states)
+    and rank 0 writes the file; the others wait until it is in place.
+    """
     path = os.fspath(path)
-    state = {
-        "format": _FORMAT,
-        "step": int(step),
-        "history": history,
-        "params": pyro.get_param_store().get_state(),
-        "optim": svi.optim.get_state(),
-        "rng": _rng_state(),
-    }
+    params, optim = _trainer(svi, optimizer).state()
+    rng = [_rng_state()]
+    if distributed.is_distributed():
+        rng = distributed.all_gather_objects(rng[0])
+    if distributed.is_main_process():
+        _write(path, {"format": _FORMAT, "step": int(step), "history": history,
+                      "params": params, "optim": optim, "rng": rng})
+    distributed.barrier()
+
+
+def _write(path: str, state: dict) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
     try:
@@ -159,34 +380,17 @@ def load_checkpoint(path) -> dict:
     return state
 
 
-def _register_params(svi, args, kwargs) -> None:
-    """Run the guide once without decoding, so that its parameters (e.g. an LM
-    registered with ``pyro.module``) exist in the param store before loading."""
-    with poutine.block(), torch.no_grad():
-        SkipLMMessenger()(svi.guide)(*args, **kwargs)
-
-
-def _restore(svi, state: dict, path: str) -> None:
-    store = pyro.get_param_store()
-    current = dict(store.named_parameters())
-    saved = state["params"]
-    for name, value in saved["params"].items():
-        if name in current:
-            target = current[name]
-            if target.shape != value.shape:
-                raise ValueError(f"checkpoint: {path!r} holds parameter {name!r} of shape "
-                                 f"{tuple(value.shape)}, the guide has {tuple(target.shape)}; "
-                                 "it was written for another guide")
-            with torch.no_grad():  # in place: modules keep their own Parameter objects
-                target.copy_(value.to(target.device))
-    missing = {k: v for k, v in saved["params"].items() if k not in current}
-    if missing:
-        devices = {t.device for t in current.values()}
-        device = devices.pop() if len(devices) == 1 else torch.device("cpu")
-        store.set_state({"params": {k: v.to(device) for k, v in missing.items()},
-                         "constraints": {k: saved["constraints"][k] for k in missing}})
-    svi.optim.set_state(state["optim"])
-    _set_rng_state(state["rng"])
+def _restore_rng(state: dict) -> None:
+    """This rank's saved RNG state when the checkpoint was written by as many ranks, else a
+    fresh stream per rank seeded from the checkpoint (its step and rank 0's torch state)."""
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    world, rank = distributed.world_size(), distributed.rank()
+    if len(rngs) == world:
+        _set_rng_state(rngs[rank])
+        return
+    digest = zlib.crc32(rngs[0]["torch"].numpy().tobytes())
+    base = int(np.random.SeedSequence([digest, int(state["step"])]).generate_state(1)[0])
+    pyro.set_rng_seed(distributed.rank_seed(base, rank))
 
 
 def _rng_state() -> dict:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from pyro_lm.distributed import sharded
 from pyro_lm.infer.posterior import WeightedPosterior, align_to, check_log_weights
 from pyro_lm.infer.program import plate_nesting
 from pyro_lm.infer.proposal import as_guide, propose
@@ -83,6 +84,7 @@ class IMH:
         self.burn_in = burn_in
         self.batch_size = batch_size
 
+    @sharded  # torch.distributed: prompts sharded across ranks, posterior gathered
     @torch.no_grad()
     def run(self, *args, **kwargs) -> WeightedPosterior:
         """Run every chain for ``num_steps`` steps and keep the draws after ``burn_in``."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from pyro_lm._validation import check_positive_int
+from pyro_lm.distributed import sharded
 from pyro_lm.infer.posterior import WeightedPosterior
 from pyro_lm.infer.program import execute, plate_nesting
 from pyro_lm.infer.proposal import as_guide
@@ -68,6 +69,7 @@ class Importance:
         self.batch_size = (None if batch_size is None
                            else check_positive_int(batch_size, "batch_size"))
 
+    @sharded  # torch.distributed: prompts sharded across ranks, posterior gathered
     @torch.no_grad()
     def run(self, *args, **kwargs) -> WeightedPosterior:
         """Draw ``num_samples`` weighted samples for the model's arguments."""

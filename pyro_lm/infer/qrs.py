@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from pyro_lm._validation import check_positive_int
+from pyro_lm.distributed import sharded
 from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights, take
 from pyro_lm.infer.program import plate_nesting
 from pyro_lm.infer.proposal import as_guide, propose
@@ -105,6 +106,7 @@ class QRS:
         self.max_proposals = max_proposals or 1000 * num_samples
         self.quantile = quantile
 
+    @sharded  # torch.distributed: prompts sharded across ranks, posterior gathered
     @torch.no_grad()
     def run(self, *args, **kwargs) -> WeightedPosterior:
         """Sample until every prompt has ``num_samples`` accepted completions."""

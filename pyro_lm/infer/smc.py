@@ -53,6 +53,7 @@ import math
 import torch
 
 from pyro_lm._validation import check_positive_int
+from pyro_lm.distributed import sharded
 from pyro_lm.distributions.lm_distribution import prompt_cache
 from pyro_lm.distributions.prefix import prefix_context
 from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
@@ -226,6 +227,7 @@ class SMC:
         self.lookahead_budget = check_positive_int(lookahead_budget, "lookahead_budget")
 
     # --------------------------------------------------------------------- run
+    @sharded  # torch.distributed: prompts sharded across ranks, posterior gathered
     def run(self, *args, **kwargs) -> WeightedPosterior:
         """Run SMC on the model's arguments; see the class docstring."""
         with torch.no_grad(), prompt_cache():  # the model runs once per token on the same prompts

@@ -117,9 +117,9 @@ def test_checkpoint_every_and_at_the_end(script, tmp_path, monkeypatch):
     saved = []
     real = fit_module.save_checkpoint
 
-    def spy(path, svi, step, history):
+    def spy(path, svi, step, history, *rest):
         saved.append((step, len(history)))
-        real(path, svi, step, history)
+        real(path, svi, step, history, *rest)
 
     monkeypatch.setattr(fit_module, "save_checkpoint", spy)
     script.run(5, checkpoint=tmp_path / "c.ckpt", every=2)
