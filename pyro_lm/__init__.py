@@ -7,7 +7,18 @@ The pretrained LM is a prior :math:`p_0(x)`, a reward enters as the log-factor
 import importlib
 from pathlib import Path
 
-from pyro_lm import data, diagnostics, distributions, infer, lm, ops, poutine, programs, rewards
+from pyro_lm import (
+    constraints,
+    data,
+    diagnostics,
+    distributions,
+    infer,
+    lm,
+    ops,
+    poutine,
+    programs,
+    rewards,
+)
 from pyro_lm.distributions import LMDistribution
 from pyro_lm.lm import CausalLM
 
@@ -49,6 +60,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'pyro_lm' has no attribute {name!r}")
 
 
-__all__ = ["BUNDLED_MODELS", "CausalLM", "LMDistribution", "bundled_model_path", "data",
+__all__ = ["BUNDLED_MODELS", "CausalLM", "LMDistribution", "bundled_model_path", "constraints",
+           "data",
            "diagnostics", "distributions", "exact", "infer", "lm", "ops", "poutine", "programs",
            "rewards", "__version__"]

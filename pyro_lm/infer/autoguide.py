@@ -17,6 +17,8 @@ import pyro
 import pyro.poutine as poutine
 from torch import nn
 
+from pyro_lm.constraints.base import check_constraints
+from pyro_lm.constraints.messenger import MaskLMMessenger
 from pyro_lm.infer.program import lm_site_names
 from pyro_lm.lm.causal_lm import CausalLM
 from pyro_lm.poutine import GuideLMMessenger
@@ -37,6 +39,10 @@ class AutoLMGuide(nn.Module):
         autoguide such as ``AutoNormal(poutine.block(model, expose=[...]))``, or a guide
         function); it runs first, and the model replays what it drew. Latent sites it does
         not draw are drawn from the model's prior. ``None``: every one from its prior.
+    :param dict constraints: LM site name → :class:`~pyro_lm.constraints.Constraint`: that
+        site is drawn from ``lm`` under the constraint's mask, a
+        :class:`~pyro_lm.constraints.MaskedLMDistribution` whose ``log_prob`` is the
+        masked law's (exact, differentiable), so that SVI or DPG trains the masked guide.
 
     Each call runs the model under :class:`~pyro_lm.poutine.GuideLMMessenger`: the LM
     sites are drawn from ``lm`` with the prompts of that very execution, observed sites
@@ -47,7 +53,8 @@ class AutoLMGuide(nn.Module):
     :raises ValueError: if ``lm`` does not share the prior's tokenizer.
     """
 
-    def __init__(self, model, lm: CausalLM, name: str = "guide_lm", latent_guide=None):
+    def __init__(self, model, lm: CausalLM, name: str = "guide_lm", latent_guide=None,
+                 constraints=None):
         super().__init__()
         if not isinstance(lm, CausalLM):
             raise TypeError(f"lm: expected a pyro_lm.CausalLM, got {type(lm).__name__}")
@@ -61,6 +68,9 @@ class AutoLMGuide(nn.Module):
         self.model = model
         self.lm = lm
         self.name = name
+        self.constraints = check_constraints(constraints, "AutoLMGuide")
+        for key, constraint in self.constraints.items():
+            constraint.check_lm(lm, f"constraints[{key!r}]")
 
     def register_params(self) -> None:
         """Register the guide LM's trainable parameters with ``pyro.module`` (none for a
@@ -78,9 +88,11 @@ class AutoLMGuide(nn.Module):
         drawn = None
         if self.latent_guide is not None:
             drawn = poutine.trace(self.latent_guide).get_trace(*args, **kwargs)
+        run = GuideLMMessenger(self.lm, drawn)(self.model)
+        if self.constraints:
+            run = MaskLMMessenger(self.constraints)(run)
         try:
-            trace = poutine.trace(GuideLMMessenger(self.lm, drawn)(self.model)).get_trace(
-                *args, **kwargs)
+            trace = poutine.trace(run).get_trace(*args, **kwargs)
         except RuntimeError as e:
             if "Multiple sample sites named" not in str(e):
                 raise
@@ -92,5 +104,11 @@ class AutoLMGuide(nn.Module):
         values = {} if drawn is None else {
             name: site["value"] for name, site in drawn.nodes.items()
             if site["type"] == "sample" and not site["is_observed"]}
-        values.update((name, trace.nodes[name]["value"]) for name in lm_site_names(trace))
+        names = lm_site_names(trace)
+        unknown = sorted(set(self.constraints) - set(names))
+        if unknown:
+            raise ValueError(f"constraints: the model has no LM sample site {unknown[0]!r} "
+                             f"(its LM sites: {names}); key each constraint by the name of "
+                             "the LM site it constrains")
+        values.update((name, trace.nodes[name]["value"]) for name in names)
         return values

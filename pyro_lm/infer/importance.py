@@ -16,6 +16,19 @@ decoding, so only :math:`\log p_0` costs one extra (chunked) forward pass.
 All ``N`` samples of a chunk are drawn by one batched decode per LM site: the
 program runs once inside an outer particle plate of size ``N``, left of the model's
 own plates (like Pyro's ``vectorize_particles``).
+
+With ``constraints`` (LM site name → :class:`~pyro_lm.constraints.Constraint`) each
+constrained site is drawn by masked decoding from its proposal LM :math:`q` (the
+prior's, or the guide's), :math:`r` of :mod:`pyro_lm.constraints.masked`, and the
+target is the model conditioned on every constraint :math:`c_s`:
+
+.. math::
+
+    \log w_i = \log \tilde p(z_i, x_i) + \sum_s c_s(x_{s,i})
+              - \log \pi(z_i) - \sum_s \log r_s(x_{s,i}),
+
+where on a valid completion :math:`\log p_0(x) - \log r(x)` is the allowed mass
+:math:`\sum_t \log Q_t` plus :math:`\log p_0(x) / q(x)`.
 """
 
 from __future__ import annotations
@@ -23,9 +36,12 @@ from __future__ import annotations
 import torch
 
 from pyro_lm._validation import check_positive_int
+from pyro_lm.constraints.base import check_constraints, check_sites
+from pyro_lm.constraints.messenger import constrained_proposal
 from pyro_lm.distributed import sharded
+from pyro_lm.distributions.lm_distribution import unwrap_lm
 from pyro_lm.infer.posterior import WeightedPosterior
-from pyro_lm.infer.program import execute, plate_nesting
+from pyro_lm.infer.program import execute, lm_site_names, plate_nesting, structure_trace
 from pyro_lm.infer.proposal import as_guide
 
 __all__ = ["Importance"]
@@ -42,6 +58,9 @@ class Importance:
     :param int num_samples: ``N``, samples per independent problem (prompt).
     :param int batch_size: samples per batched decode (default: all ``N`` at
         once); bounds memory.
+    :param dict constraints: LM site name → :class:`~pyro_lm.constraints.Constraint`:
+        the site is drawn by masked decoding and the target conditioned on the
+        constraint (see above).
 
     ``run(*args, **kwargs)`` returns a :class:`~pyro_lm.infer.WeightedPosterior`
     with ``log_weights`` of shape ``(N, *batch)``: one column per element of the
@@ -57,7 +76,8 @@ class Importance:
     data problems", JASA, 1994 (effective sample size).
     """
 
-    def __init__(self, model, guide=None, num_samples: int = 100, batch_size: int | None = None):
+    def __init__(self, model, guide=None, num_samples: int = 100, batch_size: int | None = None,
+                 constraints=None):
         if not callable(model):
             raise TypeError(f"model: expected a callable Pyro model, got {type(model).__name__}")
         if guide is not None and not callable(guide):
@@ -68,19 +88,29 @@ class Importance:
         self.num_samples = check_positive_int(num_samples, "num_samples")
         self.batch_size = (None if batch_size is None
                            else check_positive_int(batch_size, "batch_size"))
+        self.constraints = check_constraints(constraints, "Importance")
 
     @sharded  # torch.distributed: prompts sharded across ranks, posterior gathered
     @torch.no_grad()
     def run(self, *args, **kwargs) -> WeightedPosterior:
         """Draw ``num_samples`` weighted samples for the model's arguments."""
         guide = as_guide(self.model, self.guide, "guide")
+        if self.constraints:
+            trace, _ = structure_trace(self.model, None, args, kwargs)
+            check_sites(self.constraints, {name: unwrap_lm(trace.nodes[name]["fn"]).lm
+                                           for name in lm_site_names(trace)}, "Importance")
+            guide = constrained_proposal(self.model, guide, self.constraints)
         nesting = plate_nesting(self.model, guide, args, kwargs)
         size = self.batch_size or self.num_samples
         weights, parts, lms = [], [], {}
         for start in range(0, self.num_samples, size):
             run = execute(self.model, guide, min(size, self.num_samples - start), args,
                           kwargs, nesting, owner="Importance")
-            weights.append(run.log_weights())
+            log_w = run.log_weights()
+            for name, constraint in self.constraints.items():
+                log_w = log_w + run.to_batch(constraint(run.model_trace.nodes[name]["value"]),
+                                             name)
+            weights.append(log_w)
             parts.append(run.samples())
             lms = run.lms()
         samples = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}

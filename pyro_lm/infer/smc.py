@@ -53,6 +53,7 @@ import math
 import torch
 
 from pyro_lm._validation import check_positive_int
+from pyro_lm.constraints.base import check_constraints, check_sites
 from pyro_lm.distributed import sharded
 from pyro_lm.distributions.lm_distribution import prompt_cache
 from pyro_lm.distributions.prefix import prefix_context
@@ -132,6 +133,14 @@ class SMC:
         ``C = V`` for ``"full"`` (``k`` for an int), is checked against it before
         the run, which is refused naming ``lookahead=k`` above it; the potential's
         own memory per candidate prefix comes on top. Default ``2**26`` (64 MiB).
+    :param dict constraints: LM site name → :class:`~pyro_lm.constraints.Constraint`
+        (``Regex``, ``Grammar``, ``JSONSchema``): the site's tokens are drawn from the
+        proposal restricted to the tokens that can still lead to a valid text (EOS only
+        where the text is valid), and each weight gains the log of the allowed mass, the
+        locally optimal proposal for the constraint's 0 / ``-inf`` potential
+        (:mod:`pyro_lm.infer.smc_proposals`); the target is the model's posterior
+        conditioned on the constraint (with or without ``pyro.factor("valid", c(x))`` in
+        the model, which the mask makes redundant). One-LM-site programs only.
 
     **Lookahead.** With ``lookahead`` set, at step ``t`` each particle scores
     candidate next tokens :math:`v` by the change of potential they would cause,
@@ -191,7 +200,8 @@ class SMC:
 
     def __init__(self, model, guide=None, num_particles: int = 100, ess_threshold: float = 0.5,
                  twist=None, resampling: str = "systematic", sync_every: int | None = None,
-                 lookahead=None, steps="token", lookahead_budget: int = 2**26):
+                 lookahead=None, steps="token", lookahead_budget: int = 2**26,
+                 constraints=None):
         if not callable(model):
             raise TypeError(f"model: expected a callable Pyro model, got {type(model).__name__}")
         if guide is not None and not isinstance(getattr(guide, "lm", None), CausalLM):
@@ -225,6 +235,7 @@ class SMC:
                              f"next token, so it runs with steps='token'; pass lookahead=None "
                              f"for steps={steps!r}, or steps='token'")
         self.lookahead_budget = check_positive_int(lookahead_budget, "lookahead_budget")
+        self.constraints = check_constraints(constraints, "SMC")
 
     # --------------------------------------------------------------------- run
     @sharded  # torch.distributed: prompts sharded across ranks, posterior gathered
@@ -235,17 +246,18 @@ class SMC:
                 return self._run_program(args, kwargs)
             # the first run of the model (params, reward caches) is outside inference mode
             site, prior, batch = single_lm_site(self.model, args, kwargs, owner="SMC")
+            check_sites(self.constraints, {site: prior.lm}, "SMC")
             proposal = prior if self.guide is None else prior.with_lm(self.guide.lm)
             potential = _Potential(self.model, site, batch, self.twist, args, kwargs)
             with torch.inference_mode():  # the loop: less overhead per tensor operation
-                pop = self._run(prior, proposal, batch, potential)
+                pop = self._run(prior, proposal, batch, potential, self.constraints.get(site))
                 x, log_w, hist = pop.values, pop.log_w, pop.history()
             # inference tensors must not escape (autograd refuses them): copy them out
             x, log_w = x.clone(), log_w.clone()
             hist = {k: v.clone() for k, v in hist.items()}
             return self._posterior(site, x, log_w, batch, hist, prior.lm)
 
-    def _run(self, prior, proposal, batch, potential) -> Populations:
+    def _run(self, prior, proposal, batch, potential, constraint=None) -> Populations:
         n, big_t = self.num_particles, prior.max_new_tokens
         lead = batch[: len(batch) - len(prior.batch_shape)]  # plate dims the site is not in
         ids, mask = prior.prompts_for(torch.Size((n,)) + lead)
@@ -257,18 +269,20 @@ class SMC:
         eos, pad = prior.lm.eos_token_ids, prior.lm.pad_token_id
         pop = Populations(shape, big_t, eos, pad, self.ess_threshold, self.resampling, decoders,
                           ids.device)
+        mask = None if constraint is None else constraint.state(shape.numel(), ids.device)
         steps = None if self.steps == "token" else StepEnds(
             self.steps, prior.lm.tokenizer, decoder_q.logits.shape[-1], shape.numel(),
             ids.device)
         if self.lookahead is None:
             if steps is not None:
                 potential = gated_potential(potential, pop)
-            step = BootstrapProposal(potential, decoder_q, decoder_p)
+            step = BootstrapProposal(potential, decoder_q, decoder_p, mask=mask)
         else:
             top_k = None if self.lookahead == "full" else self.lookahead
             self._check_budget(decoder_q.logits.shape[-1], shape.numel(), big_t)
-            step = LookaheadProposal(potential, decoder_q, decoder_p, top_k, shape, pad)
-        return decode(pop, step, sync_every, steps=steps)
+            step = LookaheadProposal(potential, decoder_q, decoder_p, top_k, shape, pad,
+                                     mask=mask)
+        return decode(pop, step, sync_every, None if mask is None else mask.reorder, steps=steps)
 
     def _check_budget(self, vocab: int, rows: int, big_t: int) -> None:
         """Refuse a lookahead whose candidate prefixes exceed ``lookahead_budget`` bytes."""
@@ -285,6 +299,12 @@ class SMC:
 
     def _run_program(self, args, kwargs) -> WeightedPosterior:
         """SMC over a whole program (:mod:`pyro_lm.infer.smc_program`)."""
+        if self.constraints:
+            raise ValueError("constraints: SMC masks the tokens of a program with one LM site "
+                             "and no other latent site; over a program (several LM sites, or "
+                             "other latent sites) put each constraint in the model as a factor, "
+                             "pyro.factor('valid', c(x)) (exact on prefixes), or use Importance "
+                             "with constraints=")
         if self.twist is not None or self.lookahead is not None:
             raise ValueError("twist: SMC over a program (several LM sites, or other latent "
                              "sites) uses the bootstrap proposal and the model's factors; pass "

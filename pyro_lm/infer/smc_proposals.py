@@ -16,6 +16,27 @@ Both read the particles from a :class:`~pyro_lm.infer.smc_population.Populations
 and evaluate potentials through ``potential(values, t, final) -> (rows,)``, the
 potential of prefixes ``values`` ``(M, *batch, T)`` of length ``t`` (the model's
 full factors where ``final``). A proposal object serves one run.
+
+**Masks.** With a constraint's ``mask`` (a
+:class:`~pyro_lm.constraints.ConstraintState` over the rows), the token is drawn from
+:math:`r` restricted to the allowed set :math:`A_t` and renormalised, and the
+increment gains the log of the mass that :math:`r` gave the allowed set,
+
+.. math::
+
+    \log \frac{p_0(x_t \mid x_{<t})\, \mathbb 1[x_t \in A_t]\, e^{\Delta\Phi}}
+              {r(x_t \mid x_{<t})\, \mathbb 1[x_t \in A_t] / R_t}
+    = (\text{the increment above}) + \log R_t, \qquad R_t = \sum_{v \in A_t} r(v),
+
+the locally optimal proposal for the constraint's 0 / :math:`-\infty` potential [1]; a
+row whose allowed set is empty dies, and so does, at the end, a row truncated at ``T``
+tokens whose text is not in the constraint's language. The target is the model's
+posterior conditioned on the constraint.
+
+References:
+
+[1] A. Doucet, A. M. Johansen, "A tutorial on particle filtering and smoothing:
+fifteen years later", 2009 (the locally optimal proposal).
 """
 
 from __future__ import annotations
@@ -24,13 +45,32 @@ import math
 
 import torch
 
+from pyro_lm.lm.decoding import draw_tokens
+
 __all__ = ["BootstrapProposal", "LookaheadProposal", "draw"]
 
 
 def draw(logits: torch.Tensor) -> torch.Tensor:
-    """One draw per row from ``softmax(logits)`` by Gumbel-max, ``argmax(logits - log E)``,
-    ``E ~ Exp(1)``. A ``-inf`` logit is never drawn unless its whole row is ``-inf``."""
-    return (logits - torch.rand_like(logits).log_().neg_().log_()).argmax(-1)
+    """One draw per row from ``softmax(logits)``, by :func:`pyro_lm.lm.decoding.draw_tokens`.
+    A ``-inf`` logit is never drawn unless its whole row is ``-inf``."""
+    return draw_tokens(logits)
+
+
+def _masked(log_r: torch.Tensor, mask):
+    """``log_r`` ``(R, V)`` restricted to the mask's allowed tokens (unchanged without a
+    mask), and the rows whose allowed set is empty (``None`` without a mask)."""
+    if mask is None:
+        return log_r, None
+    allowed = mask.allowed()
+    return log_r.masked_fill(~allowed, -math.inf), ~allowed.any(-1)
+
+
+def _check_truncated(mask, pop, final: bool, inc: torch.Tensor) -> torch.Tensor:
+    """``inc`` with, at the end (``final``), ``-inf`` for the rows that did not end by EOS
+    and whose text the mask's constraint does not accept (truncated at ``T`` tokens)."""
+    if final:
+        inc.masked_fill_(~pop.done & ~mask.valid(), -math.inf)
+    return inc
 
 
 def _prior_ratio(decoder_p, log_q: torch.Tensor, token: torch.Tensor,
@@ -47,14 +87,23 @@ class BootstrapProposal:
     :param potential: ``potential(values, t, final) -> (R,)``.
     :param decoder_q: the proposal's :class:`~pyro_lm.lm.decoder.Decoder`.
     :param decoder_p: the prior's, or ``None`` when the prior proposes.
+    :param mask: ``None``, or a :class:`~pyro_lm.constraints.ConstraintState` over the
+        rows: tokens are drawn from :math:`q` restricted to its allowed set (see above).
     """
 
-    def __init__(self, potential, decoder_q, decoder_p=None):
+    def __init__(self, potential, decoder_q, decoder_p=None, mask=None):
         self.potential, self.decoder_q, self.decoder_p = potential, decoder_q, decoder_p
+        self.mask = mask
+        self._log_mass = None  # log R_t of the masked draw, for weigh
 
     def draw(self, pop, t: int, last: bool) -> torch.Tensor:
         """The next token ``(R,)`` of every row."""
-        return draw(self.decoder_q.logits)
+        logits = self.decoder_q.logits
+        if self.mask is None:
+            return draw(logits)
+        masked, stuck = _masked(logits, self.mask)
+        self._log_mass = masked.logsumexp(-1) - logits.logsumexp(-1)  # -inf where stuck
+        return draw(torch.where(stuck[:, None], logits, masked))
 
     def weigh(self, pop, token, t: int, ended, final: bool, last: bool):
         """``(phi, increment)``, each ``(R,)``; a row whose potential was already
@@ -64,6 +113,10 @@ class BootstrapProposal:
         if self.decoder_p is not None:
             inc += _prior_ratio(self.decoder_p, self.decoder_q.logits.log_softmax(-1), token,
                                 ended)
+        if self.mask is not None:
+            inc += self._log_mass.masked_fill_(ended, 0.0)
+            self.mask.advance(token, ended)
+            inc = _check_truncated(self.mask, pop, final, inc)
         return phi, inc.masked_fill_(torch.isneginf(pop.phi), -math.inf)
 
 
@@ -78,11 +131,14 @@ class LookaheadProposal:
     :param int top_k: the candidates: ``None`` for every token, else :math:`q`'s top ``k``.
     :param torch.Size shape: ``(N, *batch)``, the particles' shape.
     :param int pad: ``pad_token_id``, the candidate of ended rows.
+    :param mask: ``None``, or a :class:`~pyro_lm.constraints.ConstraintState` over the
+        rows: :math:`r` is restricted to its allowed set (see above).
     """
 
     def __init__(self, potential, decoder_q, decoder_p, top_k: int | None, shape: torch.Size,
-                 pad: int):
+                 pad: int, mask=None):
         self.potential, self.decoder_q, self.decoder_p = potential, decoder_q, decoder_p
+        self.mask = mask
         vocab = decoder_q.logits.shape[-1]
         self.full = top_k is None or top_k >= vocab
         self.top_k, self.shape, self._pad_id = top_k, shape, pad
@@ -98,7 +154,7 @@ class LookaheadProposal:
         candidates are ``-inf`` draws from :math:`q` (it dies in :meth:`weigh`)."""
         log_q = self.decoder_q.logits.log_softmax(-1)
         delta_hat, cand_phi = self._score_candidates(pop, t, log_q, last)
-        log_r = log_q + delta_hat
+        log_r, _ = _masked(log_q + delta_hat, self.mask)
         log_l = log_r.logsumexp(-1)  # (R,)
         stuck = torch.isneginf(log_l)  # every candidate forbidden: the particle dies
         self._step = log_q, delta_hat, log_l, stuck, cand_phi
@@ -121,6 +177,9 @@ class LookaheadProposal:
             inc += (log_l - hat).masked_fill_(ended, 0.0)
         if self.decoder_p is not None:
             inc += _prior_ratio(self.decoder_p, log_q, token, ended)
+        if self.mask is not None:
+            self.mask.advance(token, ended)
+            inc = _check_truncated(self.mask, pop, final, inc)
         # a particle whose potential was already -inf stays dead (avoid -inf - -inf)
         dead = torch.isneginf(pop.phi) | (stuck & ~ended)
         return phi, inc.masked_fill_(dead, -math.inf)

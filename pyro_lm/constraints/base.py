@@ -1,0 +1,353 @@
+r"""Structural constraints on an LM site's completion, through llguidance.
+
+A constraint :math:`C` is a formal language over text (a regular expression, a Lark
+context-free grammar, a JSON schema) read by llguidance [1], an Earley parser that
+gives, after any sequence of tokens, the set of next tokens that can still lead to
+a string of the language. For a completion :math:`x` (its tokens up to, not
+including, its first EOS) the constraint is the log-factor
+
+.. math::
+
+    c(x) = \begin{cases} 0 & \text{text}(x) \in C \\ -\infty & \text{otherwise,}
+    \end{cases}
+
+where :math:`\text{text}(x)` is the concatenation of the tokens' bytes (as llguidance
+reads them: a SentencePiece token keeps its leading space). A completion ended by EOS
+and one truncated at ``T`` tokens are judged alike, on their text. It is used three
+ways on the same program:
+
+* as a factor, ``pyro.factor("valid", c(x))``. On a prefix (inside
+  :func:`~pyro_lm.distributions.prefix_context`) it is :math:`-\infty` exactly when
+  no string of :math:`C` extends the prefix's text, which is the prefix contract of
+  :mod:`pyro_lm.rewards.base`, so token-level SMC stays exact;
+* as a proposal mask (``SMC(model, ..., constraints={"x": c})``, and
+  :class:`~pyro_lm.infer.Importance`): a :class:`ConstraintState` holds one llguidance
+  matcher per particle and gives the allowed next tokens :math:`A_t` (EOS only where
+  the text so far is in :math:`C`);
+* in a guide (:class:`~pyro_lm.constraints.MaskedLMDistribution`, e.g. through
+  ``AutoLMGuide(model, lm, constraints={"x": c})``).
+
+References:
+
+[1] Guidance AI, *llguidance: super-fast structured outputs*,
+https://github.com/guidance-ai/llguidance (2024-2025).
+[2] J. Loula, B. LeBrun, L. Du, et al., "Syntactic and semantic control of large
+language models via sequential Monte Carlo", ICLR 2025.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+
+from pyro_lm.distributions.prefix import prefix_length
+from pyro_lm.lm.causal_lm import CausalLM
+from pyro_lm.lm.token_bytes import byte_kind, special_token_ids, token_bytes
+from pyro_lm.rewards.base import Reward
+
+__all__ = ["Constraint", "ConstraintState", "check_constraints", "check_sites",
+           "llguidance_tokenizer"]
+
+_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NO_FORCING = '%llguidance {"no_forcing": true}\n'
+_EXECUTOR = None
+
+
+def _llguidance():
+    try:
+        import llguidance
+        import llguidance.hf
+        import llguidance.torch
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ImportError("pyro_lm.constraints needs llguidance: pip install llguidance") from e
+    return llguidance
+
+
+def _executor():
+    """One llguidance executor (its own worker threads) for every batched mask."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = _llguidance().LLExecutor()
+    return _EXECUTOR
+
+
+class _BytesTokenizer:
+    """A tokenizer as llguidance's ``TokenizerWrapper`` reads it: each token's bytes."""
+
+    def __init__(self, tokenizer, eos: tuple[int, ...]):
+        self.tokens = token_bytes(tokenizer, skip_special_tokens=False)
+        self.eos_token_id = eos[0]
+        self.bos_token_id = tokenizer.bos_token_id
+        self.special_token_ids = sorted(special_token_ids(tokenizer))
+        self._tokenizer = tokenizer
+
+    def __call__(self, text):
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        return self._tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def llguidance_tokenizer(lm: CausalLM):
+    """The llguidance ``LLTokenizer`` of ``lm``'s tokenizer, with every id of
+    :attr:`~pyro_lm.CausalLM.eos_token_ids` as EOS; built once per tokenizer and EOS set.
+
+    A fast tokenizer is read by ``llguidance.hf.from_tokenizer``; another one whose
+    tokens are bytes (:func:`~pyro_lm.lm.token_bytes.byte_kind`) through its
+    :func:`~pyro_lm.lm.token_bytes.token_bytes`.
+
+    :raises ValueError: naming ``lm`` for a tokenizer whose tokens are not bytes (a
+        word-level tokenizer joins words with its decoder, so no token has a fixed text).
+    """
+    llg = _llguidance()
+    tokenizer, eos = lm.tokenizer, tuple(lm.eos_token_ids)
+    try:
+        cache = _TOKENIZERS.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: build it each time
+        cache = {}
+    if eos in cache:
+        return cache[eos]
+    try:
+        llt = llg.hf.from_tokenizer(tokenizer, eos_token=list(eos))
+    except (ValueError, TypeError, RuntimeError) as first:
+        if byte_kind(tokenizer) is None:
+            raise ValueError(
+                f"lm: llguidance cannot read this tokenizer ({type(tokenizer).__name__}: "
+                f"{first}); constraints need a tokenizer whose tokens are bytes (byte-level "
+                "BPE such as GPT-2's, Llama 3's or Qwen2's, or SentencePiece such as Llama 2's); "
+                "a word-level tokenizer joins its words with its decoder, so a token has no "
+                "fixed text. Use a rewards.Regex factor on the decoded text instead") from None
+        llt = llg.LLTokenizer(llg.TokenizerWrapper(_BytesTokenizer(tokenizer, eos)),
+                              eos_token=list(eos))
+    cache[eos] = llt
+    return llt
+
+
+class Constraint(Reward):
+    r"""A formal language on the text of an LM site's completion (base class of
+    :class:`~pyro_lm.constraints.Regex`, :class:`~pyro_lm.constraints.Grammar` and
+    :class:`~pyro_lm.constraints.JSONSchema`); see :mod:`pyro_lm.constraints.base`.
+
+    Calling it on completions ``x`` ``(*batch, T)`` gives :math:`c(x)` ``(*batch,)``,
+    0 or ``-inf`` (float32, on ``x``'s device). Inside
+    :func:`~pyro_lm.distributions.prefix_context` ``(t)`` a row that has not ended
+    (no EOS in its first ``t`` tokens, ``t < T``) is a prefix, and is ``-inf`` exactly
+    when no string of the language extends its text.
+
+    :param lm: the :class:`~pyro_lm.CausalLM` whose tokenizer the constraint reads (any LM
+        with the same tokenizer may use it).
+    :param str lark: the language as an llguidance Lark grammar (regular expressions as
+        ``start: /.../``, JSON schemas as ``start: %json {...}``). It is compiled with
+        llguidance's ``no_forcing`` option: without it, where the grammar forces some
+        bytes, llguidance's mask allows only the tokens *after* those bytes in its own
+        tokenization, which is not the set of viable next tokens.
+    :param str name: used in errors.
+    :param str arg: the argument that holds the language, for errors.
+    :raises ValueError: naming ``arg`` if llguidance refuses the grammar, or ``lm`` if it
+        cannot read the tokenizer.
+    """
+
+    def __init__(self, lm: CausalLM, lark: str, name: str | None = None,
+                 arg: str = "grammar"):
+        if not isinstance(lm, CausalLM):
+            raise TypeError(f"lm: expected a pyro_lm.CausalLM, got {type(lm).__name__}")
+        super().__init__(name)
+        llg = _llguidance()
+        self.lm = lm
+        self._fingerprint = lm.tokenizer_fingerprint()
+        self.eos = tuple(lm.eos_token_ids)
+        self.tokenizer = llguidance_tokenizer(lm)
+        self.grammar = llg.grammar_from("lark", _NO_FORCING + lark)
+        self._root = llg.LLMatcher(self.tokenizer, self.grammar, log_level=0)
+        if self._root.is_error():
+            raise ValueError(f"{arg}: llguidance refuses it: {self._root.get_error()}")
+        #: token ids llguidance knows (ids of the LM beyond them are never allowed)
+        self.num_tokens = int(self.tokenizer.vocab_size)
+        self._walker = self._root.deep_copy()  # the factor's matcher, walked along a trie
+        self._path: list[int] = []
+
+    # ----------------------------------------------------------------- binding
+    def check_lm(self, lm: CausalLM, name: str = "constraints") -> None:
+        """Raise a :class:`ValueError` naming ``name`` unless ``lm`` shares the tokenizer
+        (and EOS ids) this constraint was built for."""
+        if lm is self.lm or lm.tokenizer_fingerprint() == self._fingerprint:
+            return
+        raise ValueError(
+            f"{name}: {self.name} was built for another tokenizer (or other EOS ids) than "
+            f"the LM site's ({lm!r}); build it with that site's LM, e.g. "
+            f"{type(self).__name__}(prior, ...)")
+
+    def state(self, rows: int, device=None) -> ConstraintState:
+        """The matcher state of ``rows`` sequences at their start, for masked decoding."""
+        return ConstraintState(self, rows, self.lm.device if device is None else device)
+
+    # ------------------------------------------------------------------ factor
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = prefix_length()
+        big_t = x.shape[-1]
+        t = big_t if t is None else min(t, big_t)
+        eos = set(self.eos)
+        rows = x[:, :t].tolist()
+        out = []
+        for row in rows:
+            end = next((k for k, tok in enumerate(row) if tok in eos), None)
+            complete = end is not None or t == big_t
+            out.append(self._judge(tuple(row if end is None else row[:end]), complete))
+        return torch.tensor(out, dtype=torch.float32, device=x.device)
+
+    def _judge(self, tokens: tuple, complete: bool) -> float:
+        """0.0 or -inf: ``tokens`` (content, no EOS) viable, and accepted if ``complete``.
+
+        One matcher walks the rows as a trie: it rolls back to the common prefix with the
+        path it holds and validates (without consuming) the rest."""
+        m, path = self._walker, self._path
+        common = 0
+        for a, b in zip(path, tokens, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common < len(path):
+            m.rollback(len(path) - common)
+            del path[common:]
+        rest = list(tokens[common:])
+        bad = next((k for k, tok in enumerate(rest) if not 0 <= tok < self.num_tokens), None)
+        ok_len = m.validate_tokens(rest if bad is None else rest[:bad])
+        if ok_len:
+            m.consume_tokens(rest[:ok_len])
+            path.extend(rest[:ok_len])
+        if ok_len < len(rest):
+            return -math.inf
+        if complete and not m.is_accepting():
+            return -math.inf
+        return 0.0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class ConstraintState:
+    r"""The llguidance matchers of ``R`` sequences decoded under one constraint: the
+    batched mask of masked decoding.
+
+    After the tokens so far, :meth:`allowed` is the ``(R, V)`` bool tensor of the next
+    tokens :math:`A_t` that keep the text extendable to a string of the language (ids the
+    tokenizer lacks never; EOS where the text is in the language), :meth:`advance`
+    consumes one token per row, and :meth:`reorder` follows resampling (a row whose
+    ancestor is taken several times gets a copy of its matcher).
+
+    A row *ends* when it consumes EOS; a row *dies* when it consumes a token outside
+    its allowed set (possible only where that set was empty). Ended and dead rows allow
+    nothing.
+
+    :param Constraint constraint: the constraint.
+    :param int rows: ``R``.
+    :param torch.device device: where :meth:`allowed` and :meth:`valid` live.
+    """
+
+    def __init__(self, constraint: Constraint, rows: int, device):
+        self.constraint = constraint
+        self.device = torch.device(device)
+        self.vocab_size = constraint.lm.vocab_size
+        self.matchers = [constraint._root.deep_copy() for _ in range(rows)]
+        self.live = [True] * rows  # neither ended nor dead
+        self.ended = [False] * rows  # consumed EOS where the text was accepted
+        n = min(constraint.num_tokens, self.vocab_size)
+        self._known = n
+        words = (constraint.num_tokens + 31) // 32
+        self._bitmask = torch.zeros((rows, words), dtype=torch.int32)
+        self._bits = (torch.ones((), dtype=torch.int32, device=self.device)
+                      << torch.arange(32, dtype=torch.int32, device=self.device))
+        self._eos = torch.tensor(constraint.eos, dtype=torch.long, device=self.device)
+        self._eos_set = set(constraint.eos)
+
+    @property
+    def rows(self) -> int:
+        return len(self.matchers)
+
+    def allowed(self) -> torch.Tensor:
+        """``(R, V)`` bool on :attr:`device`: the allowed next tokens of every row."""
+        llg = _llguidance()
+        bitmask = self._bitmask
+        bitmask.zero_()
+        work = [(m, i) for i, (m, live) in enumerate(zip(self.matchers, self.live, strict=True))
+                if live]
+        if work:
+            llg.torch.fill_next_token_bitmask_par(_executor(), work, bitmask)
+        accepting = [live and m.is_accepting()
+                     for m, live in zip(self.matchers, self.live, strict=True)]
+        rows = self.rows
+        words = bitmask.to(self.device)
+        bits = ((words[:, :, None] & self._bits) != 0).view(rows, -1)[:, : self._known]
+        if self._known == self.vocab_size:
+            allowed = bits.clone()
+        else:
+            allowed = torch.zeros((rows, self.vocab_size), dtype=torch.bool, device=self.device)
+            allowed[:, : self._known] = bits
+        acc = torch.tensor(accepting, dtype=torch.bool, device=self.device)
+        allowed[:, self._eos] = acc[:, None]
+        return allowed
+
+    def advance(self, tokens: torch.Tensor, skip: torch.Tensor | None = None) -> None:
+        """Consume ``tokens`` ``(R,)``, one per row; rows where ``skip`` ``(R,)`` is true,
+        and rows that ended or died, consume nothing."""
+        toks = tokens.tolist()
+        skips = [False] * len(toks) if skip is None else skip.tolist()
+        n = self.constraint.num_tokens
+        for i, (tok, skipped) in enumerate(zip(toks, skips, strict=True)):
+            if skipped or not self.live[i]:
+                continue
+            m = self.matchers[i]
+            if tok in self._eos_set:
+                self.live[i] = False
+                self.ended[i] = m.is_accepting()
+            elif not (0 <= tok < n and m.consume_token(tok)):
+                self.live[i] = False
+
+    def valid(self) -> torch.Tensor:
+        """``(R,)`` bool: rows whose text is in the language (they ended by an allowed
+        EOS, or their text so far is accepted)."""
+        out = [ended or (live and m.is_accepting()) for m, live, ended
+               in zip(self.matchers, self.live, self.ended, strict=True)]
+        return torch.tensor(out, dtype=torch.bool, device=self.device)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep row ``index[i]`` in row ``i`` (after resampling); copies a matcher only
+        for its second and later descendants."""
+        seen, matchers = set(), []
+        idx = index.tolist()
+        for j in idx:
+            m = self.matchers[j]
+            matchers.append(m.deep_copy() if j in seen else m)
+            seen.add(j)
+        self.matchers = matchers
+        self.live = [self.live[j] for j in idx]
+        self.ended = [self.ended[j] for j in idx]
+
+
+def check_constraints(constraints, owner: str) -> dict:
+    """``constraints`` as a dict LM site name → :class:`Constraint` (``None``: empty).
+
+    :raises TypeError: naming ``constraints`` and ``owner`` for anything else."""
+    if constraints is None:
+        return {}
+    if not isinstance(constraints, dict) or not all(
+            isinstance(k, str) and isinstance(v, Constraint) for k, v in constraints.items()):
+        raise TypeError(f"constraints: {owner} expects a dict LM site name -> "
+                        "pyro_lm.constraints.Constraint (Regex, Grammar, JSONSchema), e.g. "
+                        "{'x': Regex(prior, r'...')}; got "
+                        f"{type(constraints).__name__}")
+    return dict(constraints)
+
+
+def check_sites(constraints: dict, sites: dict, owner: str) -> None:
+    """Check that every key of ``constraints`` names one of the LM sites ``sites``
+    (name → the site's :class:`~pyro_lm.CausalLM`) and shares its tokenizer.
+
+    :raises ValueError: naming ``constraints`` and the unknown site or the mismatch."""
+    for name, constraint in constraints.items():
+        if name not in sites:
+            raise ValueError(f"constraints: {owner}'s model has no LM sample site {name!r} "
+                             f"(its LM sites: {sorted(sites)}); key each constraint by the "
+                             "name of the LM site it constrains")
+        constraint.check_lm(sites[name], f"constraints[{name!r}]")
