@@ -275,7 +275,7 @@ class SMC:
             ids.device)
         if self.lookahead is None:
             if steps is not None:
-                potential = gated_potential(potential, pop)
+                potential = gated_potential(potential, pop, subset=True)
             step = BootstrapProposal(potential, decoder_q, decoder_p, mask=mask)
         else:
             top_k = None if self.lookahead == "full" else self.lookahead

@@ -16,9 +16,10 @@ a function of the prefix like any other, so the weights still telescope to
 site on the program path, is a step end of every particle) and
 :math:`\log \hat Z` stays unbiased [1]. The particles of one population may reach their
 step ends at different tokens: a per-row mask says which rows are at a step end at the
-current token; the potential is evaluated on the whole batch only at tokens where some
-particle that has not ended reaches a step end, and only the masked rows take the new
-value. A particle that has ended (EOS) is at its final step end: it takes its complete
+current token; the potential is evaluated only at tokens where some particle that has
+not ended reaches a step end, and only the masked rows take the new value (on the host,
+with one prompt, the potential is evaluated on those rows alone when they are at most
+half of them). A particle that has ended (EOS) is at its final step end: it takes its complete
 potential at the next evaluation (or at the last token).
 
 Resampling is decided (per prompt, by its ESS) only at the tokens where the potential
@@ -161,6 +162,8 @@ class StepEnds:
 
     def __init__(self, steps, tokenizer, vocab_size: int, rows: int, device: torch.device):
         self.steps, self._on_cpu = steps, device.type == "cpu"
+        # ended rows whose complete potential is applied already (it changes no more)
+        self._settled = torch.zeros(rows, dtype=torch.bool, device=device)
         if steps == "word":
             self._word = word_start_table(tokenizer, vocab_size, device)
         elif isinstance(steps, re.Pattern):
@@ -175,7 +178,8 @@ class StepEnds:
     def ends(self, token: torch.Tensor, t: int, ended: torch.Tensor, done: torch.Tensor):
         """The rows at a step end after token ``t``: ``None`` (every row), ``False`` (none:
         the potential is not evaluated at this token) or a bool mask ``(R,)``, which holds
-        the rows that have ended (``done``) as well.
+        the rows that have ended (``done``) and are not settled yet (a row is settled once
+        a mask held it after it ended: its complete potential is applied).
 
         :param token: ``(R,)``, the rows' token ``t``.
         :param ended: bool ``(R,)``, rows that had ended before token ``t``.
@@ -190,8 +194,13 @@ class StepEnds:
             live = self._word[token] & ~ended
             if self._on_cpu and not bool(live.any()):
                 return False
-            return live | done
+            return self._settle(live, done)
         return self._delimiter(token, ended, done)
+
+    def _settle(self, live, done):
+        fresh = done & ~self._settled
+        self._settled = self._settled | fresh
+        return live | fresh
 
     def _delimiter(self, token, ended, done):
         tails, memo, hit = self._tails, self._memo, []
@@ -207,7 +216,7 @@ class StepEnds:
             hit.append(found[1])
         if not any(hit):
             return False
-        return torch.tensor(hit, dtype=torch.bool, device=self._device) | done
+        return self._settle(torch.tensor(hit, dtype=torch.bool, device=self._device), done)
 
     def _advance(self, tail: bytes, v: int):
         """``(new tail, whether a delimiter match ends at a character that token v added)``."""
@@ -226,14 +235,21 @@ class StepEnds:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Rows follow their ancestors ``index`` ``(R,)`` after resampling."""
+        self._settled = self._settled.index_select(0, index)
         if isinstance(self.steps, re.Pattern):
             self._tails = [self._tails[j] for j in index.tolist()]
 
 
-def gated_potential(potential, pop):
+def gated_potential(potential, pop, subset: bool = False):
     """``potential(values, t, final)`` evaluated only where ``pop.at_end`` says: every row
     when it is ``None`` (or at the end), no evaluation when ``False`` (every row keeps
-    ``pop.phi``), else the masked rows' new value and the others' ``pop.phi``."""
+    ``pop.phi``), else the masked rows' new value and the others' ``pop.phi``.
+
+    :param bool subset: evaluate the potential on the masked rows alone (``values`` with
+        ``M`` rows in the particle dim); only for one population on the host, where the
+        rows are the particles, and a potential that scores each row on its own (the
+        model's factors of one LM site, or a twist)."""
+    subset = subset and pop.num_populations == 1 and pop.x.device.type == "cpu"
 
     def gated(values, t, final):
         mask = None if final else pop.at_end
@@ -241,6 +257,13 @@ def gated_potential(potential, pop):
             return potential(values, t, final)
         if mask is False:
             return pop.phi
+        if subset:
+            rows = mask.nonzero().squeeze(-1)
+            if 2 * rows.numel() <= mask.numel():  # else the whole batch costs about the same
+                sub = values.reshape(mask.numel(), -1).index_select(0, rows)
+                phi = pop.phi.clone()
+                phi[rows] = potential(sub.view((rows.numel(),) + values.shape[1:]), t, final)
+                return phi
         return torch.where(mask, potential(values, t, final), pop.phi)
 
     return gated

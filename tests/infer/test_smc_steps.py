@@ -6,8 +6,10 @@ inside or across tokens. Unbiasedness of :math:`\\hat Z` is checked on a plate o
 identical prompts: ``R`` independent particle systems (resampling is per prompt).
 """
 
+import importlib.util
 import math
 import re
+from pathlib import Path
 
 import pyro
 import pytest
@@ -185,8 +187,8 @@ def test_word_and_delimiter_step_ends(lm):
             marks.append([False] * 3 if at is False else at.tolist())
         ends[steps] = torch.tensor(marks).T.tolist()
     f, o = False, True
-    # an ended row counts as at a step end at every evaluation
-    assert ends["word"] == [[f, o, f, o], [f, f, o, f], [f, f, o, o]]
+    # an ended row is at a step end at the first evaluation after it ended (then settled)
+    assert ends["word"] == [[f, o, f, o], [f, f, o, f], [f, f, o, f]]
     assert ends[r"[.!?]\s"] == [[f, f, f, o], [f, f, f, f], [f, f, f, o]]
     assert ends["\n"] == [[f, f, f, f], [f, f, o, f], [f, f, o, f]]
     assert ends[r"\.a"] == [[f, f, f, f], [f, o, f, f], [f, f, f, f]]
@@ -235,3 +237,34 @@ def test_steps_refuse_lookahead(lm):
     with pytest.raises(ValueError, match="steps: .*lookahead=None"):
         SMC(plate_model(lm), steps="word", lookahead="full")
     assert SMC(plate_model(lm), steps=1).steps == "token"
+
+
+# ------------------------------------------------------------------ examples/steps.py
+def load_steps_example():
+    path = Path(__file__).resolve().parents[2] / "examples" / "steps.py"
+    spec = importlib.util.spec_from_file_location("example_steps", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_steps_example_runs_tiny(capsys):
+    """examples/steps.py --tiny: four exact samplers, finite log Z and ESS, and the
+    sentence reward counts finished sentences only (on prefixes too)."""
+    module = load_steps_example()
+    rows = module.main(module.parse_args(["--tiny", "--device", "cpu"]))
+    assert [r["sampler"] for r in rows] == ["importance (prior)", "SMC, token steps",
+                                            "SMC, word steps", "SMC, sentence steps"]
+    for row in rows:
+        assert math.isfinite(row["log Z"]) and 0 < row["final ESS"] <= 16
+    assert "word steps" in capsys.readouterr().out
+    prior = module.load_prior("cpu", "tinylm-bpe")
+    reward = module.sentence_reward(prior)
+    x = pyro_lm.LMDistribution(prior, "Review:", 24).encode_value(
+        [" The lamp is great. It is awful.", " The lamp is great. It is", " It is great"])
+    assert reward(x).tolist() == [0.0, 1.0, 1.0]
+    ids = prior.tokenizer(" The lamp is great.", add_special_tokens=False)["input_ids"]
+    with prefix_context(len(ids)):  # " The lamp is great." : not finished yet
+        assert reward(x[1:2]).tolist() == [0.0]
+    with prefix_context(len(ids) + 1):  # the space of " It" follows: finished
+        assert reward(x[1:2]).tolist() == [1.0]
