@@ -385,7 +385,12 @@ class LMDistribution(TorchDistribution):
         return x.reshape(shape + self.event_shape), log_prob.reshape(shape)
 
     def sample(self, sample_shape=()):
-        return self.sample_with_log_prob(sample_shape)[0]
+        """Completions ``sample_shape + batch_shape + (T,)``, decoded without the per-step
+        log-probabilities (see :meth:`sample_with_log_prob` for those)."""
+        shape = self._extended_shape(torch.Size(sample_shape))[:-1]
+        ids, mask = self.prompts_for(torch.Size(sample_shape))
+        x, _ = sample_tokens(self.lm, ids, mask, self.max_new_tokens, with_log_prob=False)
+        return x.reshape(shape + self.event_shape)
 
     # ------------------------------------------------------------- log density
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -418,13 +423,25 @@ class LMDistribution(TorchDistribution):
         if x.shape[0] == 0:
             return torch.zeros(shape + self.event_shape, dtype=torch.float32, device=value.device)
         lengths = self.prompt_ids.shape[-1] + self.max_new_tokens
-        chunk = self.chunk_size or max(1, LOG_PROB_BUDGET // (lengths * self.lm.vocab_size))
-        parts = [self._token_log_probs_rows(x[i:i + chunk], index[i:i + chunk])
+        vocab = self.lm.vocab_size
+        chunk = self.chunk_size or max(1, LOG_PROB_BUDGET // (lengths * vocab))
+        # under gradients autograd would keep every chunk's (rows, T, V) log-softmax until
+        # backward: past the budget, keep the hidden states and recompute the head there
+        recompute = (torch.is_grad_enabled() and x.shape[0] * self.max_new_tokens * vocab
+                     > LOG_PROB_BUDGET and self.lm.linear_head is not None
+                     and any(p.requires_grad for p in self.lm.parameters()))
+        parts = [self._token_log_probs_rows(x[i:i + chunk], index[i:i + chunk], recompute)
                  for i in range(0, x.shape[0], chunk)]
         return torch.cat(parts).reshape(shape + self.event_shape)
 
-    def _token_log_probs_rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``(N, T)`` token log-probs of the rows ``x`` ``(N, T)`` given prompt rows ``index``."""
+    def _token_log_probs_rows(self, x: torch.Tensor, index: torch.Tensor,
+                              recompute: bool = False) -> torch.Tensor:
+        """``(N, T)`` token log-probs of the rows ``x`` ``(N, T)`` given prompt rows ``index``.
+
+        :param bool recompute: keep only the hidden states for backward and recompute the
+            head's logits there (:class:`_LinearLogProb`), so that memory stays bounded by
+            the chunk also under gradients.
+        """
         ids = self.prompt_ids.index_select(0, index)
         mask = self.prompt_mask.index_select(0, index)
         t = self.max_new_tokens
@@ -432,9 +449,14 @@ class LMDistribution(TorchDistribution):
         inputs = torch.cat([ids, x[:, :-1]], dim=-1)
         full_mask = torch.cat([mask, torch.ones_like(x[:, :-1])], dim=-1)
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
-        logits, _ = self.lm(inputs, full_mask, positions, logits_to_keep=t)
-        logits = logits[:, -t:].float()
-        token_logp = logits.log_softmax(-1).gather(-1, x[..., None]).squeeze(-1)
+        if recompute:
+            head = self.lm.linear_head
+            hidden = self.lm.hidden_states(inputs, full_mask, positions, keep=t)
+            token_logp = _LinearLogProb.apply(hidden, head.weight, head.bias, x)
+        else:
+            logits, _ = self.lm(inputs, full_mask, positions, logits_to_keep=t)
+            logits = logits[:, -t:].float()
+            token_logp = logits.log_softmax(-1).gather(-1, x[..., None]).squeeze(-1)
         # select rather than multiply: a -inf log-prob after EOS must give 0, not NaN
         return token_logp.masked_fill(after_first_eos(x, self.lm.eos_token_ids), 0.0)
 
@@ -486,6 +508,49 @@ class LMDistribution(TorchDistribution):
     def __repr__(self) -> str:
         return (f"LMDistribution(lm={self.lm!r}, batch_shape={tuple(self.batch_shape)}, "
                 f"max_new_tokens={self.max_new_tokens})")
+
+
+class _LinearLogProb(torch.autograd.Function):
+    r"""Token log-probabilities through a linear head, recomputing the logits in backward.
+
+    .. math::
+
+        \ell_{nt} = z_{nt, x_{nt}} - \log \sum_v e^{z_{ntv}}, \qquad z = h W^\top + b,
+        \qquad \frac{\partial \ell}{\partial z_{ntv}} = \mathbb 1[v = x_{nt}]
+        - \mathrm{softmax}(z_{nt})_v.
+
+    Forward saves the hidden states ``h`` ``(N, T, H)`` (not the ``(N, T, V)`` logits);
+    backward recomputes ``z`` and applies the gradient above, so memory under gradients
+    is that of one chunk of logits, as without them (activation recomputation [1]). The
+    logits are computed in the head's dtype and the log-softmax in float32, as in the
+    plain path.
+
+    References
+
+    [1] T. Chen, B. Xu, C. Zhang, C. Guestrin, *Training Deep Nets with Sublinear Memory
+        Cost*, arXiv:1604.06174, 2016.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target):
+        logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        out = logits.gather(-1, target[..., None]).squeeze(-1) - logits.logsumexp(-1)
+        ctx.save_for_backward(hidden, weight, bias, target)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        hidden, weight, bias, target = ctx.saved_tensors
+        logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        d = logits.softmax(-1).mul_(-grad[..., None])
+        del logits  # at most two (N, T, V) arrays at a time, as in forward
+        d = d.scatter_add_(-1, target[..., None], grad[..., None]).to(hidden.dtype)
+        need_h, need_w, need_b, _ = ctx.needs_input_grad
+        grad_h = d @ weight if need_h else None
+        grad_w = d.flatten(0, -2).T @ hidden.flatten(0, -2) if need_w else None
+        grad_b = d.flatten(0, -2).sum(0) if need_b and bias is not None else None
+        return grad_h, grad_w, grad_b, None
 
 
 def _cartesian(tokens: torch.Tensor, k: int, device) -> torch.Tensor:

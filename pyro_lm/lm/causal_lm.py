@@ -493,6 +493,36 @@ class CausalLM(nn.Module):
         new_cache = out["cache"] if "cache" in out else getattr(out, "past_key_values", None)
         return out.logits, new_cache
 
+    @property
+    def linear_head(self) -> nn.Linear | None:
+        """The output layer, when the logits are exactly ``linear_head(h)`` of the last
+        hidden states ``h`` of :meth:`hidden_states` (a plain ``nn.Linear``, no logit scaling
+        or soft-capping: the architectures of :data:`PLAIN_HEAD_ARCHITECTURES`, also under
+        peft LoRA adapters that leave the head alone), else ``None``."""
+        base = _plain_lora_base(self.model)
+        if base is None or type(base).__name__ not in PLAIN_HEAD_ARCHITECTURES:
+            return None
+        head = base.get_output_embeddings()
+        return head if type(head) is nn.Linear else None
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, keep: int = 0) -> torch.Tensor:
+        """The last hidden states ``(N, keep, H)`` of the last ``keep`` positions (all for 0),
+        dropout off, for a model with a :attr:`linear_head`: its logits are
+        ``linear_head(hidden_states(...))``.
+
+        :raises ValueError: if the model has no :attr:`linear_head`.
+        """
+        if self.linear_head is None:
+            raise ValueError("hidden_states: this model's logits are not a plain linear head "
+                             "of its hidden states; use forward()")
+        body = _plain_lora_base(self.model).base_model
+        with eval_mode(self.model) if self.model.training else contextlib.nullcontext():
+            out = body(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids, use_cache=False)
+        hidden = out[0]
+        return hidden[:, -keep:] if keep else hidden
+
     # ------------------------------------------------------------------- export
     def save_pretrained(self, directory: str | os.PathLike, merge: bool = True,
                         overwrite: bool = False, **kwargs) -> str:
@@ -512,6 +542,28 @@ class CausalLM(nn.Module):
         name = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
         return (f"CausalLM({name!r}, vocab_size={self.vocab_size}, eos={self.eos_token_id}, "
                 f"pad={self.pad_token_id}, device={self.device})")
+
+
+#: Model classes whose logits are ``lm_head(last hidden state)`` exactly, with a plain
+#: ``nn.Linear`` head (see :attr:`CausalLM.linear_head`).
+PLAIN_HEAD_ARCHITECTURES = frozenset({
+    "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM", "GPTNeoXForCausalLM"})
+
+
+def _plain_lora_base(model):
+    """``model``, or the transformers model a peft model with only LoRA adapters wraps
+    (LoRA changes the layers, not the forward pass), else ``None``."""
+    if not hasattr(model, "peft_config"):
+        return model
+    try:
+        import peft
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    if not isinstance(model, peft.PeftModel) or any(
+            c.peft_type != peft.PeftType.LORA for c in model.peft_config.values()):
+        return None
+    return model.get_base_model()
 
 
 #: The ``errors`` modes of :meth:`CausalLM.decode`.

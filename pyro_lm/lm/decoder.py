@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Decoder", "filler_token"]
+__all__ = ["Decoder", "changed_rows", "filler_token"]
 
 
 @runtime_checkable
@@ -52,3 +52,11 @@ def filler_token(model) -> int:
     transformers does not take them for unmasked padding (their outputs are unused)."""
     config_pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     return 1 if config_pad == 0 else 0
+
+
+def changed_rows(index: torch.Tensor) -> torch.Tensor | None:
+    """The rows ``i`` with ``index[i] != i`` (a LongTensor), for a reorder that copies only
+    those; ``None`` off the CPU, where counting them would cost a host sync."""
+    if index.device.type != "cpu":
+        return None
+    return (index != torch.arange(index.shape[0], device=index.device)).nonzero().squeeze(-1)

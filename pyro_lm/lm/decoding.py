@@ -7,7 +7,7 @@ cache, attention mask, position ids, next-token logits); it is a
 :class:`~pyro_lm.lm.gpt2_decoder.GPT2Decoder`. Sampling
 (:meth:`pyro_lm.LMDistribution.sample`) and token-level SMC both drive it one
 token at a time; SMC reorders it in place after resampling instead of
-recomputing prefixes.
+recomputing prefixes. :func:`draw_tokens` is the one token draw they all use.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from __future__ import annotations
 import torch
 
 from pyro_lm.lm.causal_lm import eval_mode
-from pyro_lm.lm.decoder import Decoder, filler_token
+from pyro_lm.lm.decoder import Decoder, changed_rows, filler_token
 from pyro_lm.lm.gpt2_decoder import GPT2Decoder, supports_fast_decoding
 
-__all__ = ["IncrementalDecoder", "filler_token", "make_decoder", "sample_tokens", "FAST_DECODING"]
+__all__ = ["IncrementalDecoder", "draw_tokens", "filler_token", "make_decoder", "sample_tokens",
+           "FAST_DECODING"]
 
 #: Use :class:`~pyro_lm.lm.gpt2_decoder.GPT2Decoder` for the models it supports;
 #: set to ``False`` to always decode through the transformers forward pass.
@@ -68,15 +69,38 @@ class IncrementalDecoder:
     def reorder(self, index: torch.Tensor, logits: bool = True) -> None:
         """Keep sequence ``index[i]`` in row ``i`` (after resampling).
 
+        On CPU only the rows whose ancestor changed (``index[i] != i``) are copied, in
+        place, when they are at most half the rows (and the cache is a ``DynamicCache``);
+        otherwise the cache's own ``reorder_cache`` gathers every row (on accelerators
+        reading the count of changed rows would cost a host sync).
+
         :param bool logits: also reorder :attr:`logits`; pass ``False`` when
             :meth:`advance` comes next and replaces them.
         """
-        self.cache.reorder_cache(index)
+        rows = changed_rows(index)
+        if rows is not None and rows.numel() == 0:
+            return
+        if rows is not None and 2 * rows.numel() <= index.shape[0] and self._in_place_ok():
+            source = index.index_select(0, rows)
+            for layer in self.cache.layers:
+                for kv in (layer.keys, layer.values):
+                    kv.index_copy_(0, rows, kv.index_select(0, source))
+        else:
+            self.cache.reorder_cache(index)
         if self.padded:  # without padding every row has the same mask and positions
             self.mask = self.mask.index_select(0, index)
             self.next_position = self.next_position.index_select(0, index)
-        if logits:
+        if logits:  # a new tensor: callers may hold the old one
             self.logits = self.logits.index_select(0, index)
+
+    def _in_place_ok(self) -> bool:
+        """Whether the cache is plain ``DynamicLayer`` tensors this mode may write in place."""
+        from transformers.cache_utils import DynamicLayer
+
+        inference = torch.is_inference_mode_enabled()
+        return all(type(layer) is DynamicLayer and layer.keys is not None
+                   and (inference or not layer.keys.is_inference())
+                   for layer in getattr(self.cache, "layers", [None]))
 
 
 def make_decoder(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -88,18 +112,68 @@ def make_decoder(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return IncrementalDecoder(lm, input_ids, attention_mask, max_new_tokens)
 
 
+def draw_tokens(logits: torch.Tensor, generator: torch.Generator | None = None,
+                return_log_prob: bool = False):
+    r"""One draw per row from :math:`\mathrm{softmax}(\ell)`, by inversion of its CDF.
+
+    With :math:`m = \max_j \ell_j`, :math:`c_i = \sum_{j \le i} e^{\ell_j - m}` and one
+    uniform :math:`u \sim U[0, 1)` per row,
+
+    .. math::
+
+        x = \min \{ i : c_i > u\, c_V \}, \qquad
+        P(x = i) = \frac{c_i - c_{i-1}}{c_V} = \frac{e^{\ell_i}}{\sum_j e^{\ell_j}},
+
+    exact up to float32 rounding. It reads the logits once (one exponential, a running
+    sum and a binary search per row) where Gumbel-max [1] draws a uniform and takes two
+    logarithms per element. A ``-inf`` logit is never drawn (its interval is empty, and
+    ``u c_V`` is kept strictly below ``c_V``); a row whose logits are all ``-inf`` draws
+    token 0.
+
+    :param torch.Tensor logits: ``(*rows, V)`` unnormalised log-probabilities, any float
+        dtype (computed in float32).
+    :param torch.Generator generator: the random stream (default: torch's global one).
+    :param bool return_log_prob: also return :math:`\log P(x)`, from the same sums.
+    :returns: ``(*rows,)`` LongTensor of token ids on ``logits``' device, and with
+        ``return_log_prob`` the ``(*rows,)`` float32 log-probabilities of those tokens.
+
+    References
+
+    [1] E. J. Gumbel, *Statistical Theory of Extreme Values and Some Practical
+        Applications*, 1954; C. J. Maddison, D. Tarlow, T. Minka, *A* Sampling*, NeurIPS 2014.
+    [2] L. Devroye, *Non-Uniform Random Variate Generation*, Springer 1986, ch. III.2
+        (inversion by sequential search).
+    """
+    logits = logits.float()
+    # a row of -inf has max -inf: shift it by 0 instead, so that its sums are 0, not NaN
+    m = logits.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)
+    cdf = (logits - m).exp_().cumsum_(-1)
+    total = cdf[..., -1:]
+    u = torch.rand(total.shape, dtype=total.dtype, device=total.device, generator=generator)
+    # u * total can round up to total; the largest float below it keeps every draw in range
+    u = torch.minimum(u.mul_(total), total.nextafter(total.new_full((), -1.0)))
+    token = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1)
+    if not return_log_prob:
+        return token.squeeze(-1)
+    log_prob = logits.gather(-1, token) - m - total.log()
+    return token.squeeze(-1), log_prob.squeeze(-1)
+
+
 def sample_tokens(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  max_new_tokens: int, sync_every: int | None = None):
-    """Draw one completion per prompt row by ancestral sampling.
+                  max_new_tokens: int, sync_every: int | None = None,
+                  with_log_prob: bool = True):
+    """Draw one completion per prompt row by ancestral sampling (tokens by :func:`draw_tokens`).
 
     Runs without gradients (in inference mode; the outputs are ordinary
     tensors). A sequence ends at its first EOS, any of ``lm.eos_token_ids``.
     Stops early once every sequence has ended; that check costs a host sync,
     made every ``sync_every`` steps (default 1 on CPU, 8 on accelerators).
 
+    :param bool with_log_prob: also compute the completions' log-probabilities
+        (``False``: skip that per-step work and return ``None`` in their place).
     :returns: ``(x, log_prob)``: ``x`` is ``(N, T)`` with ``pad_token_id`` after
         the first EOS, ``log_prob`` is ``(N,)`` float32, the log-probability of
-        ``x`` under ``lm``.
+        ``x`` under ``lm`` (or ``None``).
     """
     n = input_ids.shape[0]
     device = input_ids.device
@@ -109,25 +183,25 @@ def sample_tokens(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else 8
     x = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
-    log_prob = torch.zeros(n, dtype=torch.float32, device=device)
+    log_prob = torch.zeros(n, dtype=torch.float32, device=device) if with_log_prob else None
     done = torch.zeros(n, dtype=torch.bool, device=device)
-    pad_t = torch.tensor(pad, dtype=torch.long, device=device)
     # inference mode is cheaper than no_grad; the results are cloned out of it below so that
     # they can be used where autograd saves tensors (e.g. as indices in a log_prob with grad)
     with torch.inference_mode(), eval_mode(lm.model):
         decoder = make_decoder(lm, input_ids, attention_mask, max_new_tokens)
+        filler = decoder.filler_token
         for t in range(max_new_tokens):
-            logits = decoder.logits
-            # Gumbel-max: argmax(logits - log E), E = -log U ~ Exp(1), draws from softmax(logits)
-            token = (logits - torch.rand_like(logits).log_().neg_().log_()).argmax(-1)
-            step_logp = logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(-1)
-            log_prob += step_logp.masked_fill(done, 0.0)
-            token = torch.where(done, pad_t, token)
+            if with_log_prob:
+                token, step_logp = draw_tokens(decoder.logits, return_log_prob=True)
+                log_prob += step_logp.masked_fill_(done, 0.0)
+            else:
+                token = draw_tokens(decoder.logits)
+            token.masked_fill_(done, pad)
             x[:, t] = token
-            done = done | ((token == eos[0]) if one_eos else torch.isin(token, eos_t))
+            done |= (token == eos[0]) if one_eos else torch.isin(token, eos_t)
             if t + 1 == max_new_tokens:
                 break
             if (t + 1) % sync_every == 0 and bool(done.all()):
                 break
-            decoder.advance(token.masked_fill(done, decoder.filler_token))
-    return x.clone(), log_prob.clone()
+            decoder.advance(token.masked_fill_(done, filler))
+    return x.clone(), None if log_prob is None else log_prob.clone()

@@ -20,24 +20,90 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pyro_lm.lm.decoder import filler_token
+from pyro_lm.lm.decoder import changed_rows, filler_token
 
 __all__ = ["GPT2Decoder", "supports_fast_decoding"]
 
 
-def supports_fast_decoding(model) -> bool:
-    """Whether ``model`` is a plain ``GPT2LMHeadModel`` this decoder reproduces exactly."""
+def _gpt2_inside(model):
+    """The ``GPT2LMHeadModel`` that ``model`` is, or that a peft LoRA model wraps, else ``None``."""
     from transformers import GPT2LMHeadModel
 
-    if type(model) is not GPT2LMHeadModel:  # subclasses and peft wrappers: generic path
+    if type(model) is GPT2LMHeadModel:
+        return model
+    try:
+        import peft
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    if not isinstance(model, peft.PeftModel):
+        return None
+    if any(c.peft_type != peft.PeftType.LORA for c in model.peft_config.values()):
+        return None  # prompt tuning and other tuners change the forward pass itself
+    base = model.get_base_model()
+    return base if type(base) is GPT2LMHeadModel else None
+
+
+def _is_lora_layer(module) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - depends on the environment
         return False
-    cfg = model.config
-    if not isinstance(model.lm_head, torch.nn.Linear):
+    return isinstance(module, BaseTunerLayer)
+
+
+def _foldable(module) -> bool:
+    """A module whose weights :func:`_folded` reproduces: a plain projection, or a peft LoRA
+    ``Linear`` over one, with vanilla adapters (no DoRA or other variant, no bias on B)."""
+    from transformers.pytorch_utils import Conv1D
+
+    projections = (torch.nn.Linear, Conv1D)
+    if not _is_lora_layer(module):
+        return isinstance(module, projections)
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if type(module) is not LoraLinear or not isinstance(module.get_base_layer(), projections):
         return False
-    return (cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+    if module.disable_adapters and module.merged:  # its forward would unmerge first
+        return False
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    return not any(a in module.lora_variant or module.lora_B[a].bias is not None
+                   for a in active)
+
+
+def _folded(module):
+    r"""``(weight, bias)`` of a projection in its own layout, with the active LoRA adapters
+    of a peft layer added, :math:`W + s\,BA`: what its forward computes without dropout."""
+    if not _is_lora_layer(module):
+        return module.weight, module.bias
+    base = module.get_base_layer()
+    weight = base.weight
+    if not (module.disable_adapters or module.merged):
+        for a in module.active_adapters:
+            if a in module.lora_A:
+                weight = weight + module.get_delta_weight(a).to(weight.dtype)
+    return weight, base.bias
+
+
+def supports_fast_decoding(model) -> bool:
+    """Whether ``model`` is a plain ``GPT2LMHeadModel``, or one wrapped by peft with LoRA
+    adapters on its projections, that this decoder reproduces exactly."""
+    gpt2 = _gpt2_inside(model)
+    if gpt2 is None:
+        return False
+    cfg = gpt2.config
+    if not (cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh")
             and cfg.scale_attn_weights and not cfg.scale_attn_by_inverse_layer_idx
             and not cfg.reorder_and_upcast_attn and not cfg.add_cross_attention
-            and not any(h.attn.is_cross_attention for h in model.transformer.h))
+            and not any(h.attn.is_cross_attention for h in gpt2.transformer.h)):
+        return False
+    read = [gpt2.lm_head] + [m for b in gpt2.transformer.h
+                             for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+    head = gpt2.lm_head.get_base_layer() if _is_lora_layer(gpt2.lm_head) else gpt2.lm_head
+    if not isinstance(head, torch.nn.Linear) or not all(_foldable(m) for m in read):
+        return False
+    # a tuner layer anywhere else (embeddings, layer norms) is not read by this decoder
+    return sum(_is_lora_layer(m) for m in gpt2.modules()) == sum(_is_lora_layer(m)
+                                                                  for m in read)
 
 
 class GPT2Decoder:
@@ -50,10 +116,11 @@ class GPT2Decoder:
     :param int max_new_tokens: the most tokens that will be fed after the prompt.
     """
 
+    @torch.no_grad()
     def __init__(self, lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int):
-        model = lm.model
-        self.transformer, self.head = model.transformer, model.lm_head
+        model = _gpt2_inside(lm.model)
+        self.transformer = model.transformer
         cfg = model.config
         self.width, self.heads = cfg.n_embd, cfg.n_head
         self.head_dim, self.eps = cfg.n_embd // cfg.n_head, cfg.layer_norm_epsilon
@@ -65,13 +132,12 @@ class GPT2Decoder:
                            logits_to_keep=1)
         self.logits = logits[:, -1].float()  # (N, V)
         tr = self.transformer
-        # the weights each step reads, looked up once
+        # the weights each step reads, looked up once (LoRA adapters folded in)
         self._embed = (tr.wte.weight, tr.wpe.weight)
-        self._blocks = [(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias,
-                         b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
-                         b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight,
-                         b.mlp.c_proj.bias) for b in tr.h]
-        self._final = (tr.ln_f.weight, tr.ln_f.bias, self.head.weight, self.head.bias)
+        self._blocks = [(b.ln_1.weight, b.ln_1.bias, *_folded(b.attn.c_attn),
+                         *_folded(b.attn.c_proj), b.ln_2.weight, b.ln_2.bias,
+                         *_folded(b.mlp.c_fc), *_folded(b.mlp.c_proj)) for b in tr.h]
+        self._final = (tr.ln_f.weight, tr.ln_f.bias, *_folded(model.lm_head))
         total = length + max_new_tokens
         layers = len(self.transformer.h)
         like = cache.layers[0].keys
@@ -125,21 +191,39 @@ class GPT2Decoder:
     def reorder(self, index: torch.Tensor, logits: bool = True) -> None:
         """Keep sequence ``index[i]`` in row ``i`` (after resampling).
 
+        Only the rows whose ancestor changed (``index[i] != i``) are copied. On CPU they
+        are found first (the count is free to read there) and copied in place when they are
+        at most half the rows; otherwise, and on accelerators (where reading the count
+        would cost a host sync), every filled row is gathered into a spare buffer.
+
         :param bool logits: also reorder :attr:`logits`; pass ``False`` when
             :meth:`advance` comes next and replaces them.
         """
-        # gather the filled positions of every row into the spare buffer and swap (faster
-        # than gathering in place, for twice the cache's memory); positions past
-        # self.length are written by advance before attention reads them
+        filled, n = self.length, index.shape[0]
+        # positions past self.length are written by advance before attention reads them
+        kv = self._kv[..., :filled, :]
+        rows = changed_rows(index)
+        if rows is not None:
+            if rows.numel() == 0:
+                return
+            if 2 * rows.numel() <= n:
+                source = index.index_select(0, rows)
+                kv.index_copy_(2, rows, kv.index_select(2, source))
+                self._reorder_rows(index, logits)
+                return
+        # gather into the spare buffer and swap (faster than gathering in place, for twice
+        # the cache's memory)
         if self._spare is None:
             self._spare = torch.empty_like(self._kv)
-        filled = self.length
-        torch.index_select(self._kv[..., :filled, :], 2, index,
-                           out=self._spare[..., :filled, :])
+        torch.index_select(kv, 2, index, out=self._spare[..., :filled, :])
         self._kv, self._spare = self._spare, self._kv
         self.keys, self.values = self._kv.unbind(0)
+        self._reorder_rows(index, logits)
+
+    def _reorder_rows(self, index: torch.Tensor, logits: bool) -> None:
+        """Reorder the per-row state other than the cache (small: masks, positions)."""
         if self.padded:
             self.mask = self.mask.index_select(0, index)
             self.next_position = self.next_position.index_select(0, index)
-        if logits:
+        if logits:  # a new tensor: callers may hold the old one
             self.logits = self.logits.index_select(0, index)

@@ -74,6 +74,22 @@ def test_sample_with_log_prob_agrees_with_log_prob(tiny_lm, device):
     assert torch.allclose(log_prob, d.log_prob(x), atol=1e-4)
 
 
+def test_sample_skips_the_log_prob_it_does_not_return(tiny_lm, monkeypatch):
+    from pyro_lm.lm import decoding
+
+    asked = []
+    draw = decoding.draw_tokens
+    monkeypatch.setattr(decoding, "draw_tokens",
+                        lambda logits, **kw: asked.append(kw.get("return_log_prob")) or
+                        draw(logits, **kw))
+    d = LMDistribution(tiny_lm, ["", "t1"], 4)
+    x = d.sample((3,))
+    assert x.shape == (3, 2, 4) and asked and not any(asked)
+    asked.clear()
+    d.sample_with_log_prob((3,))
+    assert asked and all(asked)
+
+
 def test_value_is_padded_after_first_eos(tiny_lm):
     torch.manual_seed(1)
     d = LMDistribution(tiny_lm, torch.tensor([0]), 6)

@@ -109,11 +109,94 @@ def test_bfloat16_weights_give_float32_logits(device):
     assert torch.allclose(decoder.logits, expected, atol=0.1)  # bf16 rounding
 
 
+def lora_guide(prior, seed=0, **options):
+    """A LoRA guide of ``prior`` whose adapters are switched on (random B, not peft's zeros)."""
+    config = dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"],
+                  fan_in_fan_out=True, lora_dropout=0.1)
+    config.update(options)
+    guide = prior.trainable_copy(lora=config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in guide.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator).to(p.device) * 0.5)
+    return guide
+
+
+def test_lora_guides_take_the_fast_path_and_match_transformers(device):
+    pytest.importorskip("peft")
+    prior = toy_lm(vocab_size=16, n_layer=2, n_embd=32, n_head=4, init_std=0.2, device=device)
+    guide = lora_guide(prior).train()  # training mode: decoding is still without dropout
+    ids = torch.tensor([[0, 0, 3], [0, 5, 6], [1, 2, 4]], device=device)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1]], device=device)
+    assert supports_fast_decoding(guide.model)
+    decoder = make_decoder(guide, ids, mask, 4)
+    assert isinstance(decoder, GPT2Decoder)
+    fed = torch.zeros(3, 0, dtype=torch.long, device=device)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(4):
+            expected = reference_logits(guide, ids, mask, fed)
+            assert torch.allclose(decoder.logits, expected, atol=1e-4)
+            # the adapters matter: the prior's logits differ
+            assert not torch.allclose(decoder.logits, reference_logits(prior, ids, mask, fed),
+                                      atol=1e-2)
+            token = torch.randint(1, 16, (3,), generator=generator).to(device)
+            decoder.advance(token)
+            fed = torch.cat([fed, token[:, None]], dim=-1)
+        guide.model.disable_adapter_layers()  # adapters off: the prior's logits
+        decoder = make_decoder(guide, ids, mask, 4)
+        assert torch.allclose(decoder.logits, reference_logits(prior, ids, mask, fed[:, :0]),
+                              atol=1e-4)
+
+
 def test_other_models_use_the_generic_decoder(tiny_lm):
-    guide = tiny_lm.trainable_copy(lora=dict(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
-    assert not supports_fast_decoding(guide.model)
+    pytest.importorskip("peft")
     ids = torch.zeros(2, 1, dtype=torch.long)
-    assert isinstance(make_decoder(guide, ids, torch.ones_like(ids), 3), IncrementalDecoder)
+    unsupported = {
+        "DoRA": lora_guide(tiny_lm, use_dora=True),
+        "LoRA on the embeddings": lora_guide(tiny_lm, target_modules=["wte"],
+                                             fan_in_fan_out=False),
+    }
+    subclass = type("MyGPT2", (type(tiny_lm.model),), {})(tiny_lm.model.config)
+    unsupported["a GPT-2 subclass"] = pyro_lm.CausalLM(subclass, tiny_lm.tokenizer)
+    for name, lm in unsupported.items():
+        assert not supports_fast_decoding(lm.model), name
+        assert isinstance(make_decoder(lm, ids, torch.ones_like(ids), 3), IncrementalDecoder)
+
+
+@pytest.mark.parametrize("index", [[0, 1, 2, 3, 4, 5], [1, 0, 2, 3, 4, 5],
+                                   [0, 1, 2, 2, 4, 4], [5, 5, 0, 1, 2, 3]])
+@pytest.mark.parametrize("fast", [True, False])
+def test_reorder_of_changed_rows_equals_the_full_gather(monkeypatch, index, fast):
+    """A few changed rows (swaps included) are copied in place, many by a full gather:
+    either way the state is that of the rows ``index``."""
+    monkeypatch.setattr(decoding, "FAST_DECODING", fast)
+    lm = toy_lm(vocab_size=16, n_layer=2, n_embd=32, n_head=4, init_std=0.2)
+    ids = torch.tensor([[0, 0, 3], [0, 5, 6], [1, 2, 4], [0, 0, 1], [3, 3, 3], [0, 2, 2]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1], [0, 0, 1], [1, 1, 1], [0, 1, 1]])
+    index = torch.tensor(index)
+    with torch.inference_mode():
+        decoder = make_decoder(lm, ids, mask, 4)
+        first = torch.tensor([7, 8, 9, 10, 11, 12])
+        decoder.advance(first)
+        if fast:
+            before = decoder._kv[..., :decoder.length, :].clone()
+        else:
+            before = [(layer.keys.clone(), layer.values.clone()) for layer in decoder.cache.layers]
+        logits = decoder.logits.clone()
+        decoder.reorder(index)
+        if fast:
+            assert torch.equal(decoder._kv[..., :decoder.length, :], before[:, :, index])
+        else:
+            for layer, (k, v) in zip(decoder.cache.layers, before, strict=True):
+                assert torch.equal(layer.keys, k[index]) and torch.equal(layer.values, v[index])
+        assert torch.equal(decoder.logits, logits[index])
+        second = torch.tensor([1, 2, 3, 4, 5, 6])
+        decoder.advance(second)
+        expected = reference_logits(lm, ids[index], mask[index],
+                                    torch.stack([first[index], second], dim=-1))
+        assert torch.allclose(decoder.logits, expected, atol=1e-4)
 
 
 def test_sampling_agrees_with_log_prob_on_both_paths(monkeypatch):
@@ -128,7 +211,9 @@ def test_sampling_agrees_with_log_prob_on_both_paths(monkeypatch):
 def test_both_decoders_are_decoders(tiny_lm):
     ids = torch.zeros(2, 1, dtype=torch.long)
     guide = tiny_lm.trainable_copy(lora=dict(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
-    for lm in (tiny_lm, guide):
+    dora = tiny_lm.trainable_copy(lora=dict(r=2, target_modules=["c_attn"], fan_in_fan_out=True,
+                                            use_dora=True))
+    for lm in (tiny_lm, guide, dora):
         decoder = make_decoder(lm, ids, torch.ones_like(ids), 3)
         assert isinstance(decoder, Decoder)
         decoder.reorder(torch.tensor([1, 1]))

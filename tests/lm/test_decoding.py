@@ -1,0 +1,97 @@
+"""The token draw: inverse-CDF sampling has the law softmax(logits), -inf and bf16 included."""
+
+import math
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from pyro_lm.lm import decoding
+from pyro_lm.lm.decoding import draw_tokens
+
+
+def chi_square_p(tokens: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of the draws ``tokens`` against ``probs`` (float64, the cells of positive
+    probability; a draw of a zero-probability cell fails outright)."""
+    counts = torch.bincount(tokens, minlength=probs.shape[0]).double()
+    zero = probs == 0
+    assert counts[zero].sum() == 0, "a token of probability 0 was drawn"
+    n = counts.sum()
+    return chisquare(counts[~zero].numpy(), (n * probs[~zero]).numpy()).pvalue
+
+
+ROWS = {
+    "plain": [1.0, -0.5, 2.0, 0.0, -3.0, 0.7],
+    "with -inf": [0.3, -math.inf, 1.2, -math.inf, -0.4, 0.0],
+    "one finite": [-math.inf, -math.inf, 4.0, -math.inf, -math.inf, -math.inf],
+    "last finite": [-math.inf] * 5 + [-7.0],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_draws_follow_softmax(device, row, dtype):
+    n = 20000
+    logits = torch.tensor(ROWS[row], device=device).to(dtype)
+    # the exact law of the logits as given (bf16 values are exact in float64)
+    probs = logits.double().softmax(-1).cpu()
+    generator = torch.Generator(device).manual_seed(0)
+    tokens = draw_tokens(logits.expand(n, -1), generator=generator)
+    assert tokens.dtype == torch.long and tokens.shape == (n,) and tokens.device == logits.device
+    if (probs > 0).sum() == 1:
+        assert (tokens.cpu() == probs.argmax()).all()
+    else:
+        assert chi_square_p(tokens.cpu(), probs) > 1e-3
+
+
+def test_draws_follow_softmax_over_a_large_vocabulary():
+    """At V = 50257 the running sum is long: cells grouped into 20 bins of the CDF."""
+    v = 50257
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(v, generator=generator) * 2
+    logits[torch.randperm(v, generator=generator)[:1000]] = -math.inf
+    probs = logits.double().softmax(-1)
+    tokens = torch.cat([draw_tokens(logits.expand(500, -1), generator=generator)
+                        for _ in range(6)])
+    assert torch.isfinite(logits[tokens]).all()
+    edges = torch.linspace(0, v, 21).long()
+    binned = torch.bucketize(tokens, edges[1:-1], right=True)
+    cell = torch.stack([probs[a:b].sum() for a, b in zip(edges[:-1], edges[1:], strict=True)])
+    assert chi_square_p(binned, cell) > 1e-3
+
+
+def test_rows_draw_independently_from_their_own_logits():
+    logits = torch.tensor([[0.0, -math.inf, -math.inf], [-math.inf, -math.inf, 0.0],
+                           [-math.inf, 0.0, -math.inf]])
+    tokens = draw_tokens(logits.repeat(50, 1)).reshape(50, 3)
+    assert (tokens == torch.tensor([0, 2, 1])).all()
+    batched = draw_tokens(logits.expand(4, 3, 3))  # any leading shape
+    assert batched.shape == (4, 3) and (batched == torch.tensor([0, 2, 1])).all()
+
+
+def test_log_prob_is_the_log_softmax_of_the_draw():
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(64, 300, generator=generator) * 3
+    logits[:, :100] = -math.inf
+    tokens, log_prob = draw_tokens(logits, generator=generator, return_log_prob=True)
+    expected = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+    assert log_prob.dtype == torch.float32
+    assert torch.allclose(log_prob, expected, atol=1e-5)
+    assert (tokens >= 100).all()
+
+
+def test_a_uniform_at_the_top_never_reaches_a_minus_inf_token(monkeypatch):
+    """u * total may round up to total (or an accelerator's uniform may be 1): the draw
+    stays on the last token of positive mass."""
+    real_rand = torch.rand
+    monkeypatch.setattr(decoding.torch, "rand",
+                        lambda *a, **k: real_rand(*a, **k).fill_(1.0))
+    logits = torch.tensor([[0.0, 0.0, -math.inf, -math.inf], [-math.inf] * 4])
+    assert draw_tokens(logits).tolist() == [1, 0]  # an all -inf row draws token 0
+
+
+def test_a_generator_makes_draws_reproducible():
+    logits = torch.randn(16, 50)
+    a = draw_tokens(logits, generator=torch.Generator().manual_seed(3))
+    b = draw_tokens(logits, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)

@@ -1,0 +1,143 @@
+"""log_prob under gradients: past the chunk budget the head's logits are recomputed in
+backward, so autograd keeps O(B T H), not O(B T V); values and gradients are unchanged."""
+
+import pytest
+import torch
+
+import pyro_lm
+from pyro_lm.distributions import lm_distribution
+from pyro_lm.distributions.lm_distribution import _LinearLogProb
+from pyro_lm.lm import toy_lm, toy_tokenizer
+
+B, T, V = 6, 8, 512
+
+
+def llama_lm(vocab_size=V):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                         pad_token_id=0, initializer_range=0.3)
+    torch.manual_seed(0)
+    return pyro_lm.CausalLM(LlamaForCausalLM(config), toy_tokenizer(vocab_size))
+
+
+def prior_and_guide(name):
+    if name == "llama":
+        prior = llama_lm()
+        return prior, prior.trainable_copy()
+    prior = toy_lm(vocab_size=V, n_layer=1, n_embd=16, init_std=0.3)
+    if name == "gpt2":
+        return prior, prior.trainable_copy()
+    lora = prior.trainable_copy(lora=dict(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    with torch.no_grad():  # switch the adapters on
+        for key, p in lora.named_parameters():
+            if "lora_B" in key:
+                p.normal_(0.0, 0.5)
+    return prior, lora
+
+
+def reference_token_log_probs(lm, ids, mask, x, eos=0):
+    """One full forward, float32 log-softmax, gather, zero after the first EOS."""
+    inputs = torch.cat([ids, x[:, :-1]], -1)
+    full = torch.cat([mask, torch.ones_like(x[:, :-1])], -1)
+    positions = (full.cumsum(-1) - 1).clamp(min=0)
+    logits, _ = lm(inputs, full, positions)
+    logp = logits[:, -x.shape[1]:].float().log_softmax(-1).gather(-1, x[..., None]).squeeze(-1)
+    return logp.masked_fill(lm_distribution.after_first_eos(x, eos), 0.0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt2 LoRA", "llama"])
+def test_recomputed_log_prob_has_exact_values_and_gradients(monkeypatch, name):
+    if name == "gpt2 LoRA":
+        pytest.importorskip("peft")
+    prior, guide = prior_and_guide(name)
+    assert guide.linear_head is not None
+    ids = torch.tensor([[0, 0, 5], [0, 7, 8], [3, 4, 9]]).repeat(2, 1)
+    mask = torch.tensor([[0, 0, 1], [0, 1, 1], [1, 1, 1]]).repeat(2, 1)
+    x = pyro_lm.LMDistribution(prior, ids, T, attention_mask=mask).sample()
+    monkeypatch.setattr(lm_distribution, "LOG_PROB_BUDGET", 3 * (3 + T) * V)  # 3 rows a chunk
+    dist = pyro_lm.LMDistribution(guide, ids, T, attention_mask=mask)
+    weights = torch.randn(B, T)
+    calls = []
+    apply = _LinearLogProb.apply
+    monkeypatch.setattr(_LinearLogProb, "apply", lambda *a: calls.append(1) or apply(*a))
+    got = dist.token_log_probs(x)
+    assert len(calls) == 2  # the recomputing path, one call per chunk of 3 rows
+    params = [p for p in guide.parameters() if p.requires_grad]
+    got_grads = torch.autograd.grad((got * weights).sum(), params)
+    expected = reference_token_log_probs(guide, ids, mask, x)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), params)
+    assert torch.allclose(got, expected, atol=1e-5)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        assert torch.allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def saved_bytes(fn):
+    """Bytes autograd saves for backward while ``fn`` runs (each storage once: a weight
+    saved by every chunk is one tensor in memory), and the largest saved tensor's element
+    count."""
+    sizes = {}
+
+    def pack(t):
+        sizes[t.untyped_storage().data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(sizes.values()), max(sizes.values())
+
+
+def test_saved_tensors_are_hidden_states_not_logits(monkeypatch):
+    """Deterministic: under gradients the plain path saves every chunk's (rows, T, V)
+    log-softmax; past the budget nothing of size B T V is kept."""
+    guide = toy_lm(vocab_size=4096, n_layer=1, n_embd=16, init_std=0.3).trainable_copy()
+    ids = torch.zeros(16, 1, dtype=torch.long)
+    x = torch.randint(1, 4096, (16, 12))
+    dist = pyro_lm.LMDistribution(guide, ids, 12)
+    logits_bytes = 16 * 12 * 4096 * 4
+    plain, _ = saved_bytes(lambda: dist.log_prob(x))  # B T V fits the default budget
+    monkeypatch.setattr(lm_distribution, "LOG_PROB_BUDGET", 4 * 13 * 4096)  # 4 rows a chunk
+    bounded, largest = saved_bytes(lambda: dist.log_prob(x))
+    assert plain >= logits_bytes
+    # the hidden states, the body's activations and the (V, H) weights: far below B T V
+    assert bounded < logits_bytes / 4 and largest < logits_bytes / 4  # < one chunk's logits
+    assert torch.allclose(dist.log_prob(x), pyro_lm.LMDistribution(guide, ids, 12).log_prob(x),
+                          atol=1e-5)
+
+
+def test_the_recomputing_function_passes_gradcheck():
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 3, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(7, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, generator=generator, requires_grad=True)
+    target = torch.randint(0, 7, (2, 3), generator=generator)
+
+    def fn(h, w, b):  # the function computes its log-softmax in float32: compare in float64
+        logits = torch.nn.functional.linear(h, w, b)
+        return logits.gather(-1, target[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+    def double(h, w, b):
+        out = _LinearLogProb.apply(h, w, b, target)
+        return out.double()
+
+    for arg in range(3):
+        grads = torch.autograd.grad(double(hidden, weight, bias).sum(),
+                                    (hidden, weight, bias))[arg]
+        exact = torch.autograd.grad(fn(hidden, weight, bias).sum(), (hidden, weight, bias))[arg]
+        assert torch.allclose(grads, exact, atol=1e-5), arg
+
+
+def test_models_without_a_plain_head_keep_the_plain_path(monkeypatch):
+    lm = toy_lm(vocab_size=64, n_layer=1, n_embd=16)
+    subclass = type("ScaledGPT2", (type(lm.model),), {})(lm.model.config)
+    other = pyro_lm.CausalLM(subclass, lm.tokenizer, trainable=True)
+    assert other.linear_head is None
+    with pytest.raises(ValueError, match="hidden_states"):
+        other.hidden_states(torch.zeros(1, 1, dtype=torch.long))
+    monkeypatch.setattr(lm_distribution, "LOG_PROB_BUDGET", 64)
+    x = torch.randint(1, 64, (4, 3))
+    lp = pyro_lm.LMDistribution(other, torch.zeros(4, 1, dtype=torch.long), 3).log_prob(x)
+    lp.sum().backward()
+    assert torch.isfinite(lp).all()
