@@ -11,6 +11,7 @@ from pyro_lm import (
     constraints,
     data,
     diagnostics,
+    distributed,
     distributions,
     infer,
     lm,
@@ -61,6 +62,5 @@ def __getattr__(name):
 
 
 __all__ = ["BUNDLED_MODELS", "CausalLM", "LMDistribution", "bundled_model_path", "constraints",
-           "data",
-           "diagnostics", "distributions", "exact", "infer", "lm", "ops", "poutine", "programs",
-           "rewards", "__version__"]
+           "data", "diagnostics", "distributed", "distributions", "exact", "infer", "lm", "ops",
+           "poutine", "programs", "rewards", "__version__"]

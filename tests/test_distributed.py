@@ -410,3 +410,23 @@ def test_fit_takes_a_loss_module_with_a_torch_optimizer():
         svi = pyro.infer.SVI(model, AutoLMGuide(model, policy), pyro.optim.Adam({"lr": 1e-2}),
                              SequenceELBO(num_particles=4))
         fit(svi, PROMPTS, num_steps=1, optimizer=optimizer)
+
+
+def _module_run(num_steps, checkpoint=None):
+    pyro.clear_param_store()
+    prior, _, model, _ = problem()
+    policy = prior.trainable_copy()
+    module = SequenceELBO(num_particles=4)(model, AutoLMGuide(model, policy))
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    history = fit(module, PROMPTS, num_steps=num_steps, checkpoint=checkpoint, seed=3,
+                  progress=False, optimizer=optimizer)
+    return history, {k: v.detach().clone() for k, v in policy.state_dict().items()}
+
+
+def test_loss_module_checkpoint_resumes_bitwise(tmp_path):
+    straight, p_straight = _module_run(4)
+    _module_run(2, tmp_path / "m.ckpt")
+    resumed, p_resumed = _module_run(4, tmp_path / "m.ckpt")
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in straight]
+    for name in p_straight:
+        assert torch.equal(p_straight[name], p_resumed[name]), name
