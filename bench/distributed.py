@@ -7,8 +7,9 @@ Task: the bundled word-level LM (``models/tinylm``), the review program with
 of 8 prompts x 16 particles, Adam lr 1e-3. For ``SequenceELBO`` and ``DPG`` it runs
 ``fit`` on 1 process (all 8 prompts) and on 2 processes (4 prompts each, gradients
 all-reduced), each process with ``--threads`` torch threads, and reports the median step
-time after a warm-up (from fit's history), the ratio, and the time of the gradient
-all-reduce alone (one flat buffer of the LM's parameters).
+time after a warm-up (from fit's history), the ratios to one process on the whole batch
+and on one rank's half of it, and the time of the gradient all-reduce alone (one flat
+buffer of the LM's parameters).
 
 On a machine with 2 CPU cores shared with other jobs this measures the communication
 overhead (the all-reduce's share of a step), not a speed-up: a speed-up needs a device or
@@ -43,9 +44,12 @@ from pyro_lm.programs import positive_reviews_reward, reward_model, task_prompt 
 LOSSES = {"SequenceELBO": SequenceELBO, "DPG": DPG}
 
 
-def measure(quick: bool = False, repeats: int = 8, loss: str = "SequenceELBO") -> dict:
-    """Median fit step time of this process group (or one process) on the global batch."""
+def measure(quick: bool = False, repeats: int = 8, loss: str = "SequenceELBO",
+            share: int = 1) -> dict:
+    """Median fit step time of this process group (or one process) on the global batch, or
+    on ``1 / share`` of it (one rank's part, to separate the batch size from the rest)."""
     prompts_n, particles, warmup = (4, 4, 1) if quick else (8, 16, 2)
+    prompts_n //= share
     repeats = 2 if quick else repeats
     pyro.clear_param_store()
     prior = pyro_lm.CausalLM.from_pretrained(pyro_lm.bundled_model_path("tinylm"))
@@ -100,12 +104,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     one = {name: measure(args.quick, args.repeats, name) for name in LOSSES}
+    half = {name: measure(args.quick, args.repeats, name, share=2) for name in LOSSES}
     two = two_ranks(args.quick, args.repeats, args.threads)
+    load = os.getloadavg()[0]
     rows = []
     for name in LOSSES:
-        a, b = one[name], two[name]
-        rows.append([name, f"{1e3 * a['step_s']:.1f}", f"{1e3 * b['step_s']:.1f}",
-                     f"{b['step_s'] / a['step_s']:.2f}", f"{1e3 * b['allreduce_s']:.2f}",
+        a, h, b = one[name], half[name], two[name]
+        rows.append([name, f"{1e3 * a['step_s']:.1f}", f"{1e3 * h['step_s']:.1f}",
+                     f"{1e3 * b['step_s']:.1f}", f"{b['step_s'] / a['step_s']:.2f}",
+                     f"{b['step_s'] / h['step_s']:.2f}", f"{1e3 * b['allreduce_s']:.2f}",
                      f"{b['allreduce_s'] / b['step_s']:.1%}"])
     batch = "4 prompts x 4 particles" if args.quick else "8 prompts x 16 particles"
     body = f"""## Data parallel: fit step at 1 and 2 gloo processes
@@ -113,12 +120,14 @@ def main(argv=None):
 `python bench/distributed.py` — machine: {machine()}, {args.threads} torch thread(s) per
 process. Global batch {batch} on the bundled `tinylm` ({one['SequenceELBO']['num_params']}
 trained parameters), 16 new tokens; 2 processes get half the prompts each and all-reduce
-the gradient (one flat float32 buffer) before Adam's step. On this shared 2-core machine
-the figures measure the all-reduce's overhead, not a speed-up (the cores are shared with
-other jobs; timings are indicative).
+the gradient (one flat float32 buffer) before Adam's step. "1 proc, half batch" is one
+rank's share run alone: "2 ÷ half" is what running two ranks side by side and
+communicating costs over that. On this 2-core machine, shared with other jobs (load average
+{load:.1f} at the end of the run), the figures measure overhead, not a speed-up; timings
+are indicative.
 
-{table(["loss", "1 proc ms / step", "2 procs ms / step", "2 ÷ 1", "all-reduce ms",
-        "all-reduce share"], rows)}
+{table(["loss", "1 proc ms / step", "1 proc, half batch", "2 procs ms / step", "2 ÷ 1",
+        "2 ÷ half", "all-reduce ms", "all-reduce share"], rows)}
 """
     print(body)
     if not args.quick:

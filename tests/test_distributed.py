@@ -154,6 +154,7 @@ def _worker(rank, port, out_dir, example_argv, bench_quick):
     # 1. gradient and metrics of one step on fixed samples, every path
     for kind in STEP_KINDS:
         out[kind] = one_sgd_step(kind)
+    out["replicated"] = one_sgd_step("svi_elbo", PROMPTS[:1])  # 1 prompt, 2 ranks: averaged
     # 2. a short fit lowers the loss
     out["train"] = train(30, lr=5e-2)
     # 3. checkpoints: straight vs written at step 3 (by rank 0) and resumed on these 2 ranks
@@ -235,6 +236,16 @@ def test_two_rank_gradient_equals_one_process_on_fixed_samples(two_ranks, kind):
             if key not in ("time", "step"):
                 assert record[key] == pytest.approx(one_record[key], rel=1e-5, abs=1e-5), key
     assert one_delta.abs().max() > 1e-3  # the gradient is not trivially zero
+
+
+def test_unshardable_fit_averages_the_ranks_gradients(two_ranks):
+    # one prompt cannot be split over 2 ranks: each runs it whole (here on the same fixed
+    # completions, so their mean is the one-process gradient) and the metrics are averaged
+    one_delta, one_record = one_sgd_step("svi_elbo", PROMPTS[:1])
+    for rank in two_ranks["ranks"]:
+        delta, record = rank["replicated"]
+        assert torch.allclose(delta, one_delta, rtol=1e-4, atol=1e-6)
+        assert record["loss"] == pytest.approx(one_record["loss"], rel=1e-5)
 
 
 def test_ddp_and_all_reduce_give_the_same_step(two_ranks):
