@@ -85,15 +85,27 @@ class FixedGuide(AutoLMGuide):
             return super().propose(prompts)
 
 
-def one_sgd_step(kind: str, prompts=PROMPTS):
+def _full(p):
+    """A parameter's whole value (an FSDP2 parameter is a DTensor shard)."""
+    p = p.detach()
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def one_sgd_step(kind: str, prompts=PROMPTS, checkpoint=None):
     """One fit step with SGD(lr=1) on the fixed completions: ``(delta, record)`` where
     ``delta`` is the gradient (parameters before minus after) and ``record`` the step's
-    reduced metrics."""
+    reduced metrics. ``fsdp_*`` shards the guide LM with FSDP2 when distributed."""
     pyro.clear_param_store()
     prior, _, model, table = problem()
     policy = prior.trainable_copy()
+    if kind.startswith("fsdp") and distributed.is_distributed():  # else: the reference
+        from torch.distributed.fsdp import fully_shard
+
+        for block in policy.model.transformer.h:
+            fully_shard(block)
+        fully_shard(policy.model)
     guide = FixedGuide(model, policy, table)
-    before = [p.detach().clone() for p in policy.parameters()]
+    before = [_full(p).clone() for p in policy.parameters()]
     if kind in ("svi_elbo", "svi_dpg"):
         loss = SequenceELBO(num_particles=K) if kind == "svi_elbo" else DPG(num_particles=K)
         svi = pyro.infer.SVI(model, guide, pyro.optim.SGD({"lr": 1.0}), loss)
@@ -104,13 +116,14 @@ def one_sgd_step(kind: str, prompts=PROMPTS):
         if kind.startswith("ddp") and distributed.is_distributed():  # else: the reference
             module = torch.nn.parallel.DistributedDataParallel(module)
         optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
-        history = fit(module, prompts, num_steps=1, progress=False, optimizer=optimizer)
-    delta = torch.cat([(b - p.detach()).reshape(-1) for b, p in zip(before, policy.parameters(),
-                                                                     strict=True)])
+        history = fit(module, prompts, num_steps=1, progress=False, optimizer=optimizer,
+                      checkpoint=checkpoint)
+    delta = torch.cat([(b - _full(p)).reshape(-1) for b, p in zip(before, policy.parameters(),
+                                                                   strict=True)])
     return delta, history[0]
 
 
-STEP_KINDS = ["svi_elbo", "svi_dpg", "module_elbo", "ddp_elbo"] + (
+STEP_KINDS = ["svi_elbo", "svi_dpg", "module_elbo", "ddp_elbo", "fsdp_elbo"] + (
     ["module_dpg"] if HAS_DPG_MODULE else [])
 
 
@@ -155,6 +168,10 @@ def _worker(rank, port, out_dir, example_argv, bench_quick):
     for kind in STEP_KINDS:
         out[kind] = one_sgd_step(kind)
     out["replicated"] = one_sgd_step("svi_elbo", PROMPTS[:1])  # 1 prompt, 2 ranks: averaged
+    # FSDP2 checkpoint: rank 0 writes whole tensors; a fresh sharded module resumes from it
+    fsdp_ckpt = Path(out_dir) / "fsdp.ckpt"
+    one_sgd_step("fsdp_elbo", checkpoint=fsdp_ckpt)
+    out["fsdp_resumed"] = one_sgd_step("fsdp_elbo", checkpoint=fsdp_ckpt)[0]  # no step left
     # 2. a short fit lowers the loss
     out["train"] = train(30, lr=5e-2)
     # 3. checkpoints: straight vs written at step 3 (by rank 0) and resumed on these 2 ranks
@@ -246,6 +263,19 @@ def test_unshardable_fit_averages_the_ranks_gradients(two_ranks):
         delta, record = rank["replicated"]
         assert torch.allclose(delta, one_delta, rtol=1e-4, atol=1e-6)
         assert record["loss"] == pytest.approx(one_record["loss"], rel=1e-5)
+
+
+def test_fsdp2_checkpoint_holds_whole_tensors_and_resumes(two_ranks, tmp_path):
+    state = torch.load(two_ranks["dir"] / "fsdp.ckpt", weights_only=False)
+    one_delta, _ = one_sgd_step("fsdp_elbo", checkpoint=tmp_path / "one.ckpt")
+    one = torch.load(tmp_path / "one.ckpt", weights_only=False)
+    assert state["params"].keys() == one["params"].keys()
+    for name, value in one["params"].items():  # the sharded run's parameters, gathered
+        assert not hasattr(state["params"][name], "full_tensor"), name
+        assert torch.allclose(state["params"][name], value, rtol=1e-5, atol=1e-6), name
+    for rank in two_ranks["ranks"]:  # resumed with no step left: the checkpoint's parameters,
+        # i.e. the fresh ones minus the first step's gradient
+        assert torch.allclose(rank["fsdp_resumed"], one_delta, rtol=1e-4, atol=1e-6)
 
 
 def test_ddp_and_all_reduce_give_the_same_step(two_ranks):
