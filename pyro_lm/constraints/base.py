@@ -52,7 +52,6 @@ __all__ = ["Constraint", "ConstraintState", "check_constraints", "check_sites",
 
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _NO_FORCING = '%llguidance {"no_forcing": true}\n'
-_EXECUTOR = None
 
 
 def _llguidance():
@@ -63,14 +62,6 @@ def _llguidance():
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise ImportError("pyro_lm.constraints needs llguidance: pip install llguidance") from e
     return llguidance
-
-
-def _executor():
-    """One llguidance executor (its own worker threads) for every batched mask."""
-    global _EXECUTOR
-    if _EXECUTOR is None:
-        _EXECUTOR = _llguidance().LLExecutor()
-    return _EXECUTOR
 
 
 class _BytesTokenizer:
@@ -233,8 +224,11 @@ class ConstraintState:
     After the tokens so far, :meth:`allowed` is the ``(R, V)`` bool tensor of the next
     tokens :math:`A_t` that keep the text extendable to a string of the language (ids the
     tokenizer lacks never; EOS where the text is in the language), :meth:`advance`
-    consumes one token per row, and :meth:`reorder` follows resampling (a row whose
-    ancestor is taken several times gets a copy of its matcher).
+    consumes one token per row, and :meth:`reorder` follows resampling.
+
+    Rows with the same tokens share one matcher (copied when their tokens diverge), so
+    that after resampling a mask is computed once per distinct particle, and reordering
+    copies nothing.
 
     A row *ends* when it consumes EOS; a row *dies* when it consumes a token outside
     its allowed set (possible only where that set was empty). Ended and dead rows allow
@@ -249,13 +243,12 @@ class ConstraintState:
         self.constraint = constraint
         self.device = torch.device(device)
         self.vocab_size = constraint.lm.vocab_size
-        self.matchers = [constraint._root.deep_copy() for _ in range(rows)]
+        root = constraint._root.deep_copy()
+        self.matchers = [root] * rows  # shared by the rows with the same tokens
         self.live = [True] * rows  # neither ended nor dead
         self.ended = [False] * rows  # consumed EOS where the text was accepted
-        n = min(constraint.num_tokens, self.vocab_size)
-        self._known = n
-        words = (constraint.num_tokens + 31) // 32
-        self._bitmask = torch.zeros((rows, words), dtype=torch.int32)
+        self._known = min(constraint.num_tokens, self.vocab_size)
+        self._words = (constraint.num_tokens + 31) // 32
         self._bits = (torch.ones((), dtype=torch.int32, device=self.device)
                       << torch.arange(32, dtype=torch.int32, device=self.device))
         self._eos = torch.tensor(constraint.eos, dtype=torch.long, device=self.device)
@@ -267,24 +260,25 @@ class ConstraintState:
 
     def allowed(self) -> torch.Tensor:
         """``(R, V)`` bool on :attr:`device`: the allowed next tokens of every row."""
-        llg = _llguidance()
-        bitmask = self._bitmask
-        bitmask.zero_()
-        work = [(m, i) for i, (m, live) in enumerate(zip(self.matchers, self.live, strict=True))
-                if live]
-        if work:
-            llg.torch.fill_next_token_bitmask_par(_executor(), work, bitmask)
-        accepting = [live and m.is_accepting()
-                     for m, live in zip(self.matchers, self.live, strict=True)]
+        distinct, row_of = {}, []
+        for m, alive in zip(self.matchers, self.live, strict=True):
+            row_of.append(distinct.setdefault(id(m), (len(distinct), m))[0] if alive else -1)
+        bitmask = torch.zeros((len(distinct) + 1, self._words), dtype=torch.int32)
+        accepting = [False] * (len(distinct) + 1)  # the last row: ended and dead rows
+        fill = _llguidance().torch.fill_next_token_bitmask
+        for k, m in distinct.values():  # one by one: llguidance's thread pool costs more here
+            fill(m, bitmask, k)
+            accepting[k] = m.is_accepting()
+        index = torch.tensor(row_of, dtype=torch.long)
         rows = self.rows
-        words = bitmask.to(self.device)
+        words = bitmask.to(self.device)[index.to(self.device)]
         bits = ((words[:, :, None] & self._bits) != 0).view(rows, -1)[:, : self._known]
         if self._known == self.vocab_size:
             allowed = bits.clone()
         else:
             allowed = torch.zeros((rows, self.vocab_size), dtype=torch.bool, device=self.device)
             allowed[:, : self._known] = bits
-        acc = torch.tensor(accepting, dtype=torch.bool, device=self.device)
+        acc = torch.tensor(accepting, dtype=torch.bool, device=self.device)[index.to(self.device)]
         allowed[:, self._eos] = acc[:, None]
         return allowed
 
@@ -293,7 +287,7 @@ class ConstraintState:
         and rows that ended or died, consume nothing."""
         toks = tokens.tolist()
         skips = [False] * len(toks) if skip is None else skip.tolist()
-        n = self.constraint.num_tokens
+        groups = {}  # matcher -> token -> rows
         for i, (tok, skipped) in enumerate(zip(toks, skips, strict=True)):
             if skipped or not self.live[i]:
                 continue
@@ -301,8 +295,17 @@ class ConstraintState:
             if tok in self._eos_set:
                 self.live[i] = False
                 self.ended[i] = m.is_accepting()
-            elif not (0 <= tok < n and m.consume_token(tok)):
-                self.live[i] = False
+            else:
+                groups.setdefault(id(m), (m, {}))[1].setdefault(tok, []).append(i)
+        n = self.constraint.num_tokens
+        for m, by_token in groups.values():
+            # the copies first: m itself then takes the first token
+            owners = [m] + [m.deep_copy() for _ in range(len(by_token) - 1)]
+            for owner, (tok, rows) in zip(owners, by_token.items(), strict=True):
+                ok = 0 <= tok < n and owner.consume_token(tok)
+                for i in rows:
+                    self.matchers[i] = owner
+                    self.live[i] = ok
 
     def valid(self) -> torch.Tensor:
         """``(R,)`` bool: rows whose text is in the language (they ended by an allowed
@@ -312,15 +315,10 @@ class ConstraintState:
         return torch.tensor(out, dtype=torch.bool, device=self.device)
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep row ``index[i]`` in row ``i`` (after resampling); copies a matcher only
-        for its second and later descendants."""
-        seen, matchers = set(), []
+        """Keep row ``index[i]`` in row ``i`` (after resampling); the rows of one ancestor
+        share its matcher."""
         idx = index.tolist()
-        for j in idx:
-            m = self.matchers[j]
-            matchers.append(m.deep_copy() if j in seen else m)
-            seen.add(j)
-        self.matchers = matchers
+        self.matchers = [self.matchers[j] for j in idx]
         self.live = [self.live[j] for j in idx]
         self.ended = [self.ended[j] for j in idx]
 
