@@ -61,7 +61,7 @@ __all__ = ["init", "is_distributed", "rank", "world_size", "is_main_process", "b
            "rank_seed", "set_rng_seed", "is_prompt_batch", "shard_bounds", "shard_prompts",
            "shard_args", "Shard", "local", "all_reduce_grads", "broadcast_tensors",
            "all_gather_objects", "broadcast_object", "gather_posterior", "sharded_run",
-           "sharded"]
+           "sharded", "fsdp_roots", "gathered"]
 
 _STATE = {"local": 0}  # > 0 while a shard runs (nested runs then stay on their rank)
 
@@ -116,8 +116,9 @@ def barrier() -> None:
 # ---------------------------------------------------------------------------- seeds
 def rank_seed(seed: int, index: int) -> int:
     """The seed of rank ``index`` derived from one user ``seed``: the first 32-bit word of
-    ``SeedSequence(seed, spawn_key=(index,))`` (what NumPy's legacy seeding takes), so the ranks' streams are independent and
-    a run with the same seed and world size is reproducible."""
+    ``SeedSequence(seed, spawn_key=(index,))`` (what NumPy's legacy seeding takes), so the
+    ranks' streams are independent and a run with the same seed and world size is
+    reproducible."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
     return int(np.random.SeedSequence(seed, spawn_key=(int(index),)).generate_state(1)[0])
@@ -223,6 +224,45 @@ def local():
         yield
     finally:
         _STATE["local"] -= 1
+
+
+# ------------------------------------------------------------------ sharded weights
+def fsdp_roots(module) -> list:
+    """The outermost FSDP2 (:func:`torch.distributed.fsdp.fully_shard`) modules in
+    ``module`` (``[module]`` if it is one; ``[]`` if none)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return []
+    if isinstance(module, FSDPModule):
+        return [module]
+    return [root for child in module.children() for root in fsdp_roots(child)]
+
+
+@contextlib.contextmanager
+def gathered(module):
+    """Inside, the FSDP2-sharded weights of ``module`` are whole on every rank: gathered
+    once on entry and kept through every forward (decoding runs the LM once per token, in
+    inference mode), sharded again on exit, when each FSDP module is set back to
+    resharding after its forward. A module without FSDP is left alone.
+
+    ``with pyro_lm.distributed.gathered(policy.model): post = SMC(model, guide).run(prompts)``
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    roots = fsdp_roots(module)
+    members = [m for root in roots for m in root.modules() if isinstance(m, FSDPModule)]
+    for m in members:
+        m.set_reshard_after_forward(False)
+    for root in roots:
+        root.unshard()
+    try:
+        yield module
+    finally:
+        for root in roots:
+            root.reshard()
+        for m in members:
+            m.set_reshard_after_forward(True)
 
 
 # --------------------------------------------------------------------- collectives

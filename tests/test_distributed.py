@@ -123,6 +123,25 @@ def one_sgd_step(kind: str, prompts=PROMPTS, checkpoint=None):
     return delta, history[0]
 
 
+def fsdp_smc():
+    """SMC proposing from the guide LM, whole and FSDP2-sharded (inside ``gathered``), with
+    the same per-rank seed: the two gathered posteriors' summaries."""
+    from torch.distributed.fsdp import fully_shard
+
+    prior, _, model, _ = problem(SAMPLER_BETA)
+    whole, sharded = prior.trainable_copy(), prior.trainable_copy()
+    for block in sharded.model.transformer.h:
+        fully_shard(block)
+    fully_shard(sharded.model)
+    out = []
+    for policy in (whole, sharded):
+        distributed.set_rng_seed(11)
+        with distributed.gathered(policy.model):
+            out.append(_summary(SMC(model, AutoLMGuide(model, policy), num_particles=32)
+                                .run(PROMPTS)))
+    return out
+
+
 STEP_KINDS = ["svi_elbo", "svi_dpg", "module_elbo", "ddp_elbo", "fsdp_elbo"] + (
     ["module_dpg"] if HAS_DPG_MODULE else [])
 
@@ -172,6 +191,7 @@ def _worker(rank, port, out_dir, example_argv, bench_quick):
     fsdp_ckpt = Path(out_dir) / "fsdp.ckpt"
     one_sgd_step("fsdp_elbo", checkpoint=fsdp_ckpt)
     out["fsdp_resumed"] = one_sgd_step("fsdp_elbo", checkpoint=fsdp_ckpt)[0]  # no step left
+    out["fsdp_smc"] = fsdp_smc()
     # 2. a short fit lowers the loss
     out["train"] = train(30, lr=5e-2)
     # 3. checkpoints: straight vs written at step 3 (by rank 0) and resumed on these 2 ranks
@@ -276,6 +296,14 @@ def test_fsdp2_checkpoint_holds_whole_tensors_and_resumes(two_ranks, tmp_path):
     for rank in two_ranks["ranks"]:  # resumed with no step left: the checkpoint's parameters,
         # i.e. the fresh ones minus the first step's gradient
         assert torch.allclose(rank["fsdp_resumed"], one_delta, rtol=1e-4, atol=1e-6)
+
+
+def test_smc_with_an_fsdp2_guide_inside_gathered_equals_the_whole_guide(two_ranks):
+    for rank in two_ranks["ranks"]:
+        whole, sharded = rank["fsdp_smc"]
+        assert torch.equal(whole["samples"]["x"], sharded["samples"]["x"])
+        assert torch.allclose(whole["log_Z"], sharded["log_Z"], atol=1e-5)
+        assert whole["log_Z"].shape == (len(PROMPTS),)
 
 
 def test_ddp_and_all_reduce_give_the_same_step(two_ranks):

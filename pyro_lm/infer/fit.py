@@ -35,16 +35,17 @@ sum. Parameters are broadcast from rank 0 at the start. Metrics are all-reduced:
 over prompts add up, per-prompt means (``ess``; DPG's ``reward``) are averaged weighted by
 the ranks' prompt counts. A call whose first argument cannot be sharded runs whole on
 every rank with the rank's own random stream, and gradients and metrics are averaged.
+
 **Sharded weights (FSDP2).** A loss module whose guide LM was sharded with
 :func:`torch.distributed.fsdp.fully_shard` (each transformer block, then the model) keeps
 only its shard of the weights, gradients and optimiser state on each rank. Decoding needs
 the whole weights at every token, so ``fit`` gathers them once per step (``unshard`` before
-the loss, ``reshard`` after the backward pass; the modules are set not to reshard after each
-forward), rather than once per token; generation and the log-probabilities then run on whole
+the loss, ``reshard`` after the backward pass: :func:`pyro_lm.distributed.gathered`),
+rather than once per token; generation and the log-probabilities then run on whole
 weights, and the backward pass reduce-scatters the gradients (FSDP averages, so the loss is
 scaled by the number of ranks as for DDP). Checkpoints hold whole tensors
 (:func:`torch.distributed.checkpoint.state_dict.get_model_state_dict` with
-``full_state_dict=True``), so they resume with or without sharding. This needs the loss
+``full_state_dict=True``), which do not depend on how many ranks wrote them. This needs the loss
 module path (Pyro's param store cannot hold sharded parameters). Gloo cannot scale inside
 the reduce-scatter (no ``PREMUL_SUM``), hence the scaled loss rather than
 ``set_gradient_divide_factor``.
@@ -239,10 +240,7 @@ class _ModuleTrainer:
         self.ddp = isinstance(module, DistributedDataParallel)
         self.inner = module.module if self.ddp else module
         self.elbo = getattr(self.inner, "elbo", None)
-        self.fsdp = _fsdp_roots(self.inner)
-        for m in self.inner.modules():
-            if _is_fsdp(m):  # the weights stay gathered from the step's first forward on
-                m.set_reshard_after_forward(False)
+        self.fsdp = distributed.fsdp_roots(self.inner)
         managed = {id(p) for root in self.fsdp for p in root.parameters()}
         self.local = [p for p in self.inner.parameters() if id(p) not in managed]
 
@@ -254,22 +252,20 @@ class _ModuleTrainer:
 
     def step(self, args, kwargs, shard):
         self.optimizer.zero_grad()
-        for root in self.fsdp:  # gather once: generation then runs on whole weights
-            root.unshard()
-        loss = self.module(*args, **kwargs)
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(f"svi: the loss module returned {type(loss).__name__}, expected a "
-                            "differentiable tensor (a loss with differentiable_loss)")
-        averaging = self.ddp or bool(self.fsdp)  # DDP and FSDP reduce by the mean
-        if averaging and shard.sharded:
-            (loss * distributed.world_size()).backward()  # their mean is then the sum
-        else:
-            loss.backward()
+        with distributed.gathered(self.inner):  # once: generation runs on whole weights
+            loss = self.module(*args, **kwargs)
+            if not isinstance(loss, torch.Tensor):
+                raise TypeError(f"svi: the loss module returned {type(loss).__name__}, "
+                                "expected a differentiable tensor (a loss with "
+                                "differentiable_loss)")
+            averaging = self.ddp or bool(self.fsdp)  # DDP and FSDP reduce by the mean
+            if averaging and shard.sharded:
+                (loss * distributed.world_size()).backward()  # their mean is then the sum
+            else:
+                loss.backward()
         if not self.ddp:
             params = [p for p in self.local if p.requires_grad]
             distributed.all_reduce_grads(params, "sum" if shard.sharded else "mean")
-        for root in self.fsdp:
-            root.reshard()
         self.optimizer.step()
         return loss.detach()
 
@@ -312,28 +308,13 @@ class _ModuleTrainer:
         self.optimizer.load_state_dict(state["optim"])
 
 
-def _is_fsdp(module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return False
-    return isinstance(module, FSDPModule)
-
-
-def _fsdp_roots(module) -> list:
-    """The outermost FSDP2 modules inside ``module``."""
-    if _is_fsdp(module):
-        return [module]
-    return [root for child in module.children() for root in _fsdp_roots(child)]
-
-
 def _trainer(svi, optimizer):
     if hasattr(svi, "step") and hasattr(svi, "optim"):
         if optimizer is not None:
             raise ValueError("optimizer: an SVI steps with its own optim; pass optimizer= "
                              "only with a loss module")
         guide = getattr(svi, "guide", None)
-        if isinstance(guide, torch.nn.Module) and _fsdp_roots(guide):
+        if isinstance(guide, torch.nn.Module) and distributed.fsdp_roots(guide):
             raise ValueError("svi: the guide's LM is sharded with FSDP (fully_shard), whose "
                              "parameters Pyro's param store and optimisers cannot step; pass "
                              "the loss module instead, fit(elbo(model, guide), prompts, "
