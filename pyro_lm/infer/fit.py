@@ -14,7 +14,8 @@ The history is a list with one dict per step, the contract consumed by
 A checkpoint is one file written atomically (temporary file in the same folder,
 ``fsync``, :func:`os.replace`), so a crash never leaves a half-written one. It
 holds the param store (or the loss module's ``state_dict``), the optimiser state, the
-Python / NumPy / torch RNG states of every rank, the step and the history; resuming from
+Python / NumPy / torch RNG states of every rank, the loss object's ``state_dict()`` of
+every rank if it has one, the step and the history; resuming from
 it continues the run bit for bit (on the same device, software and number of ranks).
 
 **Data parallel.** When :mod:`torch.distributed` is initialised
@@ -132,6 +133,7 @@ def fit(svi, *args, num_steps: int, checkpoint=None, every: int | None = None,
                 state = distributed.broadcast_object(state)
             trainer.restore(state, checkpoint)
             _restore_rng(state)
+            _restore_loss(trainer.elbo, state)
             start, history = state["step"], list(state["history"])
     if world > 1:
         if start == 0:
@@ -381,14 +383,36 @@ def save_checkpoint(path, svi, step: int, history: list[dict], optimizer=None) -
     and rank 0 writes the file; the others wait until it is in place.
     """
     path = os.fspath(path)
-    params, optim = _trainer(svi, optimizer).state()
-    rng = [_rng_state()]
+    trainer = _trainer(svi, optimizer)
+    params, optim = trainer.state()
+    local = {"rng": _rng_state(), "loss": _loss_state(trainer.elbo)}
+    ranks = [local]
     if distributed.is_distributed():
-        rng = distributed.all_gather_objects(rng[0])
+        ranks = distributed.all_gather_objects(local)
     if distributed.is_main_process():
         _write(path, {"format": _FORMAT, "step": int(step), "history": history,
-                      "params": params, "optim": optim, "rng": rng})
+                      "params": params, "optim": optim, "rng": [r["rng"] for r in ranks],
+                      "loss": [r["loss"] for r in ranks]})
     distributed.barrier()
+
+
+def _loss_state(elbo):
+    """The loss object's own state (e.g. a running estimate of :math:`Z`), if it has a
+    ``state_dict`` method; ``None`` otherwise."""
+    state_dict = getattr(elbo, "state_dict", None)
+    return state_dict() if callable(state_dict) else None
+
+
+def _restore_loss(elbo, state: dict) -> None:
+    """This rank's saved loss state, when the loss keeps one and the checkpoint was written by
+    as many ranks (each rank's state belongs to its prompts); otherwise the loss starts
+    afresh."""
+    saved = state.get("loss")
+    load = getattr(elbo, "load_state_dict", None)
+    if saved and callable(load) and len(saved) == distributed.world_size():
+        mine = saved[distributed.rank()]
+        if mine is not None:
+            load(mine)
 
 
 def _write(path: str, state: dict) -> None:

@@ -9,7 +9,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_lm.infer import fit
+from pyro_lm.infer import SequenceELBO, fit
 
 fit_module = importlib.import_module("pyro_lm.infer.fit")  # the module, not the function
 
@@ -179,3 +179,35 @@ def test_checkpoint_of_another_guide_is_a_clear_error(script, tmp_path):
     with pytest.raises(ValueError, match="another guide"):
         script.run(2, checkpoint=checkpoint)
     pyro.clear_param_store()
+
+
+class CountingELBO(SequenceELBO):
+    """A loss with its own state (as DPG's running Z-hat), exposed by state_dict."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def loss_and_grads(self, *args, **kwargs):
+        self.calls += 1
+        return super().loss_and_grads(*args, **kwargs)
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+def test_checkpoint_keeps_the_loss_state(script, tmp_path):
+    def run(num_steps):
+        svi, _ = script.build()
+        loss = CountingELBO(num_particles=4)
+        svi = pyro.infer.SVI(svi.model, svi.guide, pyro.optim.Adam({"lr": 1e-2}), loss)
+        fit(svi, script.PROMPTS, num_steps=num_steps, checkpoint=tmp_path / "c.ckpt",
+            progress=False)
+        return loss.calls
+
+    assert run(3) == 3
+    assert run(5) == 5  # restored at 3, then two more steps
+    assert fit_module.load_checkpoint(tmp_path / "c.ckpt")["loss"] == [{"calls": 5}]
