@@ -11,9 +11,9 @@ time after a warm-up (from fit's history), the ratios to one process on the whol
 and on one rank's half of it, and the time of the gradient all-reduce alone (one flat
 buffer of the LM's parameters).
 
-On a machine with 2 CPU cores shared with other jobs this measures the communication
-overhead (the all-reduce's share of a step), not a speed-up: a speed-up needs a device or
-core per rank, and the ranks then contend for memory bandwidth too. ``--quick`` runs 1
+On a machine with 2 CPU cores shared with other jobs this mostly measures the overhead of
+data parallelism (the all-reduce's share of a step, "2 ÷ half"), not a speed-up: a speed-up
+needs a free device or core per rank. ``--quick`` runs 1
 warm-up and 2 timed steps on a batch of 4 x 4 and leaves RESULTS.md alone.
 """
 
@@ -122,9 +122,11 @@ process. Global batch {batch} on the bundled `tinylm` ({one['SequenceELBO']['num
 trained parameters), 16 new tokens; 2 processes get half the prompts each and all-reduce
 the gradient (one flat float32 buffer) before Adam's step. "1 proc, half batch" is one
 rank's share run alone: "2 ÷ half" is what running two ranks side by side and
-communicating costs over that. On this 2-core machine, shared with other jobs (load average
-{load:.1f} at the end of the run), the figures measure overhead, not a speed-up; timings
-are indicative.
+communicating costs over that (all-reduces of the gradient and the metrics, waiting for the
+slower rank, two processes sharing memory bandwidth). On this 2-core machine, shared with
+other jobs (load average {load:.1f} at the end of the run), the two ranks get a core each
+only while it is otherwise idle, so "2 ÷ 1" is a speed-up only then; timings are
+indicative.
 
 {table(["loss", "1 proc ms / step", "1 proc, half batch", "2 procs ms / step", "2 ÷ 1",
         "2 ÷ half", "all-reduce ms", "all-reduce share"], rows)}
