@@ -36,6 +36,11 @@ one-process run (nothing is gained: pass a list of prompts to share the work).
 independent streams derived from one user seed by :class:`numpy.random.SeedSequence`, so
 prompts on different ranks never share draws.
 
+**Sharded weights.** A guide LM sharded with FSDP2 (``fully_shard``) keeps a shard of its
+weights per rank; decoding needs them whole at every token, so :func:`gathered` gathers them
+once and keeps them through every forward (``fit`` does so for each step). Sample from a
+sharded LM inside it: ``with gathered(policy.model): SMC(model, guide).run(prompts)``.
+
 References
 
 [1] S. Li et al., *PyTorch Distributed: Experiences on Accelerating Data Parallel Training*,
