@@ -18,6 +18,18 @@ sampling of both sites for the same number of sequences, with one-site SMC on ``
 (the fast path) against plain sampling of ``x1`` for the per-site cost; on the bundled LM
 (64 and 256 particles; 64 only with --quick) and on the peers' task model (64). Target:
 two-site SMC costs at most 1.3x plain sampling of both sites on the bundled LM.
+
+Step-level SMC (``steps=``, issue #14): k-token and word steps on the peers' task (its
+word-level tokenizer makes every token after the first a word start) and word, k-token
+and sentence steps on the byte-level BPE bundled LM (``models/tinylm-bpe``, the
+positive-reviews Lexicon, beta 0.5), against plain sampling and token-level SMC. Target:
+with ``steps="word"`` (or k = 4) SMC costs at most 1.15x plain sampling on the peers'
+task.
+
+Lengths (``--lengths``, default 25 100 400 in a full run, none with --quick): SMC's
+own cost per decoded token over plain sampling at each T on the peers' architecture
+(2 layers, 64 wide, vocab 64, 512 positions), resampling at most tokens
+(``ess_threshold=1``), token-level and with k = 4 steps.
 """
 
 from __future__ import annotations
@@ -115,6 +127,8 @@ def main(args):
 
     bundled = bundled_lm_ratios(args, device)
     two_site = two_site_ratios(args, device, lm)
+    step_rows = steps_ratios(args, device, model, prompt[0], dist, n)
+    length_rows = length_overheads(args, device)
     rows = [row("plain sampling (LMDistribution.sample)", "sample"),
             row("plain sampling inside torch.inference_mode()", "sample_im"),
             row("pyro_lm SMC, bootstrap proposal", "smc"),
@@ -154,11 +168,129 @@ def main(args):
             "prefixes, the weights, and on resampling a reorder of the KV cache), so its ratio to "
             "plain sampling falls as the decoder's step gets dearer: the peers' 2-layer, 64-wide "
             "model decodes a step of 64 rows in about 0.4 ms here.\n\n"
-            + two_site_section(args, two_site))
+            + two_site_section(args, two_site)
+            + "\n\n" + steps_section(args, step_rows)
+            + ("\n\n" + lengths_section(args, length_rows) if length_rows else ""))
     if not args.quick:
         write_section("smc", body)
     print(body)
     return med, ess
+
+
+def steps_ratios(args, device, peers_model, peers_prompt, peers_dist, n):
+    """``[(task, contender, s / run, median final ESS, median log Z, s of plain sampling)]``:
+    step-level SMC against plain sampling and token-level SMC, interleaved, on the peers'
+    task and on the BPE bundled LM."""
+    from pyro_lm.programs import positive_reviews_reward, reward_model, task_prompt
+
+    t = args.max_new_tokens
+    bpe = pyro_lm.CausalLM.from_pretrained(pyro_lm.bundled_model_path("tinylm-bpe"),
+                                           device=device)
+    bpe_model = reward_model(bpe, positive_reviews_reward(bpe.tokenizer), beta=0.5,
+                             max_new_tokens=t)
+    bpe_prompt = [task_prompt(bpe)]
+    tasks = [("peers' task", peers_model, peers_prompt, peers_dist,
+              ["token", 4] if args.quick else ["token", 4, 2, "word"]),
+             ("BPE bundled LM", bpe_model, bpe_prompt,
+              pyro_lm.LMDistribution(bpe, bpe_prompt, t),
+              ["word"] if args.quick else ["token", "word", 4, r"[.!?]\s"])]
+    out = []
+    for task, model, prompt, dist, kinds in tasks:
+        smcs = {k: SMC(model, num_particles=n, steps=k) for k in kinds}
+        fns = {"sample": lambda dist=dist: dist.sample((n,))}
+        fns.update({k: (lambda smc=smc, prompt=prompt: smc.run(prompt))
+                    for k, smc in smcs.items()})
+        med = interleaved(fns, repeats=args.repeats, device=device)
+        for k, smc in smcs.items():
+            runs = [smc.run(prompt) for _ in range(args.ess_runs)]
+            out.append((task, k, med[k], statistics.median(float(r.ess()) for r in runs),
+                        statistics.median(float(r.log_normalizer()) for r in runs),
+                        med["sample"]))
+        print(task, {str(k): f"{v * 1e3:.1f} ms" for k, v in med.items()}, flush=True)
+    return out
+
+
+def steps_section(args, rows):
+    """The "Step-level SMC" part of the section."""
+    cells = [[task, repr(k) if isinstance(k, str) else str(k), f"{sample * 1e3:.1f}",
+              f"{sec * 1e3:.1f}", f"{sec / sample:.2f}", f"{ess:.1f}", f"{log_z:.2f}"]
+             for task, k, sec, ess, log_z, sample in rows]
+    peers = {k: sec / sample for task, k, sec, _, _, sample in rows if task == "peers' task"}
+    return ("### Step-level SMC (`steps=`)\n\n"
+            f"{args.num_particles} particles, {args.max_new_tokens} new tokens, bootstrap "
+            "proposal; potentials applied and resampling decided only at step ends "
+            "(`pyro_lm/infer/smc_steps.py`; every row is exact). Peers' task as above (its "
+            "word-level tokenizer: every token after the first starts a word, so word steps "
+            "are token steps there); BPE bundled LM: `models/tinylm-bpe`, prompt `Review:`, "
+            "the positive-reviews Lexicon, beta 0.5. Medians of "
+            f"{args.repeats} interleaved calls; final ESS and log Z: medians over "
+            f"{args.ess_runs} runs.\n\n"
+            + table(["task", "steps", "plain sampling, ms", "SMC, ms", "÷ plain sampling",
+                     "final ESS", "log Z"], cells)
+            + f"\n\nTarget (word steps or k = 4 ≤ 1.15× plain sampling on the peers' task): "
+            f"k = 4: {peers.get(4, float('nan')):.2f}, word: "
+            f"{peers.get('word', float('nan')):.2f} (token steps: "
+            f"{peers.get('token', float('nan')):.2f}). With k-token steps the model's factors "
+            "run once per k tokens and resampling is decided once per k tokens; with word or "
+            "sentence steps the factors run at tokens where some particle reaches a step end, "
+            "on those particles alone (one prompt, on the host).")
+
+
+def length_overheads(args, device):
+    """``[(T, decoded tokens, plain s, token-SMC s, 4-step SMC s)]`` on the peers'
+    architecture with 512 positions, resampling at most tokens."""
+    from pyro_lm.lm import toy_lm
+
+    lengths = args.lengths if args.lengths is not None else ([] if args.quick else
+                                                              [25, 100, 400])
+    if not lengths:
+        return []
+    lm = toy_lm(vocab_size=64, n_layer=2, n_embd=64, n_head=2, init_std=0.02,
+                n_positions=max(lengths) + 8, device=device)
+    prompt = torch.zeros(1, dtype=torch.long, device=device)
+    reward = Callable(count_token, name="count7")
+    n, out = args.num_particles, []
+    for t in lengths:
+        def model(prompt, t=t):
+            x = pyro.sample("x", pyro_lm.LMDistribution(lm, prompt, t))
+            pyro.factor("reward", reward(x) / BETA)
+
+        dist = pyro_lm.LMDistribution(lm, prompt, t)
+        token = SMC(model, num_particles=n, ess_threshold=1.0)
+        four = SMC(model, num_particles=n, ess_threshold=1.0, steps=4)
+        med = interleaved({"sample": lambda dist=dist: dist.sample((n,)),
+                           "token": lambda smc=token: smc.run(prompt),
+                           "four": lambda smc=four: smc.run(prompt)},
+                          repeats=max(3, args.repeats // 3), device=device)
+        post = token.run(prompt)
+        steps = statistics.median([token.run(prompt).history["ess"].shape[0]
+                                   for _ in range(3)] + [post.history["ess"].shape[0]])
+        share = float(post.history["resampled"].float().mean())
+        out.append((t, steps, med["sample"], med["token"], med["four"], share))
+        print("T", t, {k: f"{v * 1e3:.1f} ms" for k, v in med.items()}, flush=True)
+    return out
+
+
+def lengths_section(args, rows):
+    """The "per-token overhead against the length" part of the section."""
+    cells = [[str(t), f"{steps:.0f}", f"{share:.2f}", f"{sample * 1e3:.1f}",
+              f"{token * 1e3:.1f}", f"{(token - sample) * 1e3 / steps:.3f}",
+              f"{four * 1e3:.1f}", f"{(four - sample) * 1e3 / steps:.3f}"]
+             for t, steps, sample, token, four, share in rows]
+    first, last = rows[0], rows[-1]
+    ratio = ((last[3] - last[2]) / last[1]) / ((first[3] - first[2]) / first[1])
+    return ("### SMC's own cost per token against the length\n\n"
+            f"The peers' architecture (2 layers, 64 wide, vocab 64) with room for the longest "
+            f"T, BOS prompt, count of token {TOKEN}, beta {BETA}, {args.num_particles} "
+            "particles, `ess_threshold=1` (resampling whenever the weights differ); SMC and "
+            "plain sampling stop when every sequence has ended, so the excess is divided by the "
+            "tokens SMC decoded (median of 4 runs). Each resampling reorders the KV cache "
+            "(`Decoder.reorder`), whose cost grows with the filled cache.\n\n"
+            + table(["T", "tokens decoded", "share of tokens resampled", "plain sampling, ms",
+                     "token SMC, ms", "excess per token, ms", "4-token-step SMC, ms",
+                     "excess per token, ms"], cells)
+            + f"\n\nToken SMC's excess per token at T = {last[0]} ÷ at T = {first[0]}: "
+            f"{ratio:.2f} (target ≤ 1.3).")
 
 
 def bundled_lm_ratios(args, device):
@@ -299,6 +431,9 @@ def parse_args(argv=None):
     p.add_argument("--num-particles", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--ess-runs", type=int, default=20)
+    p.add_argument("--lengths", type=int, nargs="*", default=None,
+                   help="T values of the per-token overhead table (default: 25 100 400, "
+                        "none with --quick)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.ess_runs = 2, 3

@@ -14,6 +14,12 @@ of batch element ``b`` is replaced by particle ``index[i, b]`` of that element.
 which keeps :math:`E[\#\{i: a_i = j\}] = N \bar w_j` with lower variance than
 *multinomial* resampling.
 
+The particles of a population are exchangeable, so any permutation of its ancestor
+indices is the same resampling. :func:`stay_in_place` picks the one that leaves every
+surviving particle in its own row (:math:`a_j = j` whenever :math:`j` is an ancestor),
+so that a reorder of per-row state (a KV cache) need only copy the
+:math:`N - \#\{\text{distinct ancestors}\}` rows whose particle died.
+
 References:
 
 [1] G. Kitagawa, "Monte Carlo filter and smoother for non-Gaussian nonlinear state
@@ -26,7 +32,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RESAMPLERS", "multinomial_resample", "resample", "systematic_resample"]
+__all__ = ["RESAMPLERS", "multinomial_resample", "resample", "stay_in_place",
+           "systematic_resample"]
 
 
 def _normalized(log_weights: torch.Tensor) -> torch.Tensor:
@@ -65,6 +72,30 @@ def multinomial_resample(log_weights: torch.Tensor, generator=None) -> torch.Ten
     n = log_weights.shape[0]
     index = torch.multinomial(_normalized(log_weights), n, replacement=True, generator=generator)
     return index.T.reshape(log_weights.shape)
+
+
+def stay_in_place(ancestors: torch.Tensor) -> torch.Tensor:
+    """The ancestors of each population permuted so that every surviving particle keeps its
+    own row, batched (no host sync).
+
+    :param torch.Tensor ancestors: LongTensor ``(N, *batch)`` in ``[0, N)``.
+    :returns: LongTensor ``(N, *batch)``, per population a permutation of ``ancestors``
+        with ``out[j] = j`` for every ``j`` that occurs in it; the extra copies fill the
+        rows of the particles that died, in order.
+    """
+    n = ancestors.shape[0]
+    a = ancestors.reshape(n, -1).T.sort(-1).values  # (B, N), sorted
+    rows = torch.arange(n, device=a.device).expand_as(a)
+    counts = torch.zeros_like(a).scatter_add_(-1, a, torch.ones_like(a))
+    first = torch.ones_like(a, dtype=torch.bool)
+    first[:, 1:] = a[:, 1:] != a[:, :-1]
+    # the extra copies (not the first of their value), and the rows of dead particles,
+    # each in order and first: pair them up; the rest of both lists are survivors
+    extras = a.gather(-1, torch.sort(first.to(torch.uint8), dim=-1, stable=True).indices)
+    dead = torch.sort((counts > 0).to(torch.uint8), dim=-1, stable=True).indices
+    fill = (counts == 0).sum(-1, keepdim=True) > rows  # pair m is one of the dead rows
+    out = torch.empty_like(a).scatter_(-1, dead, torch.where(fill, extras, dead))
+    return out.T.reshape(ancestors.shape)
 
 
 RESAMPLERS = {"systematic": systematic_resample, "multinomial": multinomial_resample}

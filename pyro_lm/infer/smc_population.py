@@ -14,7 +14,10 @@ the rows. After each token it records every population's
 and resamples the populations whose ESS is below ``ess_threshold * N``: their rows
 are replaced by ancestors drawn from the weights, every weight set to the
 population's mean (so :math:`\hat Z` is unchanged), and the decoders' caches
-reordered in place instead of recomputed.
+reordered in place instead of recomputed. A surviving particle keeps its own row
+(:func:`~pyro_lm.infer.resampling.stay_in_place`) and a population that is not
+resampled keeps all of them, so the ancestor index passed to ``Decoder.reorder`` is the
+identity except on the rows of particles that died.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import math
 import torch
 
 from pyro_lm.distributions.prefix import is_eos
-from pyro_lm.infer.resampling import RESAMPLERS
+from pyro_lm.infer.resampling import RESAMPLERS, stay_in_place
 
 __all__ = ["Populations", "decode"]
 
@@ -43,10 +46,12 @@ class Populations:
         fed each row's token and reordered with the rows.
     :param torch.device device: where the rows live.
 
-    On accelerators every population is resampled at every step (those with a high
-    ESS keep their own particles), so that the decision costs no host sync; on the
-    host only the populations that need it are, and one prompt is decided with one
-    scalar read.
+    On accelerators the resampling step runs at every step where it is decided, for
+    every population, with no host sync: the populations whose ESS is high keep their
+    own particles (an identity ancestor index on their rows), the others keep their
+    survivors in place, so a decoder whose ``reorder`` skips unchanged rows copies only
+    the rows of particles that died. On the host only the populations that need it are
+    resampled, and one prompt is decided with one scalar read.
     """
 
     def __init__(self, shape: torch.Size, max_new_tokens: int, eos, pad: int,
@@ -108,7 +113,9 @@ class Populations:
         if not act:
             return None
         weights = self.log_w.view(n, b)
-        ancestors = self._resample(weights)  # (N, B)
+        # (N, B); surviving particles keep their rows, so a decoder need only copy the rows
+        # of the particles that died (and none for the populations that keep theirs)
+        ancestors = stay_in_place(self._resample(weights))
         log_mean = lse - math.log(n)
         if self._single:
             index = ancestors.reshape(-1)
