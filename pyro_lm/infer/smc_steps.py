@@ -48,8 +48,8 @@ Where a step ends (the prefix :math:`x_{\le t}` just got token :math:`x_t`):
   length and match no empty string; it is matched within the last characters of the
   text (its length plus 16 characters of context for lookbehinds and ``\b``). Each
   particle's recent text is kept on the host, so this mode reads the tokens once per
-  token (a host sync on accelerators); a memo over (recent text, token) makes a
-  repeated check one dictionary look-up.
+  token (a host sync on accelerators); a memo over (recent text, token), kept per
+  tokenizer and delimiter across runs, makes a repeated check one dictionary look-up.
 
 References:
 
@@ -76,6 +76,8 @@ _CONTEXT = 16
 _MAX_DELIMITER = 256
 _WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
 _TOKEN_BYTES = weakref.WeakKeyDictionary()  # tokenizer -> list of each id's bytes
+_MEMOS = weakref.WeakKeyDictionary()  # tokenizer -> {(pattern, flags): delimiter memo}
+_MEMO_SIZE = 1 << 20  # entries of one memo before it is cleared
 
 
 def check_steps(steps):
@@ -134,6 +136,16 @@ def _token_bytes(tokenizer) -> list[bytes]:
     return value
 
 
+def _memo(tokenizer, pattern: re.Pattern) -> dict:
+    """The (recent text, token) -> (new recent text, step end) memo of a delimiter, shared by
+    the runs on one tokenizer."""
+    key = (pattern.pattern, pattern.flags)
+    try:
+        return _MEMOS.setdefault(tokenizer, {}).setdefault(key, {})
+    except TypeError:  # not weakly referenceable: a memo per run
+        return {}
+
+
 def word_start_table(tokenizer, size: int, device) -> torch.Tensor:
     """Bool ``(size,)``: the ids whose text starts with ASCII whitespace (they start a new
     word); ids past the tokenizer's and tokens with no text are ``False``.
@@ -172,7 +184,7 @@ class StepEnds:
             width = re._parser.parse(steps.pattern, steps.flags).getwidth()[1]
             self._keep = 4 * (width + _CONTEXT)  # bytes of recent text kept per row
             self._tails = [b""] * rows
-            self._memo = {}
+            self._memo = _memo(tokenizer, steps)
             self._device = device
 
     def ends(self, token: torch.Tensor, t: int, ended: torch.Tensor, done: torch.Tensor):
@@ -204,6 +216,8 @@ class StepEnds:
 
     def _delimiter(self, token, ended, done):
         tails, memo, hit = self._tails, self._memo, []
+        if len(memo) > _MEMO_SIZE:
+            memo.clear()
         for i, (v, gone) in enumerate(zip(token.tolist(), ended.tolist(), strict=True)):
             if gone:
                 hit.append(False)
