@@ -59,3 +59,20 @@ def test_only_populations_that_need_it_change_rows():
     for j in set(ancestors.tolist()):
         assert index[j, 1] == rows[j, 1]
     assert pop.history()["resampled"].tolist() == [[False, True, False]]
+
+
+@pytest.mark.parametrize("resampling", ["systematic", "multinomial"])
+def test_one_population_keeps_survivors_in_place(resampling):
+    """One prompt on the host (its own code path): the same permutation rule."""
+    n = 32
+    decoder = _Recorder()
+    pop = Populations(torch.Size((n,)), 4, 0, 0, 0.5, resampling, (decoder,),
+                      torch.device("cpu"))
+    increment = torch.full((n,), -30.0)
+    increment[torch.tensor([3, 7, 8, 20])] = torch.tensor([0.0, 1.0, 0.5, 2.0])
+    pop.reweight(torch.zeros(n), increment)
+    index = pop.resample()
+    ancestors = set(index.tolist())
+    assert ancestors <= {3, 7, 8, 20} and len(index) == n
+    assert all(index[j] == j for j in ancestors)
+    assert torch.allclose(pop.log_w, pop.log_w[0].expand(n))  # every weight the mean
