@@ -30,13 +30,14 @@ __all__ = ["CausalLM"]
 def eval_mode(module: nn.Module):
     """Temporarily switch ``module`` to eval mode (no dropout), restoring each
     submodule's ``training`` flag afterwards."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    training = [m for m in module.modules() if m.training]  # usually none: nothing to do
+    if training:
+        module.eval()
     try:
         yield module
     finally:
-        for m, flag in flags:
-            m.training = flag
+        for m in training:
+            m.training = True
 
 
 class CausalLM(nn.Module):

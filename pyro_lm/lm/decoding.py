@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from pyro_lm.lm.causal_lm import eval_mode
-from pyro_lm.lm.decoder import Decoder, changed_rows, filler_token
+from pyro_lm.lm.decoder import Decoder, changed_rows, copy_rows, filler_token
 from pyro_lm.lm.gpt2_decoder import GPT2Decoder, supports_fast_decoding
 
 __all__ = ["IncrementalDecoder", "draw_tokens", "filler_token", "make_decoder", "sample_tokens",
@@ -81,10 +81,10 @@ class IncrementalDecoder:
         if rows is not None and rows.numel() == 0:
             return
         if rows is not None and 2 * rows.numel() <= index.shape[0] and self._in_place_ok():
-            source = index.index_select(0, rows)
+            targets, sources = rows.tolist(), index.index_select(0, rows).tolist()
             for layer in self.cache.layers:
                 for kv in (layer.keys, layer.values):
-                    kv.index_copy_(0, rows, kv.index_select(0, source))
+                    copy_rows(kv, 0, targets, sources)
         else:
             self.cache.reorder_cache(index)
         if self.padded:  # without padding every row has the same mask and positions
@@ -127,8 +127,8 @@ def draw_tokens(logits: torch.Tensor, generator: torch.Generator | None = None,
     exact up to float32 rounding. It reads the logits once (one exponential, a running
     sum and a binary search per row) where Gumbel-max [1] draws a uniform and takes two
     logarithms per element. A ``-inf`` logit is never drawn (its interval is empty, and
-    ``u c_V`` is kept strictly below ``c_V``); a row whose logits are all ``-inf`` draws
-    token 0.
+    ``u c_V`` rounds strictly below ``c_V``); a row whose logits are all ``-inf`` has no
+    law and draws an arbitrary token id (in range), with log-probability NaN.
 
     :param torch.Tensor logits: ``(*rows, V)`` unnormalised log-probabilities, any float
         dtype (computed in float32).
@@ -145,13 +145,13 @@ def draw_tokens(logits: torch.Tensor, generator: torch.Generator | None = None,
         (inversion by sequential search).
     """
     logits = logits.float()
-    # a row of -inf has max -inf: shift it by 0 instead, so that its sums are 0, not NaN
-    m = logits.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)
+    m = logits.amax(-1, keepdim=True)
     cdf = (logits - m).exp_().cumsum_(-1)
     total = cdf[..., -1:]
-    u = torch.rand(total.shape, dtype=total.dtype, device=total.device, generator=generator)
-    # u * total can round up to total; the largest float below it keeps every draw in range
-    u = torch.minimum(u.mul_(total), total.nextafter(total.new_full((), -1.0)))
+    # torch.rand is at most 1 - 2**-24 in float32, and then u * total rounds to a float
+    # strictly below total: the search always ends on a token of positive mass
+    u = torch.rand(total.shape, dtype=total.dtype, device=total.device,
+                   generator=generator).mul_(total)
     token = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1)
     if not return_log_prob:
         return token.squeeze(-1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pyro_lm.lm.decoder import changed_rows, filler_token
+from pyro_lm.lm.decoder import changed_rows, copy_rows, filler_token
 
 __all__ = ["GPT2Decoder", "supports_fast_decoding"]
 
@@ -207,8 +207,7 @@ class GPT2Decoder:
             if rows.numel() == 0:
                 return
             if 2 * rows.numel() <= n:
-                source = index.index_select(0, rows)
-                kv.index_copy_(2, rows, kv.index_select(2, source))
+                copy_rows(kv, 2, rows.tolist(), index.index_select(0, rows).tolist())
                 self._reorder_rows(index, logits)
                 return
         # gather into the spare buffer and swap (faster than gathering in place, for twice

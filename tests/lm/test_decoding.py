@@ -80,14 +80,23 @@ def test_log_prob_is_the_log_softmax_of_the_draw():
     assert (tokens >= 100).all()
 
 
-def test_a_uniform_at_the_top_never_reaches_a_minus_inf_token(monkeypatch):
-    """u * total may round up to total (or an accelerator's uniform may be 1): the draw
-    stays on the last token of positive mass."""
+@pytest.mark.parametrize("finite", [1, 2, 3, 5])
+def test_the_largest_uniform_never_reaches_a_minus_inf_token(monkeypatch, finite):
+    """torch.rand's largest float32, 1 - 2**-24, times the row's total mass rounds below the
+    total (also for totals that are powers of two): the draw stays on the last token of
+    positive mass, whatever the number of equal finite logits before the -inf ones."""
     real_rand = torch.rand
     monkeypatch.setattr(decoding.torch, "rand",
-                        lambda *a, **k: real_rand(*a, **k).fill_(1.0))
-    logits = torch.tensor([[0.0, 0.0, -math.inf, -math.inf], [-math.inf] * 4])
-    assert draw_tokens(logits).tolist() == [1, 0]  # an all -inf row draws token 0
+                        lambda *a, **k: real_rand(*a, **k).fill_(1 - 2**-24))
+    logits = torch.tensor([[0.0] * finite + [-math.inf] * 3])
+    assert draw_tokens(logits).tolist() == [finite - 1]
+    everywhere = torch.randn(8, 4000) * 5  # many totals
+    everywhere[:, -100:] = -math.inf
+    assert (draw_tokens(everywhere) < 3900).all()
+
+
+def test_a_row_of_minus_inf_draws_a_token_in_range():
+    assert 0 <= draw_tokens(torch.full((1, 6), -math.inf)).item() < 6
 
 
 def test_a_generator_makes_draws_reproducible():

@@ -165,11 +165,12 @@ def test_other_models_use_the_generic_decoder(tiny_lm):
         assert isinstance(make_decoder(lm, ids, torch.ones_like(ids), 3), IncrementalDecoder)
 
 
-@pytest.mark.parametrize("index", [[0, 1, 2, 3, 4, 5], [1, 0, 2, 3, 4, 5],
+@pytest.mark.parametrize("index", [[0, 1, 2, 3, 4, 5], [1, 0, 2, 3, 4, 5], [0, 0, 1, 3, 4, 5],
                                    [0, 1, 2, 2, 4, 4], [5, 5, 0, 1, 2, 3]])
 @pytest.mark.parametrize("fast", [True, False])
 def test_reorder_of_changed_rows_equals_the_full_gather(monkeypatch, index, fast):
-    """A few changed rows (swaps included) are copied in place, many by a full gather:
+    """A few changed rows (swaps and chains included) are copied in place, many by a full
+    gather:
     either way the state is that of the rows ``index``."""
     monkeypatch.setattr(decoding, "FAST_DECODING", fast)
     lm = toy_lm(vocab_size=16, n_layer=2, n_embd=32, n_head=4, init_std=0.2)

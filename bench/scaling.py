@@ -1,0 +1,299 @@
+"""Sampling, KV reorders and log_prob memory at real model shapes, each against its floor.
+
+    python bench/scaling.py [--quick] [--threads 2] [--repeats 5]
+
+Three tables, every ratio measured in one run with the contenders' calls interleaved:
+
+* **sampling**: ``LMDistribution.sample`` against the lean hand-written loop on the same
+  decoder (``floors.sample_completions`` driving pyro_lm's decoder: the least bookkeeping
+  a sampler can do), against a plain transformers loop with a ``DynamicCache``
+  (``floors.sample_completions``), transformers ``generate`` (T = 20) and, for the Llama
+  model (the generic decoder), a transformers loop with a ``StaticCache``. Models: GPT-2
+  2 layers x 64 wide with vocab 64 (the peers' task), GPT-2 4 x 256 with vocab 8192, and
+  Llama 4 x 256 with vocab 8192, all random. Every call starts from the same seed, so all
+  contenders draw the same tokens and stop at the same step (same work). Ratios are
+  speed ratios: above 1, pyro_lm is faster.
+* **reorder**: one KV-cache reorder of ``GPT2Decoder`` (N = 64) at t = 25, 100, 400
+  filled positions: the full gather of every row (what every resample did before) against
+  a resample that changes 10% or 50% of the rows (only those are copied).
+* **log_prob memory**: peak resident memory of ``LMDistribution.log_prob`` at B = 64,
+  T = 400, V = 50257 (GPT-2 2 x 64 body), without gradients and forward + backward, and
+  the bytes autograd saves for backward; the plain path (every chunk's log-softmax kept
+  for backward, as before) at T = 100. Peak memory is the process's high-water RSS
+  (``VmHWM``, reset through ``/proc/self/clear_refs`` before each case) above the RSS
+  before it.
+
+``--quick`` shrinks every table to a smoke run and leaves RESULTS.md alone.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import base_parser, interleaved, machine, table, write_section  # noqa: E402
+from floors import _draw, sample_completions  # noqa: E402
+
+import pyro_lm  # noqa: E402
+from pyro_lm.lm import toy_lm, toy_tokenizer  # noqa: E402
+from pyro_lm.lm.decoding import make_decoder  # noqa: E402
+
+
+def gpt2(n_layer, n_embd, vocab, positions=512):
+    return toy_lm(vocab_size=vocab, n_layer=n_layer, n_embd=n_embd, n_head=max(2, n_embd // 64),
+                  n_positions=positions, init_std=0.02)
+
+
+def llama(n_layer, hidden, vocab):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=n_layer, num_attention_heads=max(2, hidden // 64),
+                         num_key_value_heads=max(1, hidden // 128), max_position_embeddings=512,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    return pyro_lm.CausalLM(LlamaForCausalLM(config), toy_tokenizer(vocab))
+
+
+def static_cache_completions(lm, prompt, n, t, eos, pad):
+    """A transformers loop with a ``StaticCache`` (the same draw and stopping rule as the
+    other floors)."""
+    from transformers import StaticCache
+
+    model = lm.model
+    key = "cache" if lm._cache_arg == "cache" else "past_key_values"
+    length = prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=length + t)
+    ids = prompt.expand(n, -1)
+    out = model(ids, **{key: cache}, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1].float()
+    x = torch.full((n, t), pad, dtype=torch.long)
+    done = torch.zeros(n, dtype=torch.bool)
+    position = torch.tensor([length])
+    for step in range(t):
+        token = _draw(logits).masked_fill_(done, pad)
+        x[:, step] = token
+        done |= token == eos
+        if step + 1 == t or bool(done.all()):
+            break
+        out = model(token[:, None], **{key: cache}, use_cache=True, cache_position=position)
+        logits = out.logits[:, -1].float()
+        position = position + 1
+    return x
+
+
+def seeded(fn):
+    """``fn`` run from seed 0 on every call: every contender draws the same tokens."""
+    def call():
+        torch.manual_seed(0)
+        return fn()
+    return call
+
+
+def sampling_rows(name, lm, batches, lengths, repeats, generate):
+    rows = []
+    prompt = torch.tensor([[1, 2, 3]])
+    eos, pad = lm.eos_token_id, lm.pad_token_id
+    is_llama = "Llama" in type(lm.model).__name__
+    for t in lengths:
+        for b in batches:
+            ids = prompt.expand(b, -1)
+            mask = torch.ones_like(ids)
+            dist = pyro_lm.LMDistribution(lm, ids, t)
+
+            def lean(b=b, t=t, ids=ids, mask=mask):
+                with torch.inference_mode():
+                    return sample_completions(lm.model, prompt, b, t, eos, pad,
+                                              decoder=make_decoder(lm, ids, mask, t))
+
+            fns = {"pyro_lm": dist.sample, "lean": lean,
+                   "hf loop": lambda b=b, t=t: sample_completions(lm.model, prompt, b, t, eos,
+                                                                  pad)}
+            if is_llama:
+                fns["static"] = lambda b=b, t=t: torch.inference_mode()(
+                    static_cache_completions)(lm, prompt, b, t, eos, pad)
+            if generate and t == 20:
+                def hf_generate(ids=ids, mask=mask, t=t):
+                    with torch.no_grad():
+                        return lm.model.generate(ids, attention_mask=mask, do_sample=True,
+                                                 top_k=0, top_p=1.0, temperature=1.0,
+                                                 max_new_tokens=t, pad_token_id=pad,
+                                                 eos_token_id=eos)
+                fns["generate"] = hf_generate
+            heavy = b * t >= 6400
+            med = interleaved({k: seeded(f) for k, f in fns.items()},
+                              repeats=max(3, repeats // 2) if heavy else repeats, warmup=1)
+            ours = med["pyro_lm"]
+            ratios = [f"{med[k] / ours:.2f}" if k in med else ""
+                      for k in ("lean", "hf loop", "generate", "static")]
+            rows.append([name, b, t, f"{ours / t * 1e3:.2f}", *ratios])
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _time_reorders(lm, n, t, repeats, generator):
+    """Median seconds of the old full gather and of reorders changing 10% / 50% of rows."""
+    prompt = torch.tensor([[1, 2, 3]]).expand(n, -1)
+    decoder = make_decoder(lm, prompt, torch.ones_like(prompt), t)
+    decoder.length = prompt.shape[1] + t - 1  # as if t - 1 tokens were fed
+    full = torch.randint(0, n, (n,), generator=generator).sort().values
+
+    def partial(share):
+        index = torch.arange(n)
+        rows = torch.randperm(n, generator=generator)[: int(share * n)]
+        index[rows] = (rows + torch.randint(1, n, rows.shape, generator=generator)) % n
+        return index
+
+    ten, half = partial(0.1), partial(0.5)
+    spare = torch.empty_like(decoder._kv)
+
+    def old():  # every filled row gathered into a spare buffer, as before
+        filled = decoder.length
+        torch.index_select(decoder._kv[..., :filled, :], 2, full, out=spare[..., :filled, :])
+
+    return interleaved({"full": old, "10%": lambda: decoder.reorder(ten, logits=False),
+                        "50%": lambda: decoder.reorder(half, logits=False)},
+                       repeats=repeats * 4, warmup=2)
+
+
+def reorder_rows(name, lm, lengths, repeats, n=64):
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    for t in lengths:
+        with torch.inference_mode():
+            med = _time_reorders(lm, n, t, repeats, generator)
+        rows.append([name, n, t, f"{med['full'] * 1e3:.3f}", f"{med['10%'] * 1e3:.3f}",
+                     f"{med['full'] / med['10%']:.1f}", f"{med['50%'] * 1e3:.3f}",
+                     f"{med['full'] / med['50%']:.1f}"])
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def peak_mb(fn) -> float:
+    """High-water RSS above the current RSS while ``fn`` runs (MiB)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_mb("VmRSS")
+    fn()
+    return _status_mb("VmHWM") - base
+
+
+def saved_mb(fn) -> float:
+    """MiB autograd saves for backward while ``fn`` runs (each storage once)."""
+    sizes = {}
+
+    def pack(t):
+        sizes[t.untyped_storage().data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(sizes.values()) / 2**20
+
+
+def memory_rows(b, lengths, plain_lengths, vocab=50257):
+    lm = gpt2(2, 64, vocab, positions=512)
+    guide = lm.trainable_copy()
+    rows = []
+    prompt = torch.tensor([[1, 2, 3]]).expand(b, -1)
+    for t in lengths:
+        x = pyro_lm.LMDistribution(lm, prompt, t).sample()
+        dist = pyro_lm.LMDistribution(guide, prompt, t)
+
+        def no_grad(dist=dist, x=x):
+            with torch.no_grad():
+                dist.log_prob(x)
+
+        def fwd_bwd(dist=dist, x=x):
+            guide.zero_grad(set_to_none=True)
+            dist.log_prob(x).sum().backward()
+
+        fwd_bwd()  # the gradients' own memory, allocated once, is not the log_prob's
+        cases = [("no gradient", no_grad), ("forward + backward", fwd_bwd)]
+        if t in plain_lengths:
+            def plain(fwd_bwd=fwd_bwd):  # the head as an ordinary module: logits kept
+                cls = type(guide)
+                prop = cls.linear_head
+                cls.linear_head = property(lambda self: None)
+                try:
+                    fwd_bwd()
+                finally:
+                    cls.linear_head = prop
+            cases.append(("forward + backward, plain (before)", plain))
+        base = None
+        for label, fn in cases:
+            mb = peak_mb(fn)
+            base = mb if base is None else base
+            saved = "" if label == "no gradient" else f"{saved_mb(lambda fn=fn: fn()):,.0f}"
+            rows.append([b, t, vocab, label, f"{mb:,.0f}", f"{mb / max(base, 1.0):.2f}", saved])
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        models = [("GPT-2 2x64 V64", gpt2(2, 64, 64)), ("Llama 2x64 V512", llama(2, 64, 512))]
+        batches, lengths = [4], [20]
+        reorder_models = [("GPT-2 2x64 V64", models[0][1])]
+        reorder_lengths = [25]
+        mem_b, mem_t, mem_plain = 2, [20], [20]
+    else:
+        models = [("GPT-2 2x64 V64", gpt2(2, 64, 64)), ("GPT-2 4x256 V8k", gpt2(4, 256, 8192)),
+                  ("Llama 4x256 V8k", llama(4, 256, 8192))]
+        batches, lengths = [1, 8, 64, 256], [20, 100]
+        reorder_models = models[:2]
+        reorder_lengths = [25, 100, 400]
+        mem_b, mem_t, mem_plain = 64, [100, 400], [100]
+    samp = []
+    for name, lm in models:
+        samp += sampling_rows(name, lm, batches, lengths, args.repeats, generate=True)
+    reord = []
+    for name, lm in reorder_models:
+        reord += reorder_rows(name, lm, reorder_lengths, args.repeats)
+    mem = memory_rows(mem_b, mem_t, mem_plain)
+    body = (
+        "## Scaling: sampling, KV reorders and log_prob memory at real shapes\n\n"
+        f"Machine: {machine()}.\n"
+        f"Command: `python bench/scaling.py --threads {args.threads}`\n\n"
+        "Sampling: pyro_lm's time per decoded step, and each contender's time ÷ pyro_lm's "
+        "(above 1: pyro_lm is faster). *lean*: the hand-written loop of bench/floors.py on "
+        "pyro_lm's own decoder; *hf loop*: that loop on transformers with a DynamicCache; "
+        "*static*: with a StaticCache (Llama, the generic decoder).\n\n"
+        + table(["model", "batch", "T", "pyro_lm ms/step", "lean ÷", "hf loop ÷",
+                 "generate ÷", "static ÷"], samp)
+        + "\n\nKV reorder of the GPT-2 decoder (ms per reorder): every row gathered (before) "
+        "against a resample that changes 10% or 50% of the rows (only those are copied).\n\n"
+        + table(["model", "N", "t", "full ms", "10% ms", "full ÷ 10%", "50% ms",
+                 "full ÷ 50%"], reord)
+        + "\n\nlog_prob memory (GPT-2 2x64 body): peak RSS above the RSS before the call "
+        "(VmHWM reset through /proc/self/clear_refs), its ratio to the no-gradient peak, and "
+        "the MiB autograd saves for backward.\n\n"
+        + table(["B", "T", "V", "case", "peak MiB", "÷ no-gradient", "saved MiB"], mem))
+    if not args.quick:
+        write_section("scaling", body)
+    print(body)
+    return samp, reord, mem
+
+
+def parse_args(argv=None):
+    p = base_parser(__doc__.splitlines()[0], repeats=5)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats = 2
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
