@@ -21,7 +21,8 @@ Three tables, every ratio measured in one run with the contenders' calls interle
   the bytes autograd saves for backward; the plain path (every chunk's log-softmax kept
   for backward, as before) at T = 100. Peak memory is the process's high-water RSS
   (``VmHWM``, reset through ``/proc/self/clear_refs`` before each case) above the RSS
-  before it.
+  before it (freed heap memory returned to the system first, with glibc's
+  ``malloc_trim``).
 
 ``--quick`` shrinks every table to a smoke run and leaves RESULTS.md alone.
 """
@@ -182,7 +183,14 @@ def _status_mb(key: str) -> float:
 
 
 def peak_mb(fn) -> float:
-    """High-water RSS above the current RSS while ``fn`` runs (MiB)."""
+    """High-water RSS above the current RSS while ``fn`` runs (MiB). Memory freed earlier
+    is first returned to the system (glibc ``malloc_trim``), so that ``fn``'s allocations
+    cannot hide in it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     base = _status_mb("VmRSS")
     fn()
@@ -278,8 +286,9 @@ def main(args):
         + table(["model", "N", "t", "full ms", "10% ms", "full ÷ 10%", "50% ms",
                  "full ÷ 50%"], reord)
         + "\n\nlog_prob memory (GPT-2 2x64 body): peak RSS above the RSS before the call "
-        "(VmHWM reset through /proc/self/clear_refs), its ratio to the no-gradient peak, and "
-        "the MiB autograd saves for backward.\n\n"
+        "(VmHWM reset through /proc/self/clear_refs after malloc_trim), its ratio to the "
+        "no-gradient peak, and the MiB autograd saves for backward (the body's activations "
+        "and the hidden states the head is recomputed from).\n\n"
         + table(["B", "T", "V", "case", "peak MiB", "÷ no-gradient", "saved MiB"], mem))
     if not args.quick:
         write_section("scaling", body)
