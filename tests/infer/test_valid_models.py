@@ -16,7 +16,17 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO
 
 from pyro_lm import LMDistribution
 from pyro_lm.exact import enumerate_model
-from pyro_lm.infer import DPG, IMH, QRS, SMC, AutoLMGuide, Importance, SequenceELBO, fit_moments
+from pyro_lm.infer import (
+    DPG,
+    IMH,
+    QRS,
+    SMC,
+    AutoLMGuide,
+    Importance,
+    SequenceELBO,
+    TrajectoryBalance,
+    fit_moments,
+)
 from pyro_lm.lm import toy_lm
 
 pytestmark = pytest.mark.filterwarnings(  # the TraceEnum_ELBO column enumerates nothing here
@@ -398,6 +408,23 @@ def test_dpg(prior, other, exacts, shape):
         z_hat.append(math.exp(loss.metrics["log_Z_batch"] - exact.log_Z.sum().item()))
     z_hat = torch.tensor(z_hat)  # each unbiased for 1 (a product over independent prompts)
     within(z_hat.mean(), 1.0, z_hat.std() / math.sqrt(30), "Z-hat / Z")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.__name__)
+def test_trajectory_balance(prior, other, exacts, shape):
+    model, args, kinds = shape(prior)
+    guide = AutoLMGuide(model, other)
+    pyro.clear_param_store()
+    loss = TrajectoryBalance(num_particles=64, init_log_z=0.0)
+    match = refused(kinds, {"subsample", "no_lm"})
+    if match:
+        return assert_error(lambda: loss.loss(model, guide, *args), match)
+    draws = []
+    for _ in range(20):
+        loss.loss(model, guide, *args)
+        draws.append(loss.metrics["elbo"])  # E_q[log p~ - log q], the residual's mean
+    draws = torch.tensor(draws)
+    within(draws.mean(), exacts(shape).elbo(guide).sum(), draws.std() / math.sqrt(20), "ELBO")
 
 
 @pytest.mark.parametrize("sampler", ["QRS", "IMH"])
