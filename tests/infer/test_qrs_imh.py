@@ -6,7 +6,7 @@ import math
 import pyro
 import pytest
 import torch
-from scipy.stats import chisquare
+from checks import exact_chi2_pvalue
 
 import pyro_lm
 from pyro_lm.exact import enumerate_model
@@ -31,23 +31,12 @@ def make_problem(device, prompts=None, scale=0.5):
     return prior, model, prompts
 
 
-def chi2_pvalue(exact, samples):
-    """Chi-square goodness of fit; cells expecting fewer than 5 counts are pooled."""
-    counts = exact.sample_counts(samples).double().cpu()
-    expected = exact.probs.double().cpu()
-    expected = expected / expected.sum() * counts.sum()
-    small = expected < 5
-    counts = torch.cat([counts[~small], counts[small].sum(0, keepdim=True)])
-    expected = torch.cat([expected[~small], expected[small].sum(0, keepdim=True)])
-    return chisquare(counts.numpy(), expected.numpy()).pvalue
-
-
 def test_chi2_has_power_against_prior_samples():
     """The goodness-of-fit check below can tell the prior from the posterior."""
     prior, model, prompt = make_problem("cpu")
     exact = enumerate_model(model, prompt)
     samples = pyro_lm.LMDistribution(prior, prompt, T).sample((1000,))
-    assert chi2_pvalue(exact, samples) < P_VALUE
+    assert exact_chi2_pvalue(exact, samples) < P_VALUE
 
 
 def test_qrs_is_exact_with_a_bound_above_every_ratio(device):
@@ -57,7 +46,7 @@ def test_qrs_is_exact_with_a_bound_above_every_ratio(device):
     post = QRS(model, log_bound=log_bound, num_samples=1000, batch_size=2000).run(prompt)
     assert post.samples["x"].shape == (1000, T)
     assert (post.log_weights == 0).all()
-    assert chi2_pvalue(exact, post.samples["x"]) > P_VALUE
+    assert exact_chi2_pvalue(exact, post.samples["x"]) > P_VALUE
     extras = post.extras
     assert 0 < extras["acceptance_rate"] <= 1
     assert extras["frac_above_bound"] == 0 and extras["tv_estimate"] == 0
@@ -116,7 +105,7 @@ def test_imh_converges_to_the_exact_posterior(device):
     assert rate**24 < 1e-3
     post = IMH(model, num_steps=24, num_chains=1000, burn_in=23).run(prompt)
     assert post.samples["x"].shape == (1000, T)
-    assert chi2_pvalue(exact, post.samples["x"]) > P_VALUE
+    assert exact_chi2_pvalue(exact, post.samples["x"]) > P_VALUE
     assert 0 < post.extras["acceptance_rate"] <= 1
     assert post.history["accepted"].shape == (24, 1000)
     assert post.history["accepted"].dtype == torch.bool

@@ -10,7 +10,7 @@ import math
 import pyro
 import pytest
 import torch
-from scipy import stats
+from checks import exact_chi2_pvalue
 
 import pyro_lm
 from pyro_lm.distributions.prefix import counted_mask, is_complete
@@ -188,13 +188,7 @@ def test_resampled_population_matches_posterior(tiny_lm):
     exact = enumerate_model(model, "t2")
     post = SMC(model, num_particles=20000).run("t2")
     draws = post.resample(2000)["x"]
-    counts = exact.sample_counts(draws).double()
-    expected = exact.probs.double() * draws.shape[0]
-    big = expected >= 5  # pool the rare sequences into one bin
-    obs = torch.cat([counts[big], counts[~big].sum()[None]])
-    exp = torch.cat([expected[big], expected[~big].sum()[None]])
-    chi2 = ((obs - exp) ** 2 / exp).sum().item()
-    assert stats.chi2.sf(chi2, df=len(obs) - 1) > 1e-3, chi2
+    assert exact_chi2_pvalue(exact, draws) > 1e-3
 
 
 def test_hard_constraint_at_end(tiny_lm):
@@ -299,13 +293,7 @@ def test_lookahead_resampled_population_matches_posterior(tiny_lm, lookahead):
     exact = enumerate_model(model, "t2")
     post = SMC(model, num_particles=20000, lookahead=lookahead).run("t2")
     draws = post.resample(2000)["x"]
-    counts = exact.sample_counts(draws).double()
-    expected = exact.probs.double() * draws.shape[0]
-    big = expected >= 5
-    obs = torch.cat([counts[big], counts[~big].sum()[None]])
-    exp = torch.cat([expected[big], expected[~big].sum()[None]])
-    chi2 = ((obs - exp) ** 2 / exp).sum().item()
-    assert stats.chi2.sf(chi2, df=len(obs) - 1) > 1e-3, chi2
+    assert exact_chi2_pvalue(exact, draws) > 1e-3
 
 
 def test_full_lookahead_one_token_weights_are_log_z(prior):
@@ -336,13 +324,7 @@ def test_full_lookahead_with_optimal_twist_is_perfect(prior):
     assert not post.history["resampled"].any()  # equal weights: ESS = N
     # the samples follow p* (4 identical prompts: 256 draws of one posterior)
     one = enumerate_model(make_model(prior, batched=False), prompts[0])
-    counts = one.sample_counts(post.samples["x"].reshape(-1, T)).double()
-    expected = one.probs.double() * counts.sum()
-    big = expected >= 5
-    obs = torch.cat([counts[big], counts[~big].sum()[None]])
-    exp = torch.cat([expected[big], expected[~big].sum()[None]])
-    chi2 = ((obs - exp) ** 2 / exp).sum().item()
-    assert stats.chi2.sf(chi2, df=len(obs) - 1) > 1e-3, chi2
+    assert exact_chi2_pvalue(one, post.samples["x"].reshape(-1, T)) > 1e-3
 
 
 @pytest.mark.parametrize("lookahead", ["full", 2])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
-from scipy import stats
+from checks import exact_chi2_pvalue
 
 import pyro_lm
 from pyro_lm.distributions.prefix import counted_mask, prefix_context, prefix_length
@@ -102,13 +102,7 @@ def test_population_matches_posterior(lm, steps):
     exact = enumerate_model(model, prompt)
     post = SMC(model, num_particles=20000, steps=steps).run(prompt)
     draws = post.resample(2000)["x"]
-    counts = exact.sample_counts(draws).double()
-    expected = exact.probs.double() * draws.shape[0]
-    big = expected >= 5  # pool the rare sequences into one bin
-    obs = torch.cat([counts[big], counts[~big].sum()[None]])
-    exp = torch.cat([expected[big], expected[~big].sum()[None]])
-    chi2 = ((obs - exp) ** 2 / exp).sum().item()
-    assert stats.chi2.sf(chi2, df=len(obs) - 1) > 1e-3, chi2
+    assert exact_chi2_pvalue(exact, draws) > 1e-3
 
 
 @pytest.mark.parametrize("steps", [2, "word", "\n"], ids=repr)
