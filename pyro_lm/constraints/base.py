@@ -228,7 +228,10 @@ class ConstraintState:
 
     Rows with the same tokens share one matcher (copied when their tokens diverge), so
     that after resampling a mask is computed once per distinct particle, and reordering
-    copies nothing.
+    copies nothing: each row holds a slot in a pool of distinct matchers (``-1`` once
+    it ended or died), and each step calls llguidance once per distinct matcher (its
+    mask, written into one preallocated bitmask and unpacked by one tensor op) and once
+    per distinct (matcher, token) pair.
 
     A row *ends* when it consumes EOS; a row *dies* when it consumes a token outside
     its allowed set (possible only where that set was empty). Ended and dead rows allow
@@ -243,84 +246,107 @@ class ConstraintState:
         self.constraint = constraint
         self.device = torch.device(device)
         self.vocab_size = constraint.lm.vocab_size
-        root = constraint._root.deep_copy()
-        self.matchers = [root] * rows  # shared by the rows with the same tokens
-        self.live = [True] * rows  # neither ended nor dead
-        self.ended = [False] * rows  # consumed EOS where the text was accepted
+        self._pool = [constraint._root.deep_copy()]  # the distinct matchers
+        self._slot = [0] * rows  # each row's index into the pool; -1: ended or dead
+        self._ended = [False] * rows  # consumed EOS where the text was accepted
         self._known = min(constraint.num_tokens, self.vocab_size)
         self._words = (constraint.num_tokens + 31) // 32
-        self._bits = (torch.ones((), dtype=torch.int32, device=self.device)
-                      << torch.arange(32, dtype=torch.int32, device=self.device))
-        self._eos = torch.tensor(constraint.eos, dtype=torch.long, device=self.device)
+        self._bitmask = torch.zeros((rows + 1, self._words), dtype=torch.int32)
+        self._shifts = torch.arange(32, dtype=torch.int32, device=self.device)
+        self._eos_ids = sorted(set(constraint.eos))
         self._eos_set = set(constraint.eos)
 
     @property
     def rows(self) -> int:
-        return len(self.matchers)
+        return len(self._slot)
+
+    def _compact(self) -> None:
+        """Drop the matchers that no live row holds (after resampling or deaths)."""
+        used = set(self._slot)
+        used.discard(-1)
+        if len(used) == len(self._pool):
+            return
+        order = sorted(used)
+        new = {s: k for k, s in enumerate(order)}
+        new[-1] = -1
+        self._pool = [self._pool[s] for s in order]
+        self._slot = [new[s] for s in self._slot]
 
     def allowed(self) -> torch.Tensor:
         """``(R, V)`` bool on :attr:`device`: the allowed next tokens of every row."""
-        distinct, row_of = {}, []
-        for m, alive in zip(self.matchers, self.live, strict=True):
-            row_of.append(distinct.setdefault(id(m), (len(distinct), m))[0] if alive else -1)
-        bitmask = torch.zeros((len(distinct) + 1, self._words), dtype=torch.int32)
-        accepting = [False] * (len(distinct) + 1)  # the last row: ended and dead rows
-        fill = _llguidance().torch.fill_next_token_bitmask
-        for k, m in distinct.values():  # one by one: llguidance's thread pool costs more here
-            fill(m, bitmask, k)
-            accepting[k] = m.is_accepting()
-        index = torch.tensor(row_of, dtype=torch.long)
-        rows = self.rows
-        words = bitmask.to(self.device)[index.to(self.device)]
-        bits = ((words[:, :, None] & self._bits) != 0).view(rows, -1)[:, : self._known]
-        if self._known == self.vocab_size:
-            allowed = bits.clone()
+        self._compact()
+        pool, bitmask = self._pool, self._bitmask
+        d, stride = len(pool), self._words * 4
+        ptr = bitmask.data_ptr()
+        for k, m in enumerate(pool):  # one by one: llguidance's thread pool costs more here
+            m.unsafe_compute_mask_ptr(ptr + k * stride, stride)
+        accepting = [m.is_accepting() for m in pool] + [False]
+        # row d, all zeros, is the mask of the ended and dead rows (slot -1)
+        bitmask[d].zero_()
+        words = bitmask[: d + 1].to(self.device)
+        bits = ((words[:, :, None] >> self._shifts) & 1).bool().view(d + 1, -1)
+        if self._known == self.vocab_size == bits.shape[1]:
+            table = bits
         else:
-            allowed = torch.zeros((rows, self.vocab_size), dtype=torch.bool, device=self.device)
-            allowed[:, : self._known] = bits
-        acc = torch.tensor(accepting, dtype=torch.bool, device=self.device)[index.to(self.device)]
-        allowed[:, self._eos] = acc[:, None]
-        return allowed
+            table = torch.zeros((d + 1, self.vocab_size), dtype=torch.bool, device=self.device)
+            table[:, : self._known] = bits[:, : self._known]
+        accepting = torch.tensor(accepting, dtype=torch.bool, device=self.device)
+        for e in self._eos_ids:  # a column copy each: cheaper than one indexed write
+            table[:, e] = accepting
+        return table[torch.tensor(self._slot, dtype=torch.long, device=self.device)]
 
     def advance(self, tokens: torch.Tensor, skip: torch.Tensor | None = None) -> None:
         """Consume ``tokens`` ``(R,)``, one per row; rows where ``skip`` ``(R,)`` is true,
         and rows that ended or died, consume nothing."""
         toks = tokens.tolist()
-        skips = [False] * len(toks) if skip is None else skip.tolist()
-        groups = {}  # matcher -> token -> rows
-        for i, (tok, skipped) in enumerate(zip(toks, skips, strict=True)):
-            if skipped or not self.live[i]:
+        skips = skip.tolist() if skip is not None else None
+        pool, slot, ended, eos, n = (self._pool, self._slot, self._ended, self._eos_set,
+                                     self.constraint.num_tokens)
+        keys = {}  # (slot, token or None) -> new slot
+        new_slot = [-1] * len(slot)
+        for i, s in enumerate(slot):
+            if s < 0:
                 continue
-            m = self.matchers[i]
-            if tok in self._eos_set:
-                self.live[i] = False
-                self.ended[i] = m.is_accepting()
+            if skips is not None and skips[i]:
+                key = (s, None)  # keeps its matcher unchanged
             else:
-                groups.setdefault(id(m), (m, {}))[1].setdefault(tok, []).append(i)
-        n = self.constraint.num_tokens
-        for m, by_token in groups.values():
-            # the copies first: m itself then takes the first token
-            owners = [m] + [m.deep_copy() for _ in range(len(by_token) - 1)]
-            for owner, (tok, rows) in zip(owners, by_token.items(), strict=True):
-                ok = 0 <= tok < n and owner.consume_token(tok)
-                for i in rows:
-                    self.matchers[i] = owner
-                    self.live[i] = ok
+                tok = toks[i]
+                if tok in eos:
+                    ended[i] = pool[s].is_accepting()
+                    continue
+                if not 0 <= tok < n:  # an id llguidance lacks: the row dies
+                    continue
+                key = (s, tok)
+            j = keys.get(key)
+            if j is None:
+                j = keys[key] = len(keys)
+            new_slot[i] = j
+        # the copies first: the first key of a matcher then moves the matcher itself
+        owners, seen = [], set()
+        for s, _ in keys:
+            owners.append(pool[s].deep_copy() if s in seen else pool[s])
+            seen.add(s)
+        dead = [j for j, ((_, tok), owner) in enumerate(zip(keys, owners, strict=True))
+                if tok is not None and not owner.consume_token(tok)]
+        if dead:
+            dead = set(dead)
+            new_slot = [-1 if j in dead else j for j in new_slot]
+        self._pool, self._slot = owners, new_slot
 
     def valid(self) -> torch.Tensor:
         """``(R,)`` bool: rows whose text is in the language (they ended by an allowed
         EOS, or their text so far is accepted)."""
-        out = [ended or (live and m.is_accepting()) for m, live, ended
-               in zip(self.matchers, self.live, self.ended, strict=True)]
+        accepting = [m.is_accepting() for m in self._pool]
+        out = [e or (s >= 0 and accepting[s]) for s, e in zip(self._slot, self._ended,
+                                                              strict=True)]
         return torch.tensor(out, dtype=torch.bool, device=self.device)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep row ``index[i]`` in row ``i`` (after resampling); the rows of one ancestor
         share its matcher."""
         idx = index.tolist()
-        self.matchers = [self.matchers[j] for j in idx]
-        self.live = [self.live[j] for j in idx]
-        self.ended = [self.ended[j] for j in idx]
+        self._slot = [self._slot[j] for j in idx]
+        self._ended = [self._ended[j] for j in idx]
 
 
 def check_constraints(constraints, owner: str) -> dict:
