@@ -101,9 +101,18 @@ class BootstrapProposal:
         logits = self.decoder_q.logits
         if self.mask is None:
             return draw(logits)
-        masked, stuck = _masked(logits, self.mask)
-        self._log_mass = masked.logsumexp(-1) - logits.logsumexp(-1)  # -inf where stuck
-        return draw(torch.where(stuck[:, None], logits, masked))
+        allowed = self.mask.allowed()
+        some = allowed.view(torch.uint8).amax(-1, keepdim=True).bool()  # .any(-1), faster
+        # a row whose allowed set is empty draws from q itself (it dies in weigh)
+        source = logits.masked_fill(~allowed & some, -math.inf)
+        token, log_r = draw_tokens(source, return_log_prob=True)
+        # log R_t = logsumexp(masked) - logsumexp(logits), and on a row with some allowed
+        # token logsumexp(masked) = masked[x] - log r(x) = logits[x] - log r(x)
+        logits = logits.float()
+        picked = logits.gather(-1, token[:, None]).squeeze(-1)
+        self._log_mass = (picked - log_r - logits.logsumexp(-1)).masked_fill_(
+            ~some.squeeze(-1), -math.inf)
+        return token
 
     def weigh(self, pop, token, t: int, ended, final: bool, last: bool):
         """``(phi, increment)``, each ``(R,)``; a row whose potential was already
