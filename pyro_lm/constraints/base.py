@@ -249,6 +249,7 @@ class ConstraintState:
         self._pool = [constraint._root.deep_copy()]  # the distinct matchers
         self._slot = [0] * rows  # each row's index into the pool; -1: ended or dead
         self._ended = [False] * rows  # consumed EOS where the text was accepted
+        self._filled = False  # whether the bitmask holds the pool's masks
         self._known = min(constraint.num_tokens, self.vocab_size)
         self._words = (constraint.num_tokens + 31) // 32
         self._bitmask = torch.zeros((rows + 1, self._words), dtype=torch.int32)
@@ -271,15 +272,24 @@ class ConstraintState:
         new[-1] = -1
         self._pool = [self._pool[s] for s in order]
         self._slot = [new[s] for s in self._slot]
+        if self._filled:
+            self._bitmask[: len(order)] = self._bitmask[torch.tensor(order, dtype=torch.long)]
+
+    def _fill(self) -> None:
+        """Write the mask of every matcher of the pool into its row of the bitmask."""
+        stride = self._words * 4
+        ptr = self._bitmask.data_ptr()
+        for k, m in enumerate(self._pool):  # one by one: llguidance's pool costs more here
+            m.unsafe_compute_mask_ptr(ptr + k * stride, stride)
+        self._filled = True
 
     def allowed(self) -> torch.Tensor:
         """``(R, V)`` bool on :attr:`device`: the allowed next tokens of every row."""
         self._compact()
+        if not self._filled:
+            self._fill()
         pool, bitmask = self._pool, self._bitmask
-        d, stride = len(pool), self._words * 4
-        ptr = bitmask.data_ptr()
-        for k, m in enumerate(pool):  # one by one: llguidance's thread pool costs more here
-            m.unsafe_compute_mask_ptr(ptr + k * stride, stride)
+        d = len(pool)
         accepting = [m.is_accepting() for m in pool] + [False]
         # row d, all zeros, is the mask of the ended and dead rows (slot -1)
         bitmask[d].zero_()
@@ -332,6 +342,8 @@ class ConstraintState:
             dead = set(dead)
             new_slot = [-1 if j in dead else j for j in new_slot]
         self._pool, self._slot = owners, new_slot
+        # the next masks now, while each matcher is fresh in the cache from its token
+        self._fill()
 
     def valid(self) -> torch.Tensor:
         """``(R,)`` bool: rows whose text is in the language (they ended by an allowed
