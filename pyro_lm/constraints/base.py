@@ -312,38 +312,42 @@ class ConstraintState:
         skips = skip.tolist() if skip is not None else None
         pool, slot, ended, eos, n = (self._pool, self._slot, self._ended, self._eos_set,
                                      self.constraint.num_tokens)
-        keys = {}  # (slot, token or None) -> new slot
+        width = n + 1  # key = slot * width + token, token n: no token (a skipped row)
+        keys = {}  # key -> new slot
         new_slot = [-1] * len(slot)
-        for i, s in enumerate(slot):
+        for i, (s, tok) in enumerate(zip(slot, toks, strict=True)):
             if s < 0:
                 continue
             if skips is not None and skips[i]:
-                key = (s, None)  # keeps its matcher unchanged
-            else:
-                tok = toks[i]
-                if tok in eos:
-                    ended[i] = pool[s].is_accepting()
-                    continue
-                if not 0 <= tok < n:  # an id llguidance lacks: the row dies
-                    continue
-                key = (s, tok)
-            j = keys.get(key)
-            if j is None:
-                j = keys[key] = len(keys)
-            new_slot[i] = j
+                key = s * width + n  # keeps its matcher unchanged
+            elif tok in eos:
+                ended[i] = pool[s].is_accepting()
+                continue
+            elif 0 <= tok < n:
+                key = s * width + tok
+            else:  # an id llguidance lacks: the row dies
+                continue
+            new_slot[i] = keys.setdefault(key, len(keys))
         # the copies first: the first key of a matcher then moves the matcher itself
         owners, seen = [], set()
-        for s, _ in keys:
+        for key in keys:
+            s = key // width
             owners.append(pool[s].deep_copy() if s in seen else pool[s])
             seen.add(s)
-        dead = [j for j, ((_, tok), owner) in enumerate(zip(keys, owners, strict=True))
-                if tok is not None and not owner.consume_token(tok)]
+        # then each token, and at once the next mask (the matcher is fresh in the cache)
+        stride = self._words * 4
+        ptr = self._bitmask.data_ptr()
+        dead = []
+        for k, (key, owner) in enumerate(zip(keys, owners, strict=True)):
+            tok = key % width
+            if tok < n and not owner.consume_token(tok):
+                dead.append(k)
+            else:
+                owner.unsafe_compute_mask_ptr(ptr + k * stride, stride)
         if dead:
             dead = set(dead)
             new_slot = [-1 if j in dead else j for j in new_slot]
-        self._pool, self._slot = owners, new_slot
-        # the next masks now, while each matcher is fresh in the cache from its token
-        self._fill()
+        self._pool, self._slot, self._filled = owners, new_slot, True
 
     def valid(self) -> torch.Tensor:
         """``(R,)`` bool: rows whose text is in the language (they ended by an allowed
