@@ -72,18 +72,24 @@ def test_the_problem_is_sparse(problem):
 
 
 def test_dpg_with_smc_proposal_lowers_both_exact_kls(problem):
-    start, end, loss = train(problem, lambda m, g: DPG(num_particles=K, proposal="smc"), 0.005)
-    # KL(p*||q), what it minimises, falls below a quarter on every seed tried (0.07-0.15 of
-    # its start); KL(q||p*) to 0.21-0.34 of its start over seeds 0-1 and SMC's RNG streams
-    assert end[0] < 0.25 * start[0], (start, end)
-    assert end[1] < 0.4 * start[1], (start, end)
+    """128 particles: with 32, KL(q||p*) ends at 0.15-0.66 of its start over seeds 0-4
+    (0.20-0.23 with 128). Forward KL is not what limits it (the exact forward-KL gradient at
+    this rate takes it to 0.12 in 150 steps): the Monte Carlo gradient's noise is (on-policy
+    DPG, with or without its baseline, ends at 0.12-0.27), and SMC's resampled, duplicated
+    particles add to it."""
+    start, end, loss = train(problem, lambda m, g: DPG(num_particles=4 * K, proposal="smc"),
+                             0.005)
+    assert_below_quarter(start, end)
     assert math.isnan(loss.metrics["kl_q_prior"])  # SMC's particles are no samples of q
     # the running log Z (a mean of 150 SMC estimates, each unbiased) is close to the exact
     assert abs(loss.metrics["log_Z"] - problem[3].log_Z.item()) < 0.15
 
 
 def test_dpg_with_an_smc_object_takes_its_lookahead(problem):
-    """An SMC object passes its own options (here the locally optimal proposal) through."""
+    """An SMC object passes its own options (here the locally optimal proposal) through.
+    With 32 particles KL(p*||q) ends at 0.07-0.11 of its start over seeds 0-4 and KL(q||p*)
+    at 0.14-0.29 (0.17-0.26 with 128 particles: the lookahead does not remove the noise
+    that keeps plain SMC's above a quarter at 32)."""
     made = []
 
     def make(model, guide):
@@ -91,7 +97,9 @@ def test_dpg_with_an_smc_object_takes_its_lookahead(problem):
         return DPG(proposal=made[0])
 
     start, end, _ = train(problem, make, 0.005)
-    assert_below_quarter(start, end)
+    assert made[0].lookahead == "full"
+    assert end[0] < 0.25 * start[0], (start, end)
+    assert end[1] < 0.35 * start[1], (start, end)
 
 
 def test_dpg_jeffreys_lowers_both_exact_kls(problem):
@@ -120,24 +128,27 @@ def test_jeffreys_weight_one_is_forward_kl(problem):
 
 def test_trajectory_balance_with_smc_replay_matches_exact_kls_and_log_z(problem):
     """On-policy TB plus a replay buffer refreshed from SMC (the guide proposing) each step:
-    both KLs fall below a quarter, and the learned log Z lands near the exact one: 0.01-0.11
-    below it over seeds 0-2 at 150 steps (it tracks E[log p~ - log q] over the samples,
-    which is log Z only once q = p*; the gap follows the KL(q||p*) left)."""
+    both KLs fall below a quarter (KL(p*||q) to 0.03-0.06, KL(q||p*) to 0.06-0.17 of its
+    start over seeds 0-4), and the learned log Z lands 0.02-0.10 below the exact one. It is
+    the minimiser E_mu[log p~ - log q] over the samples (log Z + KL(p*||q) on exact
+    posterior draws, log Z - KL(q||p*) on the guide's), which is log Z only once q = p*:
+    the gap follows the KLs left (0.07-0.26 nats) and SMC's finite-particle bias towards q."""
     _, _, _, exact = problem
     replay = ReplayBuffer(capacity=256)
 
     def refresh(model, guide, prompts):
-        replay.add(SMC(model, guide=guide, num_particles=K).run(prompts))
+        replay.add(SMC(model, guide=guide, num_particles=2 * K).run(prompts))
 
-    # log Z gets its own, larger learning rate; both decay (x 0.99 a step)
-    optim = pyro.optim.ClippedAdam(lambda name, _: {"lr": 0.1 if name == "tb_log_Z" else 0.02,
-                                                    "lrd": 0.99})
-    start, end, loss = train(problem, lambda m, g: TrajectoryBalance(K, replay=replay), None,
-                             optim=optim, each_step=refresh)
+    # log Z gets its own, larger learning rate; both decay (x 0.995 a step: at x 0.99 the
+    # guide's rate is spent by step 150 and 300 steps end where 150 do)
+    optim = pyro.optim.ClippedAdam(lambda name, _: {"lr": 0.1 if name == "tb_log_Z" else 0.01,
+                                                    "lrd": 0.995})
+    start, end, loss = train(problem, lambda m, g: TrajectoryBalance(2 * K, replay=replay),
+                             None, optim=optim, each_step=refresh)
     assert_below_quarter(start, end)
     log_z = pyro.param("tb_log_Z").detach()
     assert log_z.shape == (1,)
-    assert abs(log_z.item() - exact.log_Z.item()) < 0.15, (log_z, exact.log_Z)
+    assert abs(log_z.item() - exact.log_Z.item()) < 0.1, (log_z, exact.log_Z)
     assert len(replay) == 256
 
 
