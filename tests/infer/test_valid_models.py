@@ -411,6 +411,24 @@ def test_dpg(prior, other, exacts, shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.__name__)
+def test_dpg_smc(prior, other, exacts, shape):
+    """DPG with SMC (the guide as its proposal) as the sampler: its Z-hat is SMC's."""
+    model, args, kinds = shape(prior)
+    guide = AutoLMGuide(model, other)
+    loss = DPG(num_particles=64, proposal="smc")
+    match = refused(kinds, {"subsample", "no_lm", "coupled", "scaled"})
+    if match:
+        return assert_error(lambda: loss.loss(model, guide, *args), match)
+    exact = exacts(shape)
+    z_hat = []
+    for _ in range(30):
+        loss.loss(model, guide, *args)
+        z_hat.append(math.exp(loss.metrics["log_Z_batch"] - exact.log_Z.sum().item()))
+    z_hat = torch.tensor(z_hat)
+    within(z_hat.mean(), 1.0, z_hat.std() / math.sqrt(30), "Z-hat / Z")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.__name__)
 def test_trajectory_balance(prior, other, exacts, shape):
     model, args, kinds = shape(prior)
     guide = AutoLMGuide(model, other)
