@@ -60,6 +60,7 @@ from pyro_lm.distributions.prefix import prefix_context
 from pyro_lm.infer.elbo import SequenceELBO
 from pyro_lm.infer.program import lm_site_names
 from pyro_lm.poutine import LogFactorsMessenger
+from pyro_lm.rewards.incremental import RewardStates
 
 __all__ = ["PrefixSequenceELBO", "prefix_factors"]
 
@@ -197,7 +198,9 @@ class PrefixSequenceELBO(SequenceELBO):
 @torch.no_grad()
 def prefix_factors(model, site: str, value: torch.Tensor, lengths, pad: int, args=(),
                    kwargs=None, owner: str = "model") -> torch.Tensor:
-    r"""The potentials :math:`\Phi_t` of ``value``'s prefixes, one model run per length.
+    r"""The potentials :math:`\Phi_t` of ``value``'s prefixes, one model run per length
+    (rewards with an incremental form, :mod:`pyro_lm.rewards.incremental`, advance their
+    state from one length to the next rather than reading each prefix whole).
 
     The model runs with the LM site's value fixed and nothing recorded: no trace, no
     gradient.
@@ -220,11 +223,17 @@ def prefix_factors(model, site: str, value: torch.Tensor, lengths, pad: int, arg
         return out
     factors = LogFactorsMessenger(model, site, batch, owner)
     positions = torch.arange(value.shape[-1], device=value.device)
-    with prompt_cache():  # the model builds its LMDistribution once per length
-        for i, t in enumerate(lengths):
-            with prefix_context(t):
-                total = factors.evaluate(value.masked_fill(positions >= t, pad), args, kwargs)
-            out[i] = torch.as_tensor(total, dtype=torch.float32, device=value.device)
+    # the model builds its LMDistribution once per length; incremental rewards read the
+    # growing prefixes token by token (and check NaN once, at the end)
+    with prompt_cache(), RewardStates() as states:
+        try:
+            for i, t in enumerate(lengths):
+                with prefix_context(t):
+                    total = factors.evaluate(value.masked_fill(positions >= t, pad), args,
+                                             kwargs)
+                out[i] = torch.as_tensor(total, dtype=torch.float32, device=value.device)
+        finally:
+            states.check()
     return out
 
 

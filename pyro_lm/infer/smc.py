@@ -73,6 +73,7 @@ from pyro_lm.lm.causal_lm import CausalLM
 from pyro_lm.lm.decoding import make_decoder
 from pyro_lm.ops.stats import log_normalizer
 from pyro_lm.poutine import LogFactorsMessenger
+from pyro_lm.rewards.incremental import RewardStates
 
 __all__ = ["SMC"]
 
@@ -241,21 +242,29 @@ class SMC:
     @sharded  # torch.distributed: prompts sharded across ranks, posterior gathered
     def run(self, *args, **kwargs) -> WeightedPosterior:
         """Run SMC on the model's arguments; see the class docstring."""
-        with torch.no_grad(), prompt_cache():  # the model runs once per token on the same prompts
-            if not _one_lm_site(self.model, args, kwargs):
-                return self._run_program(args, kwargs)
-            # the first run of the model (params, reward caches) is outside inference mode
-            site, prior, batch = single_lm_site(self.model, args, kwargs, owner="SMC")
-            check_sites(self.constraints, {site: prior.lm}, "SMC")
-            proposal = prior if self.guide is None else prior.with_lm(self.guide.lm)
-            potential = _Potential(self.model, site, batch, self.twist, args, kwargs)
-            with torch.inference_mode():  # the loop: less overhead per tensor operation
-                pop = self._run(prior, proposal, batch, potential, self.constraints.get(site))
-                x, log_w, hist = pop.values, pop.log_w, pop.history()
-            # inference tensors must not escape (autograd refuses them): copy them out
-            x, log_w = x.clone(), log_w.clone()
-            hist = {k: v.clone() for k, v in hist.items()}
-            return self._posterior(site, x, log_w, batch, hist, prior.lm)
+        # the model runs once per token on the same prompts; incremental rewards keep their
+        # states across those runs (and check NaN once, here)
+        with torch.no_grad(), prompt_cache(), RewardStates() as states:
+            try:
+                return self._run_checked(args, kwargs)
+            finally:  # a NaN reward may have derailed the run: name it first
+                states.check()
+
+    def _run_checked(self, args, kwargs) -> WeightedPosterior:
+        if not _one_lm_site(self.model, args, kwargs):
+            return self._run_program(args, kwargs)
+        # the first run of the model (params, reward caches) is outside inference mode
+        site, prior, batch = single_lm_site(self.model, args, kwargs, owner="SMC")
+        check_sites(self.constraints, {site: prior.lm}, "SMC")
+        proposal = prior if self.guide is None else prior.with_lm(self.guide.lm)
+        potential = _Potential(self.model, site, batch, self.twist, args, kwargs)
+        with torch.inference_mode():  # the loop: less overhead per tensor operation
+            pop = self._run(prior, proposal, batch, potential, self.constraints.get(site))
+            x, log_w, hist = pop.values, pop.log_w, pop.history()
+        # inference tensors must not escape (autograd refuses them): copy them out
+        x, log_w = x.clone(), log_w.clone()
+        hist = {k: v.clone() for k, v in hist.items()}
+        return self._posterior(site, x, log_w, batch, hist, prior.lm)
 
     def _run(self, prior, proposal, batch, potential, constraint=None) -> Populations:
         n, big_t = self.num_particles, prior.max_new_tokens

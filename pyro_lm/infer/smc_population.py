@@ -28,6 +28,7 @@ import torch
 
 from pyro_lm.distributions.prefix import is_eos
 from pyro_lm.infer.resampling import RESAMPLERS, stay_in_place
+from pyro_lm.rewards.incremental import active_states
 
 __all__ = ["Populations", "decode"]
 
@@ -186,6 +187,7 @@ def decode(pop: Populations, step, sync_every: int, on_resample=None,
         at tokens where some particle reached a step end.
     """
     big_t = pop.x.shape[-1]
+    states = active_states()  # incremental rewards' states follow their rows
     for t in range(big_t):
         last = t + 1 == big_t
         ended = pop.done  # rows that had ended before this token
@@ -202,6 +204,8 @@ def decode(pop: Populations, step, sync_every: int, on_resample=None,
         else:
             index = pop.resample()
             if index is not None:
+                if states is not None:
+                    states.reorder(index)
                 if steps is not None:
                     steps.reorder(index)
                 if on_resample is not None:

@@ -9,6 +9,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from pyro_lm.ops.plates import check_plated, sum_to_batch
+from pyro_lm.rewards.incremental import active_states
 
 __all__ = ["LogFactorsMessenger"]
 
@@ -67,6 +68,9 @@ class LogFactorsMessenger(Messenger):
         """:meth:`evaluate` with several latent sites held: ``values`` site → value, each
         with the leading particle dim."""
         self.values, self.total = values, 0.0
+        states = active_states()
+        if states is not None:  # a new evaluation: its reward calls are numbered anew
+            states.begin()
         try:
             self._run(*args, **(kwargs or {}))
         except _PartialEnd:

@@ -42,7 +42,8 @@ from __future__ import annotations
 import torch
 from pyro.ops.provenance import get_provenance, track_provenance
 
-from pyro_lm.distributions.prefix import counted_mask
+from pyro_lm.distributions.prefix import counted_mask, prefix_length
+from pyro_lm.rewards.incremental import active_states
 
 __all__ = ["Reward", "Callable", "as_values", "decode_counted"]
 
@@ -108,6 +109,13 @@ class Reward:
     number, or ``-inf`` only when no completion of that prefix has a reward above
     ``-inf``; on complete rows, the reward of the completion.
 
+    A reward may also have an *incremental form* (:meth:`initial_state`,
+    :meth:`advance`, :meth:`prefix_value`; :mod:`pyro_lm.rewards.incremental`): the same
+    prefix values, updated per token from a state instead of recomputed from the whole
+    prefix. Inside a :class:`~pyro_lm.rewards.incremental.RewardStates` (SMC opens one
+    per run) prefixes are scored that way where the state applies, and the NaN / ``+inf``
+    check is deferred to the end of the run.
+
     :param str name: used in error messages (default: the class name).
     """
 
@@ -117,22 +125,48 @@ class Reward:
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # -- the incremental form (:mod:`pyro_lm.rewards.incremental`); optional -------------
+
+    def initial_state(self, rows: int, device: torch.device) -> dict | None:
+        """The state of ``rows`` empty prefixes on ``device`` (a dict of tensors whose
+        first dim is the row), or ``None`` if the reward has no incremental form (the
+        default: every prefix is scored by :meth:`forward`)."""
+        return None
+
+    def advance(self, state: dict, token: torch.Tensor, t: int) -> dict:  # pragma: no cover
+        """The state after appending ``token`` ``(R,)`` at position ``t`` (it may be
+        updated in place). ``token`` is padding on rows that ended before ``t``."""
+        raise NotImplementedError
+
+    def prefix_value(self, state: dict, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """``(R,)``: :meth:`forward`'s value on the prefixes ``x`` ``(R, T)`` (inside
+        :func:`~pyro_lm.distributions.prefix_context`), from their ``state``."""
+        raise NotImplementedError
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dtype != torch.long or x.dim() < 1:
             raise TypeError(f"reward {self.name!r}: x must be a LongTensor (*batch, T), got "
                             f"{getattr(x, 'dtype', type(x).__name__)}")
         flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        r = as_values(self.forward(flat), flat, self.name)
-        if r.isnan().any():
-            raise ValueError(
-                f"reward {self.name!r} returned NaN for {int(r.isnan().sum())} of {r.numel()} "
-                "sequences; a reward must be a real number or -inf (hard constraint). "
-                "Check the reward function on these inputs")
-        if r.isposinf().any():
-            raise ValueError(
-                f"reward {self.name!r} returned +inf for {int(r.isposinf().sum())} of "
-                f"{r.numel()} sequences; a reward must be a real number or -inf (hard "
-                "constraint)")
+        states, t = active_states(), prefix_length()
+        r = None
+        if states is not None and t is not None:
+            r = states.evaluate(self, flat, t)
+        if r is None:
+            r = as_values(self.forward(flat), flat, self.name)
+        if states is not None:  # checked once per run, on the weights' way out
+            states.flag(self.name, r)
+        else:
+            if r.isnan().any():
+                raise ValueError(
+                    f"reward {self.name!r} returned NaN for {int(r.isnan().sum())} of "
+                    f"{r.numel()} sequences; a reward must be a real number or -inf (hard "
+                    "constraint). Check the reward function on these inputs")
+            if r.isposinf().any():
+                raise ValueError(
+                    f"reward {self.name!r} returned +inf for {int(r.isposinf().sum())} of "
+                    f"{r.numel()} sequences; a reward must be a real number or -inf (hard "
+                    "constraint)")
         r = r if x.dim() == 2 else r.reshape(x.shape[:-1])
         # a reward is a function of x, also where forward leaves torch (decoding to text):
         # keep x's provenance, by which TraceGraph_ELBO finds the costs downstream of x

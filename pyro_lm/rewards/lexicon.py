@@ -9,6 +9,7 @@ import torch
 
 from pyro_lm.distributions.prefix import counted_mask, is_complete
 from pyro_lm.rewards.base import Reward, _special_ids
+from pyro_lm.rewards.word_stream import WordStream
 from pyro_lm.rewards.words import (
     OTHER_CHAR,
     WORD,
@@ -125,6 +126,7 @@ class Lexicon(Reward):
         self._can_extend = self._exact_text is None or self._exact_text.can_extend
         self._check_writable()
         self._cache = {}
+        self._streams = {}
 
     def _fold(self, word: str) -> str:
         return word if self.case_sensitive else word.casefold()
@@ -320,9 +322,73 @@ class Lexicon(Reward):
             total = total + torch.where(hit, weights[at], 0.0).sum(-1)
         return total
 
+    # -- the incremental form --------------------------------------------------------------
+
+    def _stream(self, device):
+        """``(WordStream, scorer)`` for ``device``, or ``None`` where words are read by
+        decoding text (``mode='text'``, or a tokenizer whose table does not match)."""
+        if self.mode != "tokens" or self._exact_text is None:
+            return None
+        if device not in self._streams:
+            keys, base, phrases, _, _ = self._tables(device)
+            vocab = sorted({w for words in self.phrases for w in words}, key=_word_key)
+            index = {w: i + 1 for i, w in enumerate(vocab)}
+            stream = self._streams.get("host")
+            if stream is None:
+                stream = self._streams["host"] = WordStream(
+                    self._exact_text, self._fold, lambda cps: (_hash(cps, 0), _hash(cps, 1)),
+                    _PRIMES, _BASES, index, self._can_extend,
+                    max(len(words) for words in self.phrases) - 1)
+            self._streams[device] = stream, _Scorer(keys, base, phrases)
+        return self._streams[device]
+
+    def initial_state(self, rows: int, device: torch.device) -> dict | None:
+        """Streaming words (:mod:`pyro_lm.rewards.word_stream`) in ``mode='tokens'``."""
+        found = self._stream(device)
+        return None if found is None else found[0].initial(rows, device)
+
+    def advance(self, state: dict, token: torch.Tensor, t: int) -> dict:
+        stream, scorer = self._stream(token.device)
+        return stream.advance(state, token, self.eos, scorer)
+
+    def prefix_value(self, state: dict, x: torch.Tensor) -> torch.Tensor:
+        stream, scorer = self._stream(x.device)
+        value = stream.value(state, is_complete(x, self.eos), scorer)
+        slow = state["slow"]
+        if bool(slow.any()):  # rows with text the stream does not read: the batched reader
+            rows = slow.nonzero().squeeze(-1)
+            value = value.index_put((rows,), self._forward_tokens(x.index_select(0, rows)))
+        return value
+
     def __repr__(self) -> str:
         return (f"Lexicon(name={self.name!r}, mode={self.mode!r}, "
                 f"case_sensitive={self.case_sensitive}, {len(self.phrases)} keys)")
+
+
+class _Scorer:
+    """What settling a word adds, on one device: its id among the lexicon's words, and
+    the weights of the phrases that end with it (see :class:`WordStream`)."""
+
+    def __init__(self, keys, base, phrases):
+        self.keys, self.base, self.phrases = keys, base, phrases
+
+    def word_id(self, pending: torch.Tensor) -> torch.Tensor:
+        key = pending[:, 0] * _PRIMES[1] + pending[:, 1]
+        at = torch.searchsorted(self.keys, key).clamp(max=self.keys.numel() - 1)
+        return torch.where(self.keys[at] == key, at + 1, 0)
+
+    def weight(self, history: torch.Tensor, word: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(word.shape, dtype=torch.float32, device=word.device)
+        for n, codes, weights in self.phrases:
+            window = word[:, None] if n == 1 else torch.cat(
+                [history[:, history.shape[1] - n + 1:], word[:, None]], -1)
+            code = window[:, 0]
+            for j in range(1, n):
+                code = code * self.base + window[:, j]
+            at = torch.searchsorted(codes, code).clamp(max=codes.numel() - 1)
+            hit = (window > 0).all(-1) & (codes[at] == code)
+            total = total + torch.where(hit, weights[at], 0.0)
+        return total
 
 
 def _next_power_of_two(n: int) -> int:

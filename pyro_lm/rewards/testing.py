@@ -27,6 +27,7 @@ import torch
 
 from pyro_lm.distributions.prefix import is_complete, prefix_context
 from pyro_lm.rewards.base import Reward, as_values
+from pyro_lm.rewards.incremental import RewardStates
 
 __all__ = ["PrefixContractError", "check_prefix_contract"]
 
@@ -57,7 +58,9 @@ def check_prefix_contract(reward, completions: torch.Tensor | None = None, *, lm
     (ids and text): a prefix scoring NaN or ``+inf``; a prefix scoring ``-inf`` whose
     completion scores more (a finite value: that completion is allowed, so the prefix
     must not be pruned); a complete prefix (it emitted EOS) scoring other than its
-    completion; a completion scoring NaN or ``+inf``.
+    completion; a completion scoring NaN or ``+inf``; for a reward with an incremental
+    form (:mod:`pyro_lm.rewards.incremental`), a prefix on which it and
+    :meth:`~pyro_lm.rewards.Reward.forward` disagree.
 
     :param reward: a :class:`~pyro_lm.rewards.Reward` or any callable
         ``(N, T) -> (N,)``.
@@ -117,12 +120,24 @@ def check_prefix_contract(reward, completions: torch.Tensor | None = None, *, lm
             raise PrefixContractError(f"reward {name!r} is {what} on the completion "
                                       f"{show(x[i], None)}; a reward is a real number or -inf")
     big_t, checked = x.shape[-1], 0
+    incremental = isinstance(reward, Reward) and reward.initial_state(1, x.device) is not None
+    states = RewardStates()
     for t in range(big_t):
         prefix = x.clone()
         prefix[:, t:] = pad
         with prefix_context(t):
             value = _values(reward, prefix, f"prefixes of length {t}")
             done = is_complete(prefix, eos)
+            if incremental:  # the incremental form, token by token, must agree
+                with states:
+                    states.begin()
+                    hits = states.hits
+                    step = states.evaluate(reward, prefix, t)
+                if step is None or states.hits != hits + 1:
+                    raise PrefixContractError(f"reward {name!r}: its incremental state was not "
+                                              f"used on the prefixes of length {t}")
+                step = as_values(step, prefix, name, f" (incremental) on prefixes of length {t}",
+                                 PrefixContractError)
         checked += x.shape[0]
         problems = [
             (value.isnan(), "NaN on the prefix {p}"),
@@ -136,6 +151,12 @@ def check_prefix_contract(reward, completions: torch.Tensor | None = None, *, lm
              "{v} on the complete prefix {p}, but {f} on the completion {c}: once EOS is "
              "emitted the prefix is the completion"),
         ]
+        if incremental:
+            problems.append((~(torch.isclose(step, value, atol=atol, rtol=0)
+                               | (step.isneginf() & value.isneginf())),
+                             "{s} on the prefix {p} by its incremental form (initial_state, "
+                             "advance, prefix_value), but {v} by forward: the two forms must "
+                             "agree"))
         for bad, message in problems:
             if bad.any():
                 rows = bad.nonzero()[:, 0]
@@ -146,7 +167,8 @@ def check_prefix_contract(reward, completions: torch.Tensor | None = None, *, lm
                 raise PrefixContractError(
                     f"reward {name!r} is " + message.format(
                         p=f"{show(x[i], t)} of length {t}", c=show(x[i], None),
-                        f=_fmt(final[i]), v=_fmt(value[i])) + more)
+                        f=_fmt(final[i]), v=_fmt(value[i]),
+                        s=_fmt(step[i]) if incremental else "") + more)
     return checked
 
 

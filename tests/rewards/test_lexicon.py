@@ -17,6 +17,7 @@ from pyro_lm.data import generate_corpus, prose, vocabulary
 from pyro_lm.distributions import prefix_context
 from pyro_lm.lm import toy_tokenizer
 from pyro_lm.rewards import Lexicon
+from pyro_lm.rewards.incremental import RewardStates
 
 ARCHS = ["gpt2", "mistral"]
 MODES = ["tokens", "text"]
@@ -128,6 +129,7 @@ def test_on_prefixes_a_word_counts_once_it_has_ended(arch, sentences, weights):
     vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
     finals = [tok.decode(r) for r in rows]
     found = [occurrences(f, weights) for f in finals]
+    states = RewardStates()  # the incremental form, token by token, must say the same
     for t in range(1, x.shape[1]):
         prefix = x.clone()
         prefix[:, t:] = tok.eos_token_id
@@ -146,6 +148,10 @@ def test_on_prefixes_a_word_counts_once_it_has_ended(arch, sentences, weights):
             for lex in lexicons:
                 got = lex(prefix)
                 assert got.tolist() == want, (t, lex.mode)
+            with states:
+                states.begin()
+                assert lexicons[0](prefix).tolist() == want, (t, "incremental")
+    assert states.hits == x.shape[1] - 1  # every prefix was read from the state
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -157,9 +163,15 @@ def test_random_token_sequences_score_alike_in_both_modes(arch):
     words = {"the": 1.0, "a": -1.0, "e": 0.5, "is": 2.0, "st": -2.0, "on e": 3.0, "東": 4.0}
     tokens, text = (Lexicon(tok, words, mode=m) for m in MODES)
     assert torch.equal(tokens(x), text(x))
+    states = RewardStates()
     for t in range(8):
         with prefix_context(t):
             assert torch.equal(tokens(x), text(x)), t
+            with states:
+                states.begin()
+                assert torch.equal(tokens(x.masked_fill(torch.arange(8) >= t, 0)),
+                                   text(x.masked_fill(torch.arange(8) >= t, 0))), t
+    assert states.hits == 8
 
 
 @pytest.mark.parametrize("mode", MODES)

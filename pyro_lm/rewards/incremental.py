@@ -1,0 +1,158 @@
+r"""Incremental rewards: a reward's value on a growing prefix, updated token by token.
+
+Token-level SMC evaluates a model's factors on the prefixes :math:`x_{\le 1}, x_{\le 2},
+\ldots` of the same rows, and a reward that reads the whole prefix (decoding it, matching
+its words) then costs :math:`O(t)` at step :math:`t`, :math:`O(T^2)` per run. A reward
+with an *incremental form* keeps a per-row state instead,
+
+.. math::
+
+    s_0 = \mathrm{init}(N), \qquad s_{t+1} = \mathrm{advance}(s_t, x_{t+1}), \qquad
+    \phi(x_{\le t}) = \mathrm{value}(s_t, x_{\le t}),
+
+with :math:`\phi` exactly the value :meth:`~pyro_lm.rewards.Reward.forward` returns on the
+prefix (a reward's contract, :mod:`pyro_lm.rewards.base`, is unchanged: an incremental
+form is only a cheaper way to compute the same numbers). A reward declares it by
+implementing :meth:`~pyro_lm.rewards.Reward.initial_state`,
+:meth:`~pyro_lm.rewards.Reward.advance` and :meth:`~pyro_lm.rewards.Reward.prefix_value`;
+:func:`~pyro_lm.rewards.check_prefix_contract` checks the two forms agree.
+
+:class:`RewardStates` holds the states while an algorithm evaluates prefixes (SMC opens
+one per run; :func:`~pyro_lm.infer.prefix_elbo.prefix_factors` one per call). Inside it,
+a reward called on a prefix looks up its state (keyed by the reward and by its place
+among the reward calls of one evaluation of the model), checks that the rows' tokens
+before the state's length are the ones the state was built from, advances it over the
+new columns and returns its value. Whenever that check fails (other rows, a shorter
+prefix, tokens that changed) the reward's :meth:`~pyro_lm.rewards.Reward.forward` is
+used and the state is left as it was, so the result is exact whatever the model does
+with its values. On resampling, the algorithm calls :meth:`RewardStates.reorder` so
+that the states follow their rows. The same object defers the rewards' NaN / ``+inf``
+checks to :meth:`RewardStates.check` (one per reward and run, rather than a host sync
+per call); the error still names the reward.
+
+A state is a dict of tensors whose first dim is the row.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+import torch
+
+__all__ = ["RewardStates", "active_states"]
+
+_ACTIVE: contextvars.ContextVar[RewardStates | None] = contextvars.ContextVar(
+    "pyro_lm_reward_states", default=None)
+
+
+def active_states() -> RewardStates | None:
+    """The :class:`RewardStates` in effect, or ``None``."""
+    return _ACTIVE.get()
+
+
+class _Entry:
+    """One reward call site's state: ``state`` (tensors with a leading row dim), the
+    ``tokens`` ``(R, T)`` it was built from, valid in columns ``< length``."""
+
+    __slots__ = ("state", "tokens", "length")
+
+    def __init__(self, state, tokens):
+        self.state, self.tokens, self.length = state, tokens, 0
+
+
+class RewardStates:
+    """The incremental rewards' states of one run over growing prefixes of the same rows.
+
+    Used as a context manager by the algorithm that evaluates prefixes; every reward
+    called inside it on a prefix (:func:`~pyro_lm.distributions.prefix_context`) with an
+    incremental form uses its state. :meth:`begin` marks the start of each evaluation of
+    the model (reward calls are numbered within one), :meth:`reorder` makes the states
+    follow resampled rows, :meth:`check` raises the NaN / ``+inf`` errors deferred during
+    the run.
+
+    >>> import torch
+    >>> from pyro_lm.distributions import prefix_context
+    >>> from pyro_lm.lm import toy_lm
+    >>> from pyro_lm.rewards import Lexicon
+    >>> lm = toy_lm(vocab_size=4)
+    >>> reward = Lexicon(lm, {lm.tokenizer.decode([2]).strip(): 1.0})
+    >>> x = torch.tensor([[2, 2, 1], [1, 2, 0]])
+    >>> with RewardStates() as states:
+    ...     for t in (1, 2, 3):
+    ...         states.begin()
+    ...         with prefix_context(t):
+    ...             value = reward(x.masked_fill(torch.arange(3) >= t, lm.pad_token_id))
+    >>> value.tolist(), states.hits
+    ([2.0, 1.0], 3)
+    """
+
+    def __init__(self):
+        self._entries: dict = {}
+        self._calls: dict = {}
+        self._flags: dict = {}
+        self._token = None
+        #: reward calls answered from a state (a count, for tests and benchmarks)
+        self.hits = 0
+
+    def __enter__(self):
+        self._token = _ACTIVE.set(self)
+        return self
+
+    def __exit__(self, *exc_info):
+        _ACTIVE.reset(self._token)
+        self._token = None
+
+    def begin(self) -> None:
+        """A new evaluation of the model starts: number its reward calls from 0."""
+        self._calls.clear()
+
+    def evaluate(self, reward, x: torch.Tensor, t: int):
+        """``reward``'s value ``(R,)`` on the prefixes ``x`` ``(R, T)`` of length ``t``
+        from its state, or ``None`` where the state does not apply (the caller then uses
+        :meth:`~pyro_lm.rewards.Reward.forward`)."""
+        occurrence = self._calls.get(id(reward), 0)
+        self._calls[id(reward)] = occurrence + 1
+        key = (id(reward), occurrence, x.shape[0])
+        entry = self._entries.get(key)
+        if entry is None:
+            state = reward.initial_state(x.shape[0], x.device)
+            if state is None:
+                return None
+            entry = self._entries[key] = _Entry(state, torch.empty_like(x))
+        tokens, start = entry.tokens, entry.length
+        if tokens.shape != x.shape or tokens.device != x.device or t < start \
+                or not torch.equal(tokens[:, :start], x[:, :start]):
+            return None
+        for column in range(start, t):
+            entry.state = reward.advance(entry.state, x[:, column], column)
+        tokens[:, start:t] = x[:, start:t]
+        entry.length = t
+        self.hits += 1
+        return reward.prefix_value(entry.state, x)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows follow their ancestors ``index`` ``(R,)`` (after resampling); states of
+        another number of rows (a subset, candidates) are dropped."""
+        for key, entry in list(self._entries.items()):
+            if entry.tokens.shape[0] != index.numel():
+                del self._entries[key]
+                continue
+            entry.tokens = entry.tokens.index_select(0, index)
+            entry.state = {k: v.index_select(0, index) for k, v in entry.state.items()}
+
+    def flag(self, name: str, values: torch.Tensor) -> None:
+        """Record, without a host sync, whether ``values`` hold NaN or ``+inf``."""
+        bad = torch.stack([values.isnan().any(), values.isposinf().any()])
+        seen = self._flags.get(name)
+        self._flags[name] = bad if seen is None else seen | bad
+
+    def check(self) -> None:
+        """Raise the first deferred NaN / ``+inf`` error, naming the reward."""
+        for name, (nan, posinf) in ((k, v.tolist()) for k, v in self._flags.items()):
+            if nan:
+                raise ValueError(f"reward {name!r} returned NaN on some prefix; a reward must "
+                                 "be a real number or -inf (hard constraint). Check the reward "
+                                 "function on prefixes (pyro_lm.rewards.check_prefix_contract)")
+            if posinf:
+                raise ValueError(f"reward {name!r} returned +inf on some prefix; a reward must "
+                                 "be a real number or -inf (hard constraint)")

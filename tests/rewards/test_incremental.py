@@ -1,0 +1,172 @@
+"""Incremental rewards: the same prefix values as ``forward``, from states that follow their
+rows; SMC with them is exact against enumeration, and bitwise the run without them."""
+
+import math
+
+import pyro
+import pytest
+import torch
+from conftest import make_subword_lm
+
+import pyro_lm
+from pyro_lm.distributions import prefix_context
+from pyro_lm.exact import enumerate_model
+from pyro_lm.infer import SMC
+from pyro_lm.lm import toy_lm
+from pyro_lm.rewards import (
+    Callable,
+    Lexicon,
+    PrefixContractError,
+    Reward,
+    RewardStates,
+    TokenCounts,
+    check_prefix_contract,
+)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return pyro_lm.CausalLM.from_pretrained(pyro_lm.bundled_model_path("tinylm-bpe"))
+
+
+def rewards_of(lm):
+    return [Lexicon(lm, {"the": -0.5, "good": 1.0, "very good": 2.0, "is": -3.0}),
+            TokenCounts(lm, {1: 1.0, 5: -2.0})]
+
+
+@pytest.mark.parametrize("which", ["lexicon", "counts"])
+def test_states_follow_resampled_rows_and_fall_back_when_rows_change(bpe, which):
+    reward = rewards_of(bpe)[["lexicon", "counts"].index(which)]
+    x = pyro_lm.LMDistribution(bpe, "Review:", 24).sample((32,))
+    gen = torch.Generator().manual_seed(0)
+    with RewardStates() as states:
+        for t in range(25):
+            prefix = x.masked_fill(torch.arange(24) >= t, bpe.pad_token_id)
+            states.begin()
+            with prefix_context(t):
+                assert torch.equal(reward(prefix), reward.forward(prefix)), t
+            if t % 5 == 4:  # resampling: the rows, and their states, follow ancestors
+                index = torch.randint(32, (32,), generator=gen)
+                x = x.index_select(0, index)
+                states.reorder(index)
+        assert states.hits == 25
+        # another prefix of other tokens, or a shorter one: forward, the state untouched
+        changed = x.clone()
+        changed[:, 0] = (changed[:, 0] + 1) % 500
+        for t, prefix in [(24, changed), (3, x.masked_fill(torch.arange(24) >= 3, 0))]:
+            states.begin()
+            with prefix_context(t):
+                assert torch.equal(reward(prefix), reward.forward(prefix))
+        assert states.hits == 25
+
+
+def test_reward_calls_are_numbered_within_an_evaluation(bpe):
+    """One reward on two sites' values keeps one state per call."""
+    reward = rewards_of(bpe)[0]
+    a, b = (pyro_lm.LMDistribution(bpe, p, 16).sample((8,)) for p in ("Review:", "The"))
+    with RewardStates() as states:
+        for t in range(17):
+            pa, pb = (v.masked_fill(torch.arange(16) >= t, 0) for v in (a, b))
+            states.begin()
+            with prefix_context(t):
+                assert torch.equal(reward(pa), reward.forward(pa))
+                assert torch.equal(reward(pb), reward.forward(pb))
+    assert states.hits == 2 * 17
+
+
+def test_check_prefix_contract_compares_the_two_forms(bpe):
+    for reward in rewards_of(bpe):
+        assert check_prefix_contract(reward, lm=bpe, prompts="Review:", max_new_tokens=12,
+                                     num_samples=16) == 16 * 12
+
+    class Drifting(TokenCounts):  # its incremental form forgets the first token
+        def advance(self, state, token, t):
+            return state if t == 0 else super().advance(state, token, t)
+
+    with pytest.raises(PrefixContractError, match="incremental form.*must agree"):
+        check_prefix_contract(Drifting(bpe, {i: 1.0 for i in range(3, 400)}), lm=bpe,
+                              prompts="Review:", max_new_tokens=6, num_samples=16)
+
+
+@pytest.mark.parametrize("steps", ["token", 2, "word"])
+def test_smc_with_incremental_rewards_is_exact(monkeypatch, steps):
+    """" the" + "y" is " they": the pending word, -inf settling late, and token counts."""
+    lm = make_subword_lm()
+    reward = Lexicon(lm, {"the": -math.inf, "cat": -1.0, "the cat": 2.0})
+    counts = TokenCounts(lm, {"Ġthe": 2.0, "y": 1.0, ".": -0.4})  # " the" + "y" matters
+
+    def model():
+        x = pyro.sample("x", pyro_lm.LMDistribution(lm, lm.tokenizer.eos_token, 4))
+        pyro.factor("r", reward(x) + counts(x))
+
+    exact = enumerate_model(model)
+    used = []
+    evaluate = RewardStates.evaluate
+
+    def spy(self, *args):
+        out = evaluate(self, *args)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(RewardStates, "evaluate", spy)
+    pyro.set_rng_seed(0)
+
+    def plated():  # 400 independent runs at once: a plate of identical prompts
+        with pyro.plate("runs", 400):
+            x = pyro.sample("x", pyro_lm.LMDistribution(lm, lm.tokenizer.eos_token, 4))
+            pyro.factor("r", reward(x) + counts(x))
+
+    post = SMC(plated, num_particles=16, steps=steps).run()
+    assert sum(used) > 0.5 * len(used)
+    ratio = (post.log_normalizer() - exact.log_Z).exp()
+    se = ratio.std() / math.sqrt(ratio.numel())
+    assert abs(ratio.mean() - 1) < 4 * se, (ratio.mean(), se)
+    assert not torch.isneginf(post.log_normalizer()).all()
+
+
+def test_smc_is_bitwise_the_run_without_states(bpe, monkeypatch):
+    """The same seed, with and without the incremental form: the same particles and Z."""
+    reward = rewards_of(bpe)[0]
+
+    def model():
+        x = pyro.sample("x", pyro_lm.LMDistribution(bpe, "Review:", 16))
+        pyro.factor("r", reward(x))
+
+    runs = []
+    for incremental in (True, False):
+        if not incremental:
+            monkeypatch.setattr(Lexicon, "initial_state", lambda self, rows, device: None)
+        pyro.set_rng_seed(3)
+        post = SMC(model, num_particles=32, ess_threshold=0.9).run()
+        runs.append((post.samples["x"], post.log_weights))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_smc_names_a_reward_that_returns_nan_on_some_prefix(bad):
+    lm = toy_lm(vocab_size=4)
+
+    def odd(x):  # NaN / +inf on prefixes of length 2 only
+        from pyro_lm.distributions import prefix_length
+        return torch.full(x.shape[:-1], bad if prefix_length() == 2 else 0.0)
+
+    reward = Callable(odd, name="odd")
+
+    def model():
+        x = pyro.sample("x", pyro_lm.LMDistribution(lm, "t1", 3))
+        pyro.factor("r", reward(x))
+
+    what = "NaN" if bad != bad else r"\+inf"
+    with pytest.raises(ValueError, match=f"reward 'odd' returned {what} on some prefix"):
+        SMC(model, num_particles=8).run()
+
+
+def test_token_counts_errors_name_the_argument(bpe):
+    with pytest.raises(ValueError, match="weights: key 'nope' is not a token"):
+        TokenCounts(bpe, {"nope": 1.0})
+    with pytest.raises(ValueError, match=r"weights\[3\]: expected a real number"):
+        TokenCounts(bpe, {3: math.inf})
+    with pytest.raises(ValueError, match="weights: expected a non-empty dict"):
+        TokenCounts(bpe, {})
+    assert isinstance(TokenCounts(bpe, {3: 1.0}), Reward)
