@@ -96,6 +96,16 @@ class Populations:
         self._lse.append(weights.logsumexp(0))  # (B,)
         self._lse2.append((2 * weights).logsumexp(0))
 
+    def unchanged(self) -> None:
+        """Record a token after which every weight and potential is what it was."""
+        if not self._lse:
+            weights = self.log_w.view(self.num_particles, self.num_populations)
+            self._lse.append(weights.logsumexp(0))
+            self._lse2.append((2 * weights).logsumexp(0))
+        else:
+            self._lse.append(self._lse[-1])
+            self._lse2.append(self._lse2[-1])
+
     def resample(self):
         """Resample the populations whose ESS is below the threshold: rows, potentials,
         weights and the decoders' caches (their logits are left to the next ``advance``).
@@ -196,7 +206,10 @@ def decode(pop: Populations, step, sync_every: int, on_resample=None,
         final = last or ((t + 1) % sync_every == 0 and bool(pop.done.all()))
         if steps is not None:
             pop.at_end = None if final else steps.ends(token, t, ended, pop.done)
-        pop.reweight(*step.weigh(pop, token, t, ended, final, last))
+        if pop.at_end is False and getattr(step, "between_steps_free", False):
+            pop.unchanged()  # no step ends here and nothing else moves a weight
+        else:
+            pop.reweight(*step.weigh(pop, token, t, ended, final, last))
         if final or pop.at_end is False:
             pop.stop()
             if final:

@@ -114,6 +114,12 @@ class BootstrapProposal:
             ~some.squeeze(-1), -math.inf)
         return token
 
+    @property
+    def between_steps_free(self) -> bool:
+        """Whether a token that ends no step leaves every weight as it is (no prior ratio,
+        no mask), so that :meth:`weigh` may be skipped there (step-level SMC)."""
+        return self.decoder_p is None and self.mask is None
+
     def weigh(self, pop, token, t: int, ended, final: bool, last: bool):
         """``(phi, increment)``, each ``(R,)``; a row whose potential was already
         ``-inf`` stays dead (avoid ``-inf - -inf``)."""
