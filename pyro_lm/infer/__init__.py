@@ -13,6 +13,7 @@ from pyro_lm.infer.prefix_elbo import PrefixSequenceELBO
 from pyro_lm.infer.qrs import QRS, pick_log_bound
 from pyro_lm.infer.replay import ReplayBuffer
 from pyro_lm.infer.smc import SMC
+from pyro_lm.infer.subtrajectory_balance import SubTrajectoryBalance
 from pyro_lm.infer.trajectory_balance import LogPartition, TrajectoryBalance
 from pyro_lm.infer.twist import TwistFit, ValueTwist, fit_twist
 
@@ -20,4 +21,4 @@ __all__ = ["AutoLMGuide", "WeightedPosterior", "check_log_weights",
            "SequenceELBO", "PrefixSequenceELBO", "fit", "DPG", "QRS", "pick_log_bound", "IMH",
            "MomentConstraint", "MomentFit", "fit_moments", "Importance", "SMC",
            "ValueTwist", "TwistFit", "fit_twist", "TrajectoryBalance", "LogPartition",
-           "ReplayBuffer"]
+           "ReplayBuffer", "SubTrajectoryBalance"]

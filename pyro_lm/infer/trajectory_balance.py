@@ -31,10 +31,10 @@ before). Pyro's per-parameter optimiser options give :math:`\log Z_\phi` its own
 usually larger, learning rate, e.g.
 ``pyro.optim.Adam(lambda name, _: {"lr": 0.1 if name == "tb_log_Z" else 1e-4})``.
 
-Sub-trajectory balance (residuals between prefixes, with the prefix potentials as
-flows) is not implemented: the factors evaluated on a prefix are not the flow
-:math:`Z p^*(x_{\le t})` of that prefix, so balancing them would fit the guide to a
-different target; it needs a learned flow per prefix (e.g. a twist head).
+Sub-trajectory balance is :class:`~pyro_lm.infer.SubTrajectoryBalance`: the flow of a
+prefix is not its potential (the factors evaluated on the prefix, as SMC sees them), which
+would fit the guide to another target, but what the prefix earns by stopping there,
+:math:`F(s) = \tilde p(s\top) / q(\top \mid s)` [2], so no learned flow is needed.
 
 References
 
