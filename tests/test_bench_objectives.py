@@ -14,7 +14,8 @@ def test_objectives_quick_run(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "objectives.py"), "--quick",
                            "--plot", str(plot)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for text in ("| TB(+SMC replay) |", "| DPG(smc) less SMC.run |", "DPG(smc) exact KL(p*‖q)",
+    for text in ("| TB(+SMC replay) |", "| SubTB(+SMC replay) |", "| SubTB |",
+                 "| DPG(smc) less SMC.run |", "DPG(smc) exact KL(p*‖q)", "SubTB exact KL(q‖p*)",
                  "|---|"):
         assert text in proc.stdout, text
     assert plot.stat().st_size > 1000  # a PNG was written
