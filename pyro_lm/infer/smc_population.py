@@ -198,6 +198,8 @@ def decode(pop: Populations, step, sync_every: int, on_resample=None,
     """
     big_t = pop.x.shape[-1]
     states = active_states()  # incremental rewards' states follow their rows
+    if states is not None:
+        states.rows = pop.x.shape[0]
     for t in range(big_t):
         last = t + 1 == big_t
         ended = pop.done  # rows that had ended before this token

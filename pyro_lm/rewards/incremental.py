@@ -25,7 +25,10 @@ before the state's length are the ones the state was built from, advances it ove
 new columns and returns its value. Whenever that check fails (other rows, a shorter
 prefix, tokens that changed) the reward's :meth:`~pyro_lm.rewards.Reward.forward` is
 used and the state is left as it was, so the result is exact whatever the model does
-with its values. On resampling, the algorithm calls :meth:`RewardStates.reorder` so
+with its values. With :attr:`RewardStates.rows` set, a call on ``C`` times as many rows is
+read as ``C`` candidate next tokens of each row (block ``c`` of the rows holding candidate
+``c``), as SMC's lookahead proposal scores them: the rows' state is copied ``C`` times and
+advanced by the candidates. On resampling, the algorithm calls :meth:`RewardStates.reorder` so
 that the states follow their rows. The same object defers the rewards' NaN / ``+inf``
 checks to :meth:`RewardStates.check` (one per reward and run, rather than a host sync
 per call); the error still names the reward.
@@ -93,6 +96,10 @@ class RewardStates:
         self._token = None
         #: reward calls answered from a state (a count, for tests and benchmarks)
         self.hits = 0
+        #: the number of rows whose prefixes grow (set by the algorithm, e.g. SMC's
+        #: particles x prompts): a call on a multiple of them is read as candidate
+        #: extensions of those rows by one token (the lookahead proposal's)
+        self.rows = None
 
     def __enter__(self):
         self._token = _ACTIVE.set(self)
@@ -113,12 +120,12 @@ class RewardStates:
         occurrence = self._calls.get(id(reward), 0)
         self._calls[id(reward)] = occurrence + 1
         key = (id(reward), occurrence, x.shape[0])
-        entry = self._entries.get(key)
+        rows = self.rows
+        if rows and t > 0 and x.shape[0] != rows and x.shape[0] % rows == 0:
+            return self._candidates(reward, key, x, t)  # a lookahead's candidates
+        entry = self._entry(reward, key, x)
         if entry is None:
-            state = reward.initial_state(x.shape[0], x.device)
-            if state is None:
-                return None
-            entry = self._entries[key] = _Entry(state, torch.empty_like(x))
+            return None
         tokens, start = entry.tokens, entry.length
         if tokens.shape != x.shape or tokens.device != x.device or t < start \
                 or not torch.equal(tokens[:, :start], x[:, :start]):
@@ -129,6 +136,44 @@ class RewardStates:
         entry.length = t
         self.hits += 1
         return reward.prefix_value(entry.state, x)
+
+    def _candidates(self, reward, key, x: torch.Tensor, t: int):
+        """Values on ``C`` candidate extensions of the rows of a state (``x`` ``(C R, T)``,
+        block ``c`` holding the ``R`` rows with candidate token ``c`` at ``t - 1``), as the
+        lookahead proposal asks for them; the state itself is advanced to ``t - 1`` (by the
+        rows' own tokens) but not past it. ``None`` if no state's rows fit."""
+        rows = self.rows
+        c = x.shape[0] // rows
+        blocks = x.view(c, rows, x.shape[-1])
+        own = blocks[0]
+        entry = self._entry(reward, key[:2] + (rows,), own)
+        if entry is None:
+            return None
+        start = entry.length
+        if entry.tokens.shape != own.shape or t - 1 < start \
+                or not torch.equal(entry.tokens[:, :start], own[:, :start]) \
+                or not torch.equal(blocks[:, :, : t - 1],
+                                   own[None, :, : t - 1].expand(c, rows, t - 1)):
+            return None
+        for column in range(start, t - 1):
+            entry.state = reward.advance(entry.state, own[:, column], column)
+        entry.tokens[:, start:t - 1] = own[:, start:t - 1]
+        entry.length = t - 1
+        state = {k: v.repeat((c,) + (1,) * (v.dim() - 1)) for k, v in entry.state.items()}
+        state = reward.advance(state, x[:, t - 1], t - 1)
+        self.hits += 1
+        return reward.prefix_value(state, x)
+
+    def _entry(self, reward, key, x):
+        """The state of call site ``key`` over rows like ``x``, made if missing (``None``
+        if the reward has no incremental form)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            state = reward.initial_state(x.shape[0], x.device)
+            if state is None:
+                return None
+            entry = self._entries[key] = _Entry(state, torch.empty_like(x))
+        return entry
 
     def reorder(self, index: torch.Tensor) -> None:
         """Rows follow their ancestors ``index`` ``(R,)`` (after resampling); states of

@@ -6,7 +6,6 @@ import math
 import pyro
 import pytest
 import torch
-from conftest import make_subword_lm
 
 import pyro_lm
 from pyro_lm.distributions import prefix_context
@@ -88,10 +87,11 @@ def test_check_prefix_contract_compares_the_two_forms(bpe):
                               prompts="Review:", max_new_tokens=6, num_samples=16)
 
 
-@pytest.mark.parametrize("steps", ["token", 2, "word"])
-def test_smc_with_incremental_rewards_is_exact(monkeypatch, steps):
+@pytest.mark.parametrize("steps,lookahead", [("token", None), (2, None), ("word", None),
+                                             ("token", "full"), ("token", 4)])
+def test_smc_with_incremental_rewards_is_exact(monkeypatch, subword_lm, steps, lookahead):
     """" the" + "y" is " they": the pending word, -inf settling late, and token counts."""
-    lm = make_subword_lm()
+    lm = subword_lm
     reward = Lexicon(lm, {"the": -math.inf, "cat": -1.0, "the cat": 2.0})
     counts = TokenCounts(lm, {"Ġthe": 2.0, "y": 1.0, ".": -0.4})  # " the" + "y" matters
 
@@ -116,7 +116,7 @@ def test_smc_with_incremental_rewards_is_exact(monkeypatch, steps):
             x = pyro.sample("x", pyro_lm.LMDistribution(lm, lm.tokenizer.eos_token, 4))
             pyro.factor("r", reward(x) + counts(x))
 
-    post = SMC(plated, num_particles=16, steps=steps).run()
+    post = SMC(plated, num_particles=16, steps=steps, lookahead=lookahead).run()
     assert sum(used) > 0.5 * len(used)
     ratio = (post.log_normalizer() - exact.log_Z).exp()
     se = ratio.std() / math.sqrt(ratio.numel())
@@ -124,8 +124,10 @@ def test_smc_with_incremental_rewards_is_exact(monkeypatch, steps):
     assert not torch.isneginf(post.log_normalizer()).all()
 
 
-def test_smc_is_bitwise_the_run_without_states(bpe, monkeypatch):
-    """The same seed, with and without the incremental form: the same particles and Z."""
+@pytest.mark.parametrize("lookahead", [None, 8])
+def test_smc_is_bitwise_the_run_without_states(bpe, monkeypatch, lookahead):
+    """The same seed, with and without the incremental form: the same particles and Z
+    (with the lookahead, its candidates are read from the particles' states too)."""
     reward = rewards_of(bpe)[0]
 
     def model():
@@ -137,7 +139,7 @@ def test_smc_is_bitwise_the_run_without_states(bpe, monkeypatch):
         if not incremental:
             monkeypatch.setattr(Lexicon, "initial_state", lambda self, rows, device: None)
         pyro.set_rng_seed(3)
-        post = SMC(model, num_particles=32, ess_threshold=0.9).run()
+        post = SMC(model, num_particles=32, ess_threshold=0.9, lookahead=lookahead).run()
         runs.append((post.samples["x"], post.log_weights))
     assert torch.equal(runs[0][0], runs[1][0])
     assert torch.equal(runs[0][1], runs[1][1])
