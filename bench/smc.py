@@ -129,6 +129,7 @@ def main(args):
     two_site = two_site_ratios(args, device, lm)
     step_rows = steps_ratios(args, device, model, prompt[0], dist, n)
     length_rows = length_overheads(args, device)
+    incremental_rows = incremental_ratios(args, device, lm, prompt[0], dist, n)
     rows = [row("plain sampling (LMDistribution.sample)", "sample"),
             row("plain sampling inside torch.inference_mode()", "sample_im"),
             row("pyro_lm SMC, bootstrap proposal", "smc"),
@@ -170,7 +171,8 @@ def main(args):
             "model decodes a step of 64 rows in about 0.4 ms here.\n\n"
             + two_site_section(args, two_site)
             + "\n\n" + steps_section(args, step_rows)
-            + ("\n\n" + lengths_section(args, length_rows) if length_rows else ""))
+            + ("\n\n" + lengths_section(args, length_rows) if length_rows else "")
+            + "\n\n" + incremental_section(args, incremental_rows))
     if not args.quick:
         write_section("smc", body)
     print(body)
@@ -234,6 +236,89 @@ def steps_section(args, rows):
             "run once per k tokens and resampling is decided once per k tokens; with word or "
             "sentence steps the factors run at tokens where some particle reaches a step end, "
             "on those particles alone (one prompt, on the host).")
+
+
+class without_states:
+    """Within this context, the given reward classes have no incremental form (every prefix
+    read whole by ``forward``): the "before" of the incremental-rewards table."""
+
+    def __init__(self, *classes):
+        self.classes, self.saved = classes, None
+
+    def __enter__(self):
+        self.saved = [c.__dict__.get("initial_state") for c in self.classes]
+        for c in self.classes:
+            c.initial_state = lambda self, rows, device: None
+
+    def __exit__(self, *exc):
+        for c, saved in zip(self.classes, self.saved, strict=True):
+            if saved is None:
+                del c.initial_state
+            else:
+                c.initial_state = saved
+
+
+def incremental_ratios(args, device, peers_lm, peers_prompt, peers_dist, n):
+    """``[(task, contender, s incremental, s forward, s plain sampling)]``: SMC with the
+    rewards' incremental form (:mod:`pyro_lm.rewards.incremental`) against the same run
+    reading every prefix whole, interleaved."""
+    from pyro_lm.programs import positive_reviews_reward, reward_model, task_prompt
+    from pyro_lm.rewards import Lexicon, TokenCounts
+
+    bpe = pyro_lm.CausalLM.from_pretrained(pyro_lm.bundled_model_path("tinylm-bpe"),
+                                           device=device)
+    lexicon = positive_reviews_reward(bpe.tokenizer)
+    bpe_prompt = [task_prompt(bpe)]
+    counts = TokenCounts(peers_lm, {TOKEN: 1.0})
+
+    def peers_model(prompt, t=args.max_new_tokens):
+        x = pyro.sample("x", pyro_lm.LMDistribution(peers_lm, prompt, t))
+        pyro.factor("reward", counts(x) / BETA)
+
+    cases = [("peers' task, TokenCounts", peers_model, peers_prompt, peers_dist, {})]
+    for t in ([args.max_new_tokens] if args.quick else [args.max_new_tokens, 100]):
+        model = reward_model(bpe, lexicon, beta=0.5, max_new_tokens=t)
+        dist = pyro_lm.LMDistribution(bpe, bpe_prompt, t)
+        cases.append((f"BPE bundled LM, Lexicon, T = {t}", model, bpe_prompt, dist, {}))
+        if t == args.max_new_tokens:
+            cases.append((f"BPE bundled LM, Lexicon, T = {t}", model, bpe_prompt, dist,
+                          {"lookahead": 8 if args.quick else 32}))
+    out = []
+    for task, model, prompt, dist, options in cases:
+        smc = SMC(model, num_particles=n, **options)
+        off = without_states(Lexicon, TokenCounts)
+
+        def forward(smc=smc, prompt=prompt, off=off):
+            with off:
+                return smc.run(prompt)
+
+        med = interleaved({"sample": lambda dist=dist: dist.sample((n,)),
+                           "incremental": lambda smc=smc, prompt=prompt: smc.run(prompt),
+                           "forward": forward}, repeats=args.repeats, device=device)
+        label = "token SMC" + "".join(f", {k}={v!r}" for k, v in options.items())
+        out.append((task, label, med["incremental"], med["forward"], med["sample"]))
+        print(task, label, {k: f"{v * 1e3:.1f} ms" for k, v in med.items()}, flush=True)
+    return out
+
+
+def incremental_section(args, rows):
+    """The "Incremental rewards" part of the section."""
+    cells = [[task, label, f"{sample * 1e3:.1f}", f"{fwd * 1e3:.1f}", f"{inc * 1e3:.1f}",
+              f"{fwd / inc:.2f}", f"{fwd / sample:.2f}", f"{inc / sample:.2f}"]
+             for task, label, inc, fwd, sample in rows]
+    return ("### Incremental rewards\n\n"
+            f"SMC ({args.num_particles} particles, bootstrap proposal unless said) with the "
+            "rewards' incremental form (`pyro_lm/rewards/incremental.py`: per-row states "
+            "advanced by each token and reordered with the particles; the Lexicon reads its "
+            "words token by token, `pyro_lm/rewards/word_stream.py`) against the same runs "
+            "with the states switched off (every prefix read whole by the reward's `forward`, "
+            "as before). Both give bitwise the same particles and weights for a seed. "
+            "Peers' task: count of token 7 as `TokenCounts`; BPE bundled LM: prompt "
+            f"`Review:`, the positive-reviews Lexicon, beta 0.5. Medians of {args.repeats} "
+            "interleaved calls.\n\n"
+            + table(["task", "contender", "plain sampling, ms", "SMC, whole prefixes, ms",
+                     "SMC, incremental, ms", "speed-up", "÷ plain before", "÷ plain after"],
+                    cells))
 
 
 def length_overheads(args, device):
