@@ -110,7 +110,7 @@ class Reward:
     ``-inf``; on complete rows, the reward of the completion.
 
     A reward may also have an *incremental form* (:meth:`initial_state`,
-    :meth:`advance`, :meth:`prefix_value`; :mod:`pyro_lm.rewards.incremental`): the same
+    :meth:`advance`, :meth:`state_value`; :mod:`pyro_lm.rewards.incremental`): the same
     prefix values, updated per token from a state instead of recomputed from the whole
     prefix. Inside a :class:`~pyro_lm.rewards.incremental.RewardStates` (SMC opens one
     per run) prefixes are scored that way where the state applies, and the NaN / ``+inf``
@@ -138,7 +138,7 @@ class Reward:
         updated in place). ``token`` is padding on rows that ended before ``t``."""
         raise NotImplementedError
 
-    def prefix_value(self, state: dict, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+    def state_value(self, state: dict, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         """``(R,)``: :meth:`forward`'s value on the prefixes ``x`` ``(R, T)`` (inside
         :func:`~pyro_lm.distributions.prefix_context`), from their ``state``."""
         raise NotImplementedError

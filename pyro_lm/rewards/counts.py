@@ -80,7 +80,7 @@ class TokenCounts(Reward):
         state["ended"] = ~counted
         return state
 
-    def prefix_value(self, state: dict, x: torch.Tensor) -> torch.Tensor:
+    def state_value(self, state: dict, x: torch.Tensor) -> torch.Tensor:
         return state["total"]
 
     def __repr__(self) -> str:

@@ -14,7 +14,7 @@ with :math:`\phi` exactly the value :meth:`~pyro_lm.rewards.Reward.forward` retu
 prefix (a reward's contract, :mod:`pyro_lm.rewards.base`, is unchanged: an incremental
 form is only a cheaper way to compute the same numbers). A reward declares it by
 implementing :meth:`~pyro_lm.rewards.Reward.initial_state`,
-:meth:`~pyro_lm.rewards.Reward.advance` and :meth:`~pyro_lm.rewards.Reward.prefix_value`;
+:meth:`~pyro_lm.rewards.Reward.advance` and :meth:`~pyro_lm.rewards.Reward.state_value`;
 :func:`~pyro_lm.rewards.check_prefix_contract` checks the two forms agree.
 
 :class:`RewardStates` holds the states while an algorithm evaluates prefixes (SMC opens
@@ -135,7 +135,7 @@ class RewardStates:
         tokens[:, start:t] = x[:, start:t]
         entry.length = t
         self.hits += 1
-        return reward.prefix_value(entry.state, x)
+        return reward.state_value(entry.state, x)
 
     def _candidates(self, reward, key, x: torch.Tensor, t: int):
         """Values on ``C`` candidate extensions of the rows of a state (``x`` ``(C R, T)``,
@@ -162,7 +162,7 @@ class RewardStates:
         state = {k: v.repeat((c,) + (1,) * (v.dim() - 1)) for k, v in entry.state.items()}
         state = reward.advance(state, x[:, t - 1], t - 1)
         self.hits += 1
-        return reward.prefix_value(state, x)
+        return reward.state_value(state, x)
 
     def _entry(self, reward, key, x):
         """The state of call site ``key`` over rows like ``x``, made if missing (``None``

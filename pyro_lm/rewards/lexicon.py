@@ -87,6 +87,10 @@ class Lexicon(Reward):
     :mod:`pyro_lm.rewards.base` requires; the settled sums grow with the prefix and end
     at the reward of the completion.
 
+    In ``mode="tokens"`` it has an incremental form (:mod:`pyro_lm.rewards.incremental`):
+    inside SMC it reads each new token's words from a per-row state
+    (:mod:`pyro_lm.rewards.word_stream`) instead of decoding the prefix again.
+
     :param tokenizer: the LM's tokenizer (or a :class:`~pyro_lm.CausalLM`, which also
         brings all its EOS ids).
     :param dict weights: key → weight, e.g. ``{"awful": -1.0, "great": 1.0,
@@ -351,7 +355,7 @@ class Lexicon(Reward):
         stream, scorer = self._stream(token.device)
         return stream.advance(state, token, self.eos, scorer)
 
-    def prefix_value(self, state: dict, x: torch.Tensor) -> torch.Tensor:
+    def state_value(self, state: dict, x: torch.Tensor) -> torch.Tensor:
         stream, scorer = self._stream(x.device)
         value = stream.value(state, is_complete(x, self.eos), scorer)
         slow = state["slow"]

@@ -7,6 +7,7 @@ import re
 
 import torch
 
+from pyro_lm.distributions.prefix import is_complete
 from pyro_lm.rewards.base import Reward, _special_ids
 from pyro_lm.rewards.words import TokenText, decode_rows, settled_text
 
@@ -32,6 +33,10 @@ class Regex(Reward):
     on " idiot", a prefix of " idiotic", it does not fire yet. Patterns that look at the
     end of the text (``$``, ``\Z``) or far ahead are not monotone; leave them
     ``monotone=False``.
+
+    Its incremental form (:mod:`pyro_lm.rewards.incremental`) keeps a decided row's value
+    and reads an undecided one only where it can be decided (complete, or ``monotone``),
+    so SMC decodes no incomplete prefix of a pattern that is not monotone.
 
     :param tokenizer: the LM's tokenizer (or a :class:`~pyro_lm.CausalLM`).
     :param str pattern: a Python regular expression, searched in the text.
@@ -73,12 +78,45 @@ class Regex(Reward):
             if table is not None and table.mismatch is None:
                 self._table, self._can_extend = table, table.can_extend
 
+    # -- the incremental form: decided rows keep their value -----------------------------
+
+    def initial_state(self, rows: int, device) -> dict:
+        """Per row: whether its value is decided (a complete row; with ``monotone``, a
+        match in the settled text), and that value."""
+        return {"decided": torch.zeros(rows, dtype=torch.bool, device=device),
+                "value": torch.zeros(rows, device=device)}
+
+    def advance(self, state: dict, token: torch.Tensor, t: int) -> dict:
+        return state  # what a token changes is read in state_value, on undecided rows only
+
+    def state_value(self, state: dict, x: torch.Tensor) -> torch.Tensor:
+        """Decided rows keep their value; an undecided row is read (decoded and searched)
+        only where it can be decided: it is complete, or ``monotone``. Otherwise it scores
+        ``prefix_value`` without being decoded."""
+        decided, value = state["decided"], state["value"]
+        read = ~decided & (is_complete(x, self.eos) | self.monotone)
+        rows = read.nonzero().squeeze(-1)
+        if rows.numel():
+            found, done = self._read(x.index_select(0, rows))
+            fresh = self._value(found, done)
+            now = done | found  # read only if complete or monotone: a match stays one
+            value = value.index_put((rows,), fresh)
+            decided = decided.index_put((rows,), now)
+            state["value"], state["decided"] = value, decided
+        return torch.where(decided, value, self.prefix_value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._value(*self._read(x))
+
+    def _read(self, x: torch.Tensor):
+        """``(found, done)``, bool ``(N,)``: a match in the (settled) text, complete rows."""
         texts, complete = decode_rows(self.tokenizer, x, self.eos, self._table)
         found = torch.tensor([self.pattern.search(settled_text(t, d, self._can_extend))
                               is not None for t, d in zip(texts, complete, strict=True)],
                              dtype=torch.bool, device=x.device)
-        done = torch.tensor(complete, dtype=torch.bool, device=x.device)
+        return found, torch.tensor(complete, dtype=torch.bool, device=x.device)
+
+    def _value(self, found: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
         value = torch.where(found, self.match, self.no_match)
         if self.monotone:
             undecided = torch.where(found, self.match, self.prefix_value)

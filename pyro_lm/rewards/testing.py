@@ -155,7 +155,7 @@ def check_prefix_contract(reward, completions: torch.Tensor | None = None, *, lm
             problems.append((~(torch.isclose(step, value, atol=atol, rtol=0)
                                | (step.isneginf() & value.isneginf())),
                              "{s} on the prefix {p} by its incremental form (initial_state, "
-                             "advance, prefix_value), but {v} by forward: the two forms must "
+                             "advance, state_value), but {v} by forward: the two forms must "
                              "agree"))
         for bad, message in problems:
             if bad.any():

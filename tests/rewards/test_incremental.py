@@ -16,6 +16,7 @@ from pyro_lm.rewards import (
     Callable,
     Lexicon,
     PrefixContractError,
+    Regex,
     Reward,
     RewardStates,
     TokenCounts,
@@ -28,14 +29,22 @@ def bpe():
     return pyro_lm.CausalLM.from_pretrained(pyro_lm.bundled_model_path("tinylm-bpe"))
 
 
+REWARDS = ["lexicon", "counts", "regex monotone", "regex monotone, match = prefix value",
+           "regex at the end"]
+
+
 def rewards_of(lm):
+    """One of each incremental reward, in the order of :data:`REWARDS`."""
     return [Lexicon(lm, {"the": -0.5, "good": 1.0, "very good": 2.0, "is": -3.0}),
-            TokenCounts(lm, {1: 1.0, 5: -2.0})]
+            TokenCounts(lm, {1: 1.0, 5: -2.0}),
+            Regex(lm, r"\bgood\b", match=-2.0, monotone=True),
+            Regex(lm, r"\bthe\b", match=0.0, no_match=-2.0, monotone=True, prefix_value=0.0),
+            Regex(lm, r"\.\Z", match=1.0, no_match=-1.0, prefix_value=0.5)]
 
 
-@pytest.mark.parametrize("which", ["lexicon", "counts"])
+@pytest.mark.parametrize("which", REWARDS)
 def test_states_follow_resampled_rows_and_fall_back_when_rows_change(bpe, which):
-    reward = rewards_of(bpe)[["lexicon", "counts"].index(which)]
+    reward = rewards_of(bpe)[REWARDS.index(which)]
     x = pyro_lm.LMDistribution(bpe, "Review:", 24).sample((32,))
     gen = torch.Generator().manual_seed(0)
     with RewardStates() as states:
