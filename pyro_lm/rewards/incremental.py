@@ -186,14 +186,18 @@ class RewardStates:
             entry.state = {k: v.index_select(0, index) for k, v in entry.state.items()}
 
     def flag(self, name: str, values: torch.Tensor) -> None:
-        """Record, without a host sync, whether ``values`` hold NaN or ``+inf``."""
-        bad = torch.stack([values.isnan().any(), values.isposinf().any()])
+        """Record, without a host sync, whether ``values`` hold NaN or ``+inf`` (their
+        running maximum is NaN if any is, else ``+inf`` if any is)."""
+        if not values.numel():
+            return
+        top = values.amax()
         seen = self._flags.get(name)
-        self._flags[name] = bad if seen is None else seen | bad
+        self._flags[name] = top if seen is None else torch.maximum(seen, top)
 
     def check(self) -> None:
         """Raise the first deferred NaN / ``+inf`` error, naming the reward."""
-        for name, (nan, posinf) in ((k, v.tolist()) for k, v in self._flags.items()):
+        for name, top in ((k, float(v)) for k, v in self._flags.items()):
+            nan, posinf = top != top, top == float("inf")
             if nan:
                 raise ValueError(f"reward {name!r} returned NaN on some prefix; a reward must "
                                  "be a real number or -inf (hard constraint). Check the reward "
