@@ -6,9 +6,9 @@ particle's own execution (a prompt built from an earlier choice or completion is
 built from that particle's value); other latent sites are drawn from their prior when
 the program reaches them (their density cancels from the weight). After every token
 the potential is the program's log-factors evaluated on the *partial program*: the
-finished sites and latents, the current site's prefix (inside
-:func:`~pyro_lm.distributions.prefix_context`), and nothing past the next undrawn
-latent site,
+finished sites and latents (complete), the current site's prefix (the program runs inside
+:func:`~pyro_lm.distributions.prefix_context` from that site's sample statement on), and
+nothing past the next undrawn latent site,
 
 .. math::
 
@@ -37,7 +37,6 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from pyro_lm.distributions.lm_distribution import unwrap_lm
-from pyro_lm.distributions.prefix import prefix_context
 from pyro_lm.infer.program import (
     Execution,
     check_whole_plates,
@@ -166,11 +165,9 @@ def _decode(smc, name, prior, proposal, shape, values, factors, args, kwargs, lo
     def potential(x, t, final):
         held = dict(values)
         held[name] = x
-        if final:
-            total = factors.evaluate_values(held, args, kwargs)
-        else:
-            with prefix_context(t):
-                total = factors.evaluate_values(held, args, kwargs)
+        # a prefix from this site's sample statement on: the earlier sites' factors see
+        # their whole completions
+        total = factors.evaluate_values(held, args, kwargs, None if final else (name, t))
         return torch.as_tensor(total, dtype=torch.float32).expand(shape).reshape(-1)
 
     def follow(index):  # the earlier sites and latents follow their particles

@@ -8,6 +8,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from pyro_lm.distributions.prefix import prefix_context
 from pyro_lm.ops.plates import check_plated, sum_to_batch
 from pyro_lm.rewards.incremental import active_states
 
@@ -56,6 +57,7 @@ class LogFactorsMessenger(Messenger):
         super().__init__()
         self.site, self.batch_shape, self.owner, self.partial = site, batch_shape, owner, partial
         self.values, self.total = None, 0.0
+        self._prefix = self._context = None
         self._run = self(model)
 
     def evaluate(self, value: torch.Tensor, args=(), kwargs=None):
@@ -64,10 +66,16 @@ class LogFactorsMessenger(Messenger):
         has none)."""
         return self.evaluate_values({self.site: value}, args, kwargs)
 
-    def evaluate_values(self, values: dict, args=(), kwargs=None):
+    def evaluate_values(self, values: dict, args=(), kwargs=None, prefix=None):
         """:meth:`evaluate` with several latent sites held: ``values`` site → value, each
-        with the leading particle dim."""
+        with the leading particle dim.
+
+        :param prefix: ``None``, or ``(site, t)``: ``values[site]`` is a prefix of ``t``
+            tokens, and the model runs inside :func:`~pyro_lm.distributions.prefix_context`
+            from that site's sample statement on; before it the held values are complete
+            (an earlier site's factor sees its whole completion)."""
         self.values, self.total = values, 0.0
+        self._prefix, self._context = prefix, None
         states = active_states()
         if states is not None:  # a new evaluation: its reward calls are numbered anew
             states.begin()
@@ -76,7 +84,10 @@ class LogFactorsMessenger(Messenger):
         except _PartialEnd:
             pass
         finally:
+            if self._context is not None:
+                self._context.__exit__(None, None, None)
             total, self.values, self.total = self.total, None, None
+            self._prefix = self._context = None
         return total
 
     def _pyro_sample(self, msg):
@@ -85,6 +96,8 @@ class LogFactorsMessenger(Messenger):
             return
         if msg["name"] in self.values:
             msg["value"], msg["is_observed"], msg["done"] = self.values[msg["name"]], True, True
+            if self._prefix is not None and msg["name"] == self._prefix[0]:
+                self._context = prefix_context(self._prefix[1]).__enter__()
         elif msg["is_observed"]:
             fn, value = msg["fn"], msg["value"]
             if type(fn) is Unit and value.shape[:-1] == fn.log_factor.shape:  # pyro.factor

@@ -18,7 +18,7 @@ from pyro_lm.exact import enumerate_model
 from pyro_lm.infer import SMC, AutoLMGuide
 from pyro_lm.infer.resampling import multinomial_resample, systematic_resample
 from pyro_lm.lm import toy_lm
-from pyro_lm.rewards import Callable, Lexicon
+from pyro_lm.rewards import Callable, Lexicon, TokenCounts
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*not registered in the param store")
 
@@ -506,3 +506,24 @@ def test_program_smc_resampling_moves_earlier_sites_with_their_particles(tiny_lm
     mean = (z_hat * means).sum() / z_hat.sum()
     se = ((z_hat**2 * (means - mean) ** 2).sum()).sqrt() / z_hat.sum()
     assert abs(mean - expected) < 4 * se + 1e-3, (mean, expected, se)
+
+
+def test_program_smc_scores_a_finished_site_as_a_completion(tiny_lm):
+    """While x2 is decoded, x1's factor sees the whole of x1 (the program runs in the
+    prefix context only from x2's sample statement on): with no resampling and no factor
+    on x2, the running log Z-hat keeps x1's final value through x2's tokens instead of
+    re-counting x1 as a prefix of x2's length."""
+    reward = TokenCounts(tiny_lm, {2: 1.0, 3: 0.5})
+
+    def model():
+        first = pyro_lm.LMDistribution(tiny_lm, "t1", 3)
+        x1 = pyro.sample("x1", first)
+        pyro.factor("r1", reward(x1))
+        ids, mask = first.prompt_with(x1)
+        pyro.sample("x2", pyro_lm.LMDistribution(tiny_lm, ids, 3, attention_mask=mask))
+
+    post = SMC(model, num_particles=8, ess_threshold=0.0).run()
+    log_z = post.history["log_Z"].reshape(-1)
+    assert log_z.shape == (6,)
+    assert torch.equal(log_z[3:], log_z[2].expand(3)), log_z
+    assert torch.allclose(post.log_normalizer(), log_z[2])
