@@ -17,18 +17,26 @@ Three tables, every ratio measured in one run with the contenders' calls interle
   filled positions: the full gather of every row (what every resample did before) against
   a resample that changes 10% or 50% of the rows (only those are copied).
 * **log_prob memory**: peak resident memory of ``LMDistribution.log_prob`` at B = 64,
-  T = 400, V = 50257 (GPT-2 2 x 64 body), without gradients and forward + backward, and
-  the bytes autograd saves for backward; the plain path (every chunk's log-softmax kept
-  for backward, as before) at T = 100. Peak memory is the process's high-water RSS
-  (``VmHWM``, reset through ``/proc/self/clear_refs`` before each case) above the RSS
-  before it (freed heap memory returned to the system first, with glibc's
-  ``malloc_trim``).
+  T = 100 and 400, V = 50257 (GPT-2 2 x 64 body), without gradients and forward +
+  backward, with the body's activations kept for backward (``activation_checkpointing=
+  False``) and recomputed there (``True``), the bytes autograd saves for backward (in
+  the forward pass) and the time of one forward + backward, the two calls interleaved;
+  the plain path (every chunk's log-softmax kept for backward, as before) at T = 100.
+  *default* marks the case ``activation_checkpointing=None`` takes: checkpointed when
+  the activations kept exceed the default ``memory_budget`` (``4 * LOG_PROB_BUDGET``
+  bytes). Peak memory is the process's high-water RSS (``VmHWM``, reset through
+  ``/proc/self/clear_refs`` before each case) above the RSS before it (freed heap
+  memory returned to the system first, with glibc's ``malloc_trim``).
 
-``--quick`` shrinks every table to a smoke run and leaves RESULTS.md alone.
+``--quick`` shrinks every table to a smoke run and leaves RESULTS.md alone; ``--only
+memory`` (or ``sampling``, ``reorder``) runs that table alone, also leaving RESULTS.md
+alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 from pathlib import Path
 
@@ -41,6 +49,7 @@ from common import base_parser, interleaved, machine, table, write_section  # no
 from floors import _draw, sample_completions  # noqa: E402
 
 import pyro_lm  # noqa: E402
+from pyro_lm.distributions.lm_distribution import LOG_PROB_BUDGET  # noqa: E402
 from pyro_lm.lm import toy_lm, toy_tokenizer  # noqa: E402
 from pyro_lm.lm.decoding import make_decoder  # noqa: E402
 
@@ -210,41 +219,65 @@ def saved_mb(fn) -> float:
     return sum(sizes.values()) / 2**20
 
 
-def memory_rows(b, lengths, plain_lengths, vocab=50257):
+@contextlib.contextmanager
+def plain_head(guide):
+    """The head as an ordinary module (every chunk's logits kept for backward, as before
+    the head was recomputed)."""
+    cls = type(guide)
+    prop = cls.linear_head
+    cls.linear_head = property(lambda self: None)
+    try:
+        yield
+    finally:
+        cls.linear_head = prop
+
+
+def memory_rows(b, lengths, plain_lengths, repeats, vocab=50257):
     lm = gpt2(2, 64, vocab, positions=512)
     guide = lm.trainable_copy()
     rows = []
     prompt = torch.tensor([[1, 2, 3]]).expand(b, -1)
+    budget_mb = 4 * LOG_PROB_BUDGET / 2**20
     for t in lengths:
         x = pyro_lm.LMDistribution(lm, prompt, t).sample()
-        dist = pyro_lm.LMDistribution(guide, prompt, t)
+        dists = {c: pyro_lm.LMDistribution(guide, prompt, t, activation_checkpointing=c)
+                 for c in (False, True)}
 
-        def no_grad(dist=dist, x=x):
+        def no_grad(x=x, dists=dists):
             with torch.no_grad():
-                dist.log_prob(x)
+                dists[False].log_prob(x)
 
-        def fwd_bwd(dist=dist, x=x):
+        def fwd_bwd(checkpoint, x=x, dists=dists):
             guide.zero_grad(set_to_none=True)
-            dist.log_prob(x).sum().backward()
+            dists[checkpoint].log_prob(x).sum().backward()
 
-        fwd_bwd()  # the gradients' own memory, allocated once, is not the log_prob's
-        cases = [("no gradient", no_grad), ("forward + backward", fwd_bwd)]
+        kept, recomputed = functools.partial(fwd_bwd, False), functools.partial(fwd_bwd, True)
+        recomputed()  # the gradients' own memory, allocated once, is not the log_prob's
+        cases = [("no gradient", no_grad, None),
+                 ("forward + backward", kept, False),
+                 ("forward + backward, checkpointed", recomputed, True)]
         if t in plain_lengths:
-            def plain(fwd_bwd=fwd_bwd):  # the head as an ordinary module: logits kept
-                cls = type(guide)
-                prop = cls.linear_head
-                cls.linear_head = property(lambda self: None)
-                try:
-                    fwd_bwd()
-                finally:
-                    cls.linear_head = prop
-            cases.append(("forward + backward, plain (before)", plain))
-        base = None
-        for label, fn in cases:
+            def plain(kept=kept):
+                with plain_head(guide):
+                    kept()
+            cases.append(("forward + backward, plain (before)", plain, "plain"))
+        times = interleaved({False: kept, True: recomputed}, repeats=repeats, warmup=0)
+        base, default = None, None
+        for label, fn, key in cases:
             mb = peak_mb(fn)
             base = mb if base is None else base
-            saved = "" if label == "no gradient" else f"{saved_mb(lambda fn=fn: fn()):,.0f}"
-            rows.append([b, t, vocab, label, f"{mb:,.0f}", f"{mb / max(base, 1.0):.2f}", saved])
+            saved, ms = "", ""
+            if key is not None:
+                with plain_head(guide) if key == "plain" else contextlib.nullcontext():
+                    saved_f = saved_mb(lambda x=x, d=dists[key is True]: d.log_prob(x))
+                saved = f"{saved_f:,.0f}"
+                if key is False:  # what activation_checkpointing=None decides
+                    default = key if saved_f <= budget_mb else True
+            if key in times:
+                ms = f"{times[key] * 1e3:,.0f}"
+            mark = "✓" if key is not None and key == default else ""
+            rows.append([b, t, vocab, label, mark, f"{mb:,.0f}", f"{mb / max(base, 1.0):.2f}",
+                         saved, ms])
             print(rows[-1], flush=True)
     return rows
 
@@ -264,13 +297,16 @@ def main(args):
         reorder_models = models[:2]
         reorder_lengths = [25, 100, 400]
         mem_b, mem_t, mem_plain = 64, [100, 400], [100]
-    samp = []
-    for name, lm in models:
-        samp += sampling_rows(name, lm, batches, lengths, args.repeats, generate=True)
-    reord = []
-    for name, lm in reorder_models:
-        reord += reorder_rows(name, lm, reorder_lengths, args.repeats)
-    mem = memory_rows(mem_b, mem_t, mem_plain)
+    tables = set(args.only or TABLES)
+    samp, reord, mem = [], [], []
+    if "sampling" in tables:
+        for name, lm in models:
+            samp += sampling_rows(name, lm, batches, lengths, args.repeats, generate=True)
+    if "reorder" in tables:
+        for name, lm in reorder_models:
+            reord += reorder_rows(name, lm, reorder_lengths, args.repeats)
+    if "memory" in tables:
+        mem = memory_rows(mem_b, mem_t, mem_plain, repeats=max(2, args.repeats // 2))
     body = (
         "## Scaling: sampling, KV reorders and log_prob memory at real shapes\n\n"
         f"Machine: {machine()}.\n"
@@ -287,17 +323,29 @@ def main(args):
                  "full ÷ 50%"], reord)
         + "\n\nlog_prob memory (GPT-2 2x64 body): peak RSS above the RSS before the call "
         "(VmHWM reset through /proc/self/clear_refs after malloc_trim), its ratio to the "
-        "no-gradient peak, and the MiB autograd saves for backward (the body's activations "
-        "and the hidden states the head is recomputed from).\n\n"
-        + table(["B", "T", "V", "case", "peak MiB", "÷ no-gradient", "saved MiB"], mem))
-    if not args.quick:
+        "no-gradient peak, the MiB autograd saves for backward in the forward pass (the "
+        "weights, and the body's activations or, checkpointed, each chunk's inputs and the "
+        "hidden states the head is recomputed from) and the time of one forward + backward "
+        "(median of interleaved calls). *checkpointed*: `activation_checkpointing=True`, "
+        "each chunk's forward pass recomputed in backward; *default* (✓): the case "
+        "`activation_checkpointing=None` takes, checkpointed when the activations exceed "
+        f"the default memory budget ({4 * LOG_PROB_BUDGET / 2**20:.0f} MiB).\n\n"
+        + table(["B", "T", "V", "case", "default", "peak MiB", "÷ no-gradient", "saved MiB",
+                 "ms"], mem))
+    if not args.quick and not args.only:
         write_section("scaling", body)
     print(body)
     return samp, reord, mem
 
 
+#: The tables, in the order they run.
+TABLES = ("sampling", "reorder", "memory")
+
+
 def parse_args(argv=None):
     p = base_parser(__doc__.splitlines()[0], repeats=5)
+    p.add_argument("--only", action="append", choices=TABLES,
+                   help="run this table alone (repeatable); RESULTS.md is left alone")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats = 2

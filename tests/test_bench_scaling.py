@@ -16,6 +16,7 @@ def test_scaling_quick_run():
     out = proc.stdout
     assert "## Scaling" in out
     assert sum(line.startswith("|---|") for line in out.splitlines()) == 3  # three tables
-    for case in ("GPT-2 2x64 V64", "Llama 2x64 V512", "no gradient", "forward + backward"):
+    for case in ("GPT-2 2x64 V64", "Llama 2x64 V512", "no gradient", "forward + backward",
+                 "forward + backward, checkpointed"):
         assert case in out
     assert (BENCH / "RESULTS.md").read_bytes() == results

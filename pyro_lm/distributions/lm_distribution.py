@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import json
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -30,8 +32,12 @@ from pyro_lm.lm.decoding import sample_tokens
 
 __all__ = ["LMDistribution", "SequenceConstraint", "after_first_eos", "prompt_cache", "unwrap_lm"]
 
-#: Logit elements one chunk of :meth:`LMDistribution.log_prob` may hold (float32: 256 MiB).
+#: Logit elements one chunk of :meth:`LMDistribution.log_prob` may hold (float32: 256 MiB);
+#: the default ``memory_budget`` of :class:`LMDistribution` is these many float32 values.
 LOG_PROB_BUDGET = 2**26
+
+#: Bytes autograd saves per scored row, by LM and shape (see :func:`_saved_bytes_per_row`).
+_SAVED_PER_ROW: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 _PROMPT_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
@@ -137,7 +143,15 @@ class LMDistribution(TorchDistribution):
     :param torch.Tensor attention_mask: ``(*batch, L)`` for tensor prompts (default:
         all ones).
     :param int chunk_size: sequences per forward pass in :meth:`log_prob`
-        (default: as many as fit a budget of :data:`LOG_PROB_BUDGET` logits).
+        (default: as many as fit ``memory_budget``).
+    :param int memory_budget: bytes :meth:`log_prob` may hold at a time, per chunk of
+        sequences and, under gradients, for what autograd keeps of all chunks until
+        backward (default: :data:`LOG_PROB_BUDGET` float32 logits, 256 MiB). See
+        :meth:`token_log_probs`.
+    :param bool activation_checkpointing: under gradients, recompute each chunk's
+        forward pass in backward instead of keeping its activations [1]: ``None``
+        (default) when the activations of all sequences would exceed ``memory_budget``,
+        ``True`` always, ``False`` never. Values and gradients are the same either way.
     :param int max_enumerate: largest support :meth:`enumerate_support` builds.
 
     ``log_prob`` sums float32 token log-probs up to and including the first
@@ -146,6 +160,11 @@ class LMDistribution(TorchDistribution):
     all sequences in one batched incremental decode with a KV cache and no
     gradient; ``has_rsample`` is ``False`` (use score-function estimators).
     The LM is always evaluated with dropout off.
+
+    References
+
+    [1] T. Chen, B. Xu, C. Zhang, C. Guestrin, *Training Deep Nets with Sublinear Memory
+        Cost*, arXiv:1604.06174, 2016.
     """
 
     arg_constraints = {}
@@ -154,7 +173,8 @@ class LMDistribution(TorchDistribution):
 
     def __init__(self, lm: CausalLM, prompts, max_new_tokens: int, attention_mask=None,
                  chunk_size: int | None = None, max_enumerate: int = 100_000,
-                 validate_args=None):
+                 validate_args=None, memory_budget: int | None = None,
+                 activation_checkpointing: bool | None = None):
         if not isinstance(lm, CausalLM):
             raise TypeError(
                 f"lm: expected a pyro_lm.CausalLM, got {type(lm).__name__}; wrap a transformers "
@@ -162,9 +182,16 @@ class LMDistribution(TorchDistribution):
         check_positive_int(max_new_tokens, "max_new_tokens")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+        if memory_budget is not None:
+            check_positive_int(memory_budget, "memory_budget")
+        if activation_checkpointing not in (None, True, False):
+            raise TypeError(f"activation_checkpointing: expected None (by memory_budget), True "
+                            f"or False, got {activation_checkpointing!r}")
         self.lm = lm
         self.max_new_tokens = max_new_tokens
         self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
+        self.activation_checkpointing = activation_checkpointing
         self.max_enumerate = max_enumerate
         cache, key = _PROMPT_CACHE.get(), None
         if cache is not None:
@@ -331,6 +358,8 @@ class LMDistribution(TorchDistribution):
         # (Pyro's plates call this for every sample site: copy the attributes directly)
         new.__dict__.update(lm=self.lm, max_new_tokens=self.max_new_tokens,
                             chunk_size=self.chunk_size, max_enumerate=self.max_enumerate,
+                            memory_budget=self.memory_budget,
+                            activation_checkpointing=self.activation_checkpointing,
                             prompt_ids=self.prompt_ids, prompt_mask=self.prompt_mask,
                             _prompt_batch_shape=prompts, _batch_shape=batch_shape,
                             _event_shape=self._event_shape, _validate_args=self._validate_args)
@@ -409,6 +438,25 @@ class LMDistribution(TorchDistribution):
         from one (chunked) forward pass of the LM; :meth:`log_prob` is their sum.
         Pure and differentiable in the LM's parameters, like :meth:`log_prob`.
 
+        Memory is bounded by ``memory_budget`` (:math:`M` bytes): the rows are scored in
+        chunks of at most :math:`M` bytes of float32 logits. Under gradients autograd
+        would also keep, for every chunk until backward, its ``(rows, T, V)``
+        log-softmax and the activations of the LM's body; past the budget
+
+        * the logits are recomputed in backward from the last hidden states (for an LM
+          with a :attr:`~pyro_lm.CausalLM.linear_head`), when the ``(N, T, V)`` logits of
+          all ``N`` rows exceed :math:`M`;
+        * each chunk's forward pass is run without a graph and run again in backward
+          from its inputs, under the same RNG and autocast state (activation
+          checkpointing [1], :class:`_Recomputed`), unless ``activation_checkpointing``
+          says otherwise, when the bytes autograd saves for all rows, :math:`N s` with
+          :math:`s` measured on one row (once per LM and shape), exceed :math:`M`;
+          the chunks then hold at most :math:`\lfloor M / s \rfloor` rows, so that one
+          chunk's recomputed activations fit the budget too.
+
+        Either costs recomputation (about one more forward pass of what it recomputes),
+        never exactness: values and gradients are those of the plain forward pass.
+
         :param torch.Tensor value: LongTensor ``(*sample_shape, *batch_shape, T)``
             (any shape whose batch part broadcasts with ``batch_shape``).
         :returns: float32 ``(*shape, T)``, where ``shape`` is the broadcast of
@@ -422,43 +470,65 @@ class LMDistribution(TorchDistribution):
         index = self._prompt_index(shape)
         if x.shape[0] == 0:
             return torch.zeros(shape + self.event_shape, dtype=torch.float32, device=value.device)
-        lengths = self.prompt_ids.shape[-1] + self.max_new_tokens
+        rows, t = x.shape[0], self.max_new_tokens
+        lengths = self.prompt_ids.shape[-1] + t
         vocab = self.lm.vocab_size
-        chunk = self.chunk_size or max(1, LOG_PROB_BUDGET // (lengths * vocab))
+        budget = self.memory_budget or 4 * LOG_PROB_BUDGET
+        chunk = self.chunk_size or max(1, budget // (4 * lengths * vocab))
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.lm.parameters())
         # under gradients autograd would keep every chunk's (rows, T, V) log-softmax until
         # backward: past the budget, keep the hidden states and recompute the head there
-        recompute = (torch.is_grad_enabled() and x.shape[0] * self.max_new_tokens * vocab
-                     > LOG_PROB_BUDGET and self.lm.linear_head is not None
-                     and any(p.requires_grad for p in self.lm.parameters()))
-        parts = [self._token_log_probs_rows(x[i:i + chunk], index[i:i + chunk], recompute)
-                 for i in range(0, x.shape[0], chunk)]
+        recompute = grad and 4 * rows * t * vocab > budget and self.lm.linear_head is not None
+        checkpoint = False
+        if grad and self.activation_checkpointing is not False:
+            # and every chunk's activations: past the budget, keep each chunk's inputs and
+            # recompute its forward pass there, in chunks whose activations fit the budget
+            per_row = _saved_bytes_per_row(self, recompute)
+            checkpoint = bool(self.activation_checkpointing) or rows * per_row > budget
+            if checkpoint and self.chunk_size is None:
+                chunk = min(chunk, max(1, budget // max(per_row, 1)))
+        parts = [self._token_log_probs_rows(x[i:i + chunk], index[i:i + chunk], recompute,
+                                            checkpoint)
+                 for i in range(0, rows, chunk)]
         return torch.cat(parts).reshape(shape + self.event_shape)
 
     def _token_log_probs_rows(self, x: torch.Tensor, index: torch.Tensor,
-                              recompute: bool = False) -> torch.Tensor:
+                              recompute: bool = False, checkpoint: bool = False
+                              ) -> torch.Tensor:
         """``(N, T)`` token log-probs of the rows ``x`` ``(N, T)`` given prompt rows ``index``.
 
         :param bool recompute: keep only the hidden states for backward and recompute the
             head's logits there (:class:`_LinearLogProb`), so that memory stays bounded by
             the chunk also under gradients.
+        :param bool checkpoint: keep only the inputs for backward and recompute the forward
+            pass there (``torch.utils.checkpoint``).
         """
         ids = self.prompt_ids.index_select(0, index)
         mask = self.prompt_mask.index_select(0, index)
-        t = self.max_new_tokens
         x = x.to(ids.device)
-        inputs = torch.cat([ids, x[:, :-1]], dim=-1)
-        full_mask = torch.cat([mask, torch.ones_like(x[:, :-1])], dim=-1)
-        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
-        if recompute:
-            head = self.lm.linear_head
-            hidden = self.lm.hidden_states(inputs, full_mask, positions, keep=t)
-            token_logp = _LinearLogProb.apply(hidden, head.weight, head.bias, x)
-        else:
-            logits, _ = self.lm(inputs, full_mask, positions, logits_to_keep=t)
-            logits = logits[:, -t:].float()
-            token_logp = logits.log_softmax(-1).gather(-1, x[..., None]).squeeze(-1)
+        token_logp = self._score(*_model_inputs(ids, mask, x), x, recompute, checkpoint)
         # select rather than multiply: a -inf log-prob after EOS must give 0, not NaN
         return token_logp.masked_fill(after_first_eos(x, self.lm.eos_token_ids), 0.0)
+
+    def _score(self, inputs, mask, positions, x, recompute: bool, checkpoint: bool):
+        """``(N, T)`` log-probs of the tokens ``x`` after the model inputs (no EOS masking)."""
+        t = self.max_new_tokens
+        params = [p for p in self.lm.parameters() if p.requires_grad] if checkpoint else []
+        if recompute:
+            head = self.lm.linear_head
+            body = functools.partial(self.lm.hidden_states, keep=t)
+            hidden = (_Recomputed.apply(body, 3, inputs, mask, positions, *params)
+                      if checkpoint else body(inputs, mask, positions))
+            return _LinearLogProb.apply(hidden, head.weight, head.bias, x)
+        if checkpoint:
+            return _Recomputed.apply(self._plain_score, 4, inputs, mask, positions, x, *params)
+        return self._plain_score(inputs, mask, positions, x)
+
+    def _plain_score(self, inputs, mask, positions, x):
+        t = self.max_new_tokens
+        logits, _ = self.lm(inputs, mask, positions, logits_to_keep=t)
+        logits = logits[:, -t:].float()
+        return logits.log_softmax(-1).gather(-1, x[..., None]).squeeze(-1)
 
     # ------------------------------------------------------------- enumeration
     def support_size(self) -> int:
@@ -551,6 +621,116 @@ class _LinearLogProb(torch.autograd.Function):
         grad_w = d.flatten(0, -2).T @ hidden.flatten(0, -2) if need_w else None
         grad_b = d.flatten(0, -2).sum(0) if need_b and bias is not None else None
         return grad_h, grad_w, grad_b, None
+
+
+class _Recomputed(torch.autograd.Function):
+    r"""``fn(*inputs)``, differentiable in the parameters ``params`` it reads, with nothing
+    but ``inputs`` kept from forward to backward (activation checkpointing [1]).
+
+    Forward runs ``fn`` without recording a graph; backward runs it again with gradients,
+    under the forward's RNG and autocast state (so that the recomputed values are the
+    same), and back-propagates the output's gradient through that run:
+
+    .. math::
+
+        \frac{\partial L}{\partial \theta} = \Big(\frac{\partial f(u; \theta)}
+        {\partial \theta}\Big)^{\!\top} \frac{\partial L}{\partial f}.
+
+    ``torch.utils.checkpoint`` does not fit here: its non-reentrant mode still records the
+    forward's graph (only the saved tensors are dropped), whose many small nodes, made
+    between the forward's large temporaries and kept until backward, fragment the heap
+    of a CPU process by about one chunk's activations per chunk; its reentrant mode does
+    not support ``torch.autograd.grad`` and needs an input that requires a gradient.
+
+    Use: ``_Recomputed.apply(fn, len(inputs), *inputs, *params)``.
+
+    References
+
+    [1] T. Chen, B. Xu, C. Zhang, C. Guestrin, *Training Deep Nets with Sublinear Memory
+        Cost*, arXiv:1604.06174, 2016.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, count, *args):
+        inputs = args[:count]
+        device = inputs[0].device
+        ctx.fn, ctx.count, ctx.device = fn, count, device
+        ctx.rng = torch.get_rng_state()
+        ctx.device_rng = (None if device.type == "cpu" else
+                          torch.get_device_module(device.type).get_rng_state(device))
+        ctx.autocast = dict(device_type=device.type,
+                            enabled=torch.is_autocast_enabled(device.type),
+                            dtype=torch.get_autocast_dtype(device.type))
+        ctx.save_for_backward(*args)  # the parameters too: an in-place change is an error
+        return fn(*inputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        inputs, params = saved[:ctx.count], saved[ctx.count:]
+        needs = ctx.needs_input_grad[2 + ctx.count:]
+        wanted = [p for p, need in zip(params, needs, strict=True) if need]
+        device = ctx.device
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device],
+                                   device_type=device.type):
+            torch.set_rng_state(ctx.rng)
+            if ctx.device_rng is not None:
+                torch.get_device_module(device.type).set_rng_state(ctx.device_rng, device)
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
+                out = ctx.fn(*inputs)
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True)
+                     if wanted and out.requires_grad else [None] * len(wanted))
+        return (None, None, *[None] * ctx.count,
+                *[next(grads) if need else None for need in needs])
+
+
+def _model_inputs(ids: torch.Tensor, mask: torch.Tensor, x: torch.Tensor):
+    """The LM's inputs that score completions ``x`` ``(N, T)`` after left-padded prompts
+    ``ids``, ``mask`` ``(N, L)``: ``(input_ids, attention_mask, position_ids)``, each
+    ``(N, L + T - 1)``."""
+    inputs = torch.cat([ids, x[:, :-1]], dim=-1)
+    full_mask = torch.cat([mask, torch.ones_like(x[:, :-1])], dim=-1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    return inputs, full_mask, positions
+
+
+def _saved_bytes_per_row(dist: LMDistribution, recompute: bool) -> int:
+    """Bytes autograd saves for backward when ``dist`` scores one row under gradients
+    (each storage once; the LM's own weights and buffers left out, they are in memory
+    anyway), through the head path ``recompute``.
+
+    Measured on a row of pad tokens whose first position is padding (so that the
+    attention mask is built as for padded prompts), once per LM, prompt length, ``T``,
+    head path, set of trainable parameters, dtype, attention implementation and autocast
+    state; the measuring run's graph is dropped.
+    """
+    lm = dist.lm
+    tensors = [*lm.parameters(), *lm.buffers()]
+    device = dist.prompt_ids.device
+    length, t = dist.prompt_ids.shape[-1], dist.max_new_tokens
+    key = (length, t, recompute, tuple(p.requires_grad for p in tensors), lm.dtype,
+           getattr(lm.model.config, "_attn_implementation", None),
+           torch.is_autocast_enabled(device.type))
+    cache = _SAVED_PER_ROW.setdefault(lm, {})
+    if key not in cache:
+        own = {p.untyped_storage().data_ptr() for p in tensors}
+        sizes = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in own:
+                sizes[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        ids = torch.full((1, length), lm.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.ones_like(ids)
+        mask[:, 0] = 0 if length > 1 else 1
+        x = torch.full((1, t), lm.pad_token_id, dtype=torch.long, device=device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            dist._score(*_model_inputs(ids, mask, x), x, recompute, checkpoint=False)
+        cache[key] = sum(sizes.values())
+    return cache[key]
 
 
 def _cartesian(tokens: torch.Tensor, k: int, device) -> torch.Tensor:
