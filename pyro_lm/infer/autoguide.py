@@ -18,7 +18,9 @@ import pyro.poutine as poutine
 from torch import nn
 
 from pyro_lm.constraints.base import check_constraints
+from pyro_lm.constraints.masked import MaskedLMDistribution
 from pyro_lm.constraints.messenger import MaskLMMessenger
+from pyro_lm.distributions.lm_distribution import unwrap_lm
 from pyro_lm.infer.program import lm_site_names
 from pyro_lm.lm.causal_lm import CausalLM
 from pyro_lm.poutine import GuideLMMessenger
@@ -77,6 +79,16 @@ class AutoLMGuide(nn.Module):
         frozen LM, e.g. a fixed proposal)."""
         if any(p.requires_grad for p in self.lm.parameters()):
             pyro.module(self.name, self.lm)
+
+    def site_law(self, name: str, prior):
+        """The guide's law of LM site ``name`` whose prior is ``prior`` (the model's
+        :class:`~pyro_lm.LMDistribution` there, or a wrapper of it): the prior's prompts,
+        length and batch shape with the guide's LM, restricted to the site's constraint if it
+        has one (a :class:`~pyro_lm.constraints.MaskedLMDistribution`). What the guide
+        samples that site from, so what a loss scoring ``log q`` must use."""
+        dist = unwrap_lm(prior).with_lm(self.lm).expand(prior.batch_shape)
+        constraint = self.constraints.get(name)
+        return dist if constraint is None else MaskedLMDistribution(dist, constraint)
 
     def forward(self, *args, **kwargs):
         self.register_params()

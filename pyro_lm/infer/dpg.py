@@ -130,7 +130,6 @@ import torch
 import torch.nn.functional as F
 from pyro.infer import ELBO
 
-from pyro_lm.distributions.lm_distribution import unwrap_lm
 from pyro_lm.infer.autoguide import AutoLMGuide
 from pyro_lm.infer.posterior import WeightedPosterior
 from pyro_lm.infer.program import execute, latent_site_names, lm_site_names, plate_nesting
@@ -353,7 +352,7 @@ class DPG(ELBO):
             for name in names:
                 site = run.model_trace.nodes[name]
                 fn = site["fn"]
-                dist = unwrap_lm(fn).with_lm(guide.lm).expand(fn.batch_shape)
+                dist = guide.site_law(name, fn)  # masked where the guide is
                 log_q = log_q + run.to_batch(dist.log_prob(site["value"]), name)
                 log_prior = log_prior + run.site_log_prob(name, "model", scaled=False)
         log_q_d = log_q.detach()

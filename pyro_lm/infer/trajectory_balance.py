@@ -55,7 +55,6 @@ import torch
 from pyro.infer import ELBO
 from torch import nn
 
-from pyro_lm.distributions.lm_distribution import unwrap_lm
 from pyro_lm.infer.autoguide import AutoLMGuide
 from pyro_lm.infer.program import execute, latent_site_names, lm_site_names, plate_nesting
 from pyro_lm.infer.replay import ReplayBuffer, held_execution
@@ -171,7 +170,7 @@ class TrajectoryBalance(ELBO):
         with torch.set_grad_enabled(grad):
             for name in names:
                 fn = run.model_trace.nodes[name]["fn"]
-                dist = unwrap_lm(fn).with_lm(guide.lm).expand(fn.batch_shape)
+                dist = guide.site_law(name, fn)  # masked where the guide is
                 log_q = log_q + run.to_batch(dist.log_prob(run.model_trace.nodes[name]["value"]),
                                              name)
                 if not held:
