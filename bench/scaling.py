@@ -35,8 +35,10 @@ alone.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -233,52 +235,66 @@ def plain_head(guide):
 
 
 def memory_rows(b, lengths, plain_lengths, repeats, vocab=50257):
+    """The memory table, each length measured in a fresh process (a high-water mark is
+    only the call's own in a process that has not run the other lengths' cases)."""
+    rows = []
+    spawn = multiprocessing.get_context("spawn")
+    for t in lengths:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            rows += pool.submit(_memory_rows_at, b, t, t in plain_lengths, repeats, vocab,
+                                torch.get_num_threads()).result()
+    return rows
+
+
+def _memory_rows_at(b, t, with_plain, repeats, vocab, threads):
+    """The memory table's rows at length ``t`` (run in a fresh process)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
     lm = gpt2(2, 64, vocab, positions=512)
     guide = lm.trainable_copy()
     rows = []
     prompt = torch.tensor([[1, 2, 3]]).expand(b, -1)
     budget_mb = 4 * LOG_PROB_BUDGET / 2**20
-    for t in lengths:
-        x = pyro_lm.LMDistribution(lm, prompt, t).sample()
-        dists = {c: pyro_lm.LMDistribution(guide, prompt, t, activation_checkpointing=c)
-                 for c in (False, True)}
+    x = pyro_lm.LMDistribution(lm, prompt, t).sample()
+    dists = {c: pyro_lm.LMDistribution(guide, prompt, t, activation_checkpointing=c)
+             for c in (False, True)}
 
-        def no_grad(x=x, dists=dists):
-            with torch.no_grad():
-                dists[False].log_prob(x)
+    def no_grad(x=x, dists=dists):
+        with torch.no_grad():
+            dists[False].log_prob(x)
 
-        def fwd_bwd(checkpoint, x=x, dists=dists):
-            guide.zero_grad(set_to_none=True)
-            dists[checkpoint].log_prob(x).sum().backward()
+    def fwd_bwd(checkpoint, x=x, dists=dists):
+        guide.zero_grad(set_to_none=True)
+        dists[checkpoint].log_prob(x).sum().backward()
 
-        kept, recomputed = functools.partial(fwd_bwd, False), functools.partial(fwd_bwd, True)
-        recomputed()  # the gradients' own memory, allocated once, is not the log_prob's
-        cases = [("no gradient", no_grad, None),
-                 ("forward + backward", kept, False),
-                 ("forward + backward, checkpointed", recomputed, True)]
-        if t in plain_lengths:
-            def plain(kept=kept):
-                with plain_head(guide):
-                    kept()
-            cases.append(("forward + backward, plain (before)", plain, "plain"))
-        times = interleaved({False: kept, True: recomputed}, repeats=repeats, warmup=0)
-        base, default = None, None
-        for label, fn, key in cases:
-            mb = peak_mb(fn)
-            base = mb if base is None else base
-            saved, ms = "", ""
-            if key is not None:
-                with plain_head(guide) if key == "plain" else contextlib.nullcontext():
-                    saved_f = saved_mb(lambda x=x, d=dists[key is True]: d.log_prob(x))
-                saved = f"{saved_f:,.0f}"
-                if key is False:  # what activation_checkpointing=None decides
-                    default = key if saved_f <= budget_mb else True
-            if key in times:
-                ms = f"{times[key] * 1e3:,.0f}"
-            mark = "✓" if key is not None and key == default else ""
-            rows.append([b, t, vocab, label, mark, f"{mb:,.0f}", f"{mb / max(base, 1.0):.2f}",
-                         saved, ms])
-            print(rows[-1], flush=True)
+    kept, recomputed = functools.partial(fwd_bwd, False), functools.partial(fwd_bwd, True)
+    recomputed()  # the gradients' own memory, allocated once, is not the log_prob's
+    cases = [("no gradient", no_grad, None),
+             ("forward + backward", kept, False),
+             ("forward + backward, checkpointed", recomputed, True)]
+    if with_plain:
+        def plain(kept=kept):
+            with plain_head(guide):
+                kept()
+        cases.append(("forward + backward, plain (before)", plain, "plain"))
+    times = interleaved({False: kept, True: recomputed}, repeats=repeats, warmup=0)
+    base, default = None, None
+    for label, fn, key in cases:
+        mb = peak_mb(fn)
+        base = mb if base is None else base
+        saved, ms = "", ""
+        if key is not None:
+            with plain_head(guide) if key == "plain" else contextlib.nullcontext():
+                saved_f = saved_mb(lambda x=x, d=dists[key is True]: d.log_prob(x))
+            saved = f"{saved_f:,.0f}"
+            if key is False:  # what activation_checkpointing=None decides
+                default = key if saved_f <= budget_mb else True
+        if key in times:
+            ms = f"{times[key] * 1e3:,.0f}"
+        mark = "✓" if key is not None and key == default else ""
+        rows.append([b, t, vocab, label, mark, f"{mb:,.0f}", f"{mb / max(base, 1.0):.2f}",
+                     saved, ms])
+        print(rows[-1], flush=True)
     return rows
 
 
