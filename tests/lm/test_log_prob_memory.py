@@ -1,5 +1,7 @@
-"""log_prob under gradients: past the chunk budget the head's logits are recomputed in
-backward, so autograd keeps O(B T H), not O(B T V); values and gradients are unchanged."""
+"""log_prob under gradients: past the memory budget the head's logits are recomputed in
+backward, so autograd keeps O(B T H), not O(B T V), and (activation checkpointing) each
+chunk's forward pass is recomputed there, so the body's activations are not kept either;
+values and gradients are unchanged."""
 
 import pytest
 import torch
