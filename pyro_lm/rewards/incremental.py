@@ -28,7 +28,8 @@ used and the state is left as it was, so the result is exact whatever the model 
 with its values. With :attr:`RewardStates.rows` set, a call on ``C`` times as many rows is
 read as ``C`` candidate next tokens of each row (block ``c`` of the rows holding candidate
 ``c``), as SMC's lookahead proposal scores them: the rows' state is copied ``C`` times and
-advanced by the candidates. On resampling, the algorithm calls :meth:`RewardStates.reorder` so
+advanced by the candidates; a call on other rows (a subset, at step ends) reads its
+prefixes whole. On resampling, the algorithm calls :meth:`RewardStates.reorder` so
 that the states follow their rows. The same object defers the rewards' NaN / ``+inf``
 checks to :meth:`RewardStates.check` (one per reward and run, rather than a host sync
 per call); the error still names the reward.
@@ -121,8 +122,10 @@ class RewardStates:
         self._calls[id(reward)] = occurrence + 1
         key = (id(reward), occurrence, x.shape[0])
         rows = self.rows
-        if rows and t > 0 and x.shape[0] != rows and x.shape[0] % rows == 0:
-            return self._candidates(reward, key, x, t)  # a lookahead's candidates
+        if rows and x.shape[0] != rows:
+            if t > 0 and x.shape[0] % rows == 0:
+                return self._candidates(reward, key, x, t)  # a lookahead's candidates
+            return None  # a subset of the rows (step ends): read whole, no state to build
         entry = self._entry(reward, key, x)
         if entry is None:
             return None

@@ -87,9 +87,10 @@ class Lexicon(Reward):
     :mod:`pyro_lm.rewards.base` requires; the settled sums grow with the prefix and end
     at the reward of the completion.
 
-    In ``mode="tokens"`` it has an incremental form (:mod:`pyro_lm.rewards.incremental`):
-    inside SMC it reads each new token's words from a per-row state
-    (:mod:`pyro_lm.rewards.word_stream`) instead of decoding the prefix again.
+    In ``mode="tokens"``, with a subword tokenizer, it has an incremental form
+    (:mod:`pyro_lm.rewards.incremental`): inside SMC it reads each new token's words from a
+    per-row state (:mod:`pyro_lm.rewards.word_stream`) instead of decoding the prefix
+    again. (With a word-level tokenizer every prefix is read by a table lookup per token.)
 
     :param tokenizer: the LM's tokenizer (or a :class:`~pyro_lm.CausalLM`, which also
         brings all its EOS ids).
@@ -331,8 +332,8 @@ class Lexicon(Reward):
     def _stream(self, device):
         """``(WordStream, scorer)`` for ``device``, or ``None`` where words are read by
         decoding text (``mode='text'``, or a tokenizer whose table does not match)."""
-        if self.mode != "tokens" or self._exact_text is None:
-            return None
+        if self.mode != "tokens" or self._exact_text is None or not self._can_extend:
+            return None  # word-level tokenizers: forward is a table lookup per token already
         if device not in self._streams:
             keys, base, phrases, _, _ = self._tables(device)
             vocab = sorted({w for words in self.phrases for w in words}, key=_word_key)
@@ -341,8 +342,7 @@ class Lexicon(Reward):
             if stream is None:
                 stream = self._streams["host"] = WordStream(
                     self._exact_text, self._fold, lambda cps: (_hash(cps, 0), _hash(cps, 1)),
-                    _PRIMES, _BASES, index, self._can_extend,
-                    max(len(words) for words in self.phrases) - 1)
+                    _PRIMES, _BASES, index, max(len(words) for words in self.phrases) - 1)
             self._streams[device] = stream, _Scorer(keys, base, phrases)
         return self._streams[device]
 

@@ -18,8 +18,9 @@ pending word extended by the leading run, then the inner word, and the trailing 
 becomes the pending word). Tokens whose text is not valid UTF-8 on its own, byte-fallback
 pieces, U+FFFD and tokens with several inner words make their row *slow*: from there on
 the row is scored by the batched reader (:meth:`~pyro_lm.rewards.Lexicon.forward`), which
-is exact for them. On a complete row the pending word counts too; with a tokenizer whose
-tokens cannot continue a word (word-level ones), every word settles at once.
+is exact for them. On a complete row the pending word counts too. (For tokenizers whose
+tokens cannot continue a word, word-level ones, the batched reader is a table lookup per
+token already, and the Lexicon has no stream.)
 """
 
 from __future__ import annotations
@@ -43,14 +44,13 @@ class WordStream:
     :param word_hash: ``list[int] -> (h0, h1)``, the two hashes of code points.
     :param primes: the two moduli; ``bases`` the two bases.
     :param dict index: folded word → its id (``1..``), for the inner words of tokens.
-    :param bool can_extend: some token may continue a word.
     :param int history: how many settled words' ids a phrase needs (:math:`n_{\\max}-1`).
     """
 
-    def __init__(self, text, fold, word_hash, primes, bases, index, can_extend, history):
+    def __init__(self, text, fold, word_hash, primes, bases, index, history):
         from pyro_lm.rewards.words import WORD
 
-        self.size, self.primes, self.can_extend = text.size, primes, can_extend
+        self.size, self.primes = text.size, primes
         self.history = history
         rows = text.size + 1  # the last row: ids outside the tokenizer (no text)
         kind = torch.full((rows,), _NOOP, dtype=torch.int64)
@@ -147,10 +147,6 @@ class WordStream:
         total, history = self._settle(total, history, settle & (inner >= 0), scorer,
                                       inner.clamp(min=0))
         pending = torch.where(settle[:, None], trail_t[v], pending)
-        if not self.can_extend:  # no token continues a word: it settles now
-            total, history = self._settle(total, history, live & (pending[:, 4] > 0),
-                                          scorer, scorer.word_id(pending))
-            pending = torch.where(live[:, None], self._empty(pending), pending)
         state["pending"], state["total"], state["history"] = pending, total, history
         return state
 
@@ -161,12 +157,6 @@ class WordStream:
         last = complete & (pending[:, 4] > 0)
         weight = scorer.weight(state["history"], scorer.word_id(pending))
         return state["total"] + torch.where(last, weight, 0.0)
-
-    @staticmethod
-    def _empty(pending):
-        empty = torch.zeros_like(pending)
-        empty[:, 2:4] = 1
-        return empty
 
     def _settle(self, total, history, where, scorer, word):
         # select rather than multiply: 0 * -inf is NaN
