@@ -7,7 +7,11 @@ peers' 2-layer GPT-2 at batch 64 one step costs about 1 ms through
 computes. :class:`GPT2Decoder` runs those operations directly on the model's
 own weights. The prompt is still encoded by transformers (so left padding is
 handled by the library), and its KV cache is copied into preallocated buffers
-that later tokens fill in place; resampling reorders the buffers.
+that later tokens fill in place; resampling reorders the buffers. After resampling the
+particles often descend from one ancestor over most of their history: on CPU the positions
+that every row shares are then kept once and read from that one copy (a prefix-sharing
+cache), so that a reorder copies only what the rows do not share, and its cost stops
+growing with the length.
 
 The decoder is a :class:`~pyro_lm.lm.decoder.Decoder`, like
 :class:`~pyro_lm.lm.decoding.IncrementalDecoder`, and computes the same logits
@@ -17,12 +21,18 @@ picks it where it applies and the generic decoder elsewhere.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from pyro_lm.lm.decoder import changed_rows, copy_rows, filler_token
 
-__all__ = ["GPT2Decoder", "supports_fast_decoding"]
+__all__ = ["GPT2Decoder", "supports_fast_decoding", "SHARE_AT"]
+
+#: Positions that every row shares (after resampling) join the decoder's one shared copy of
+#: them once there are this many more: reorders then copy only the positions after them.
+SHARE_AT = 32
 
 
 def _gpt2_inside(model):
@@ -157,6 +167,19 @@ class GPT2Decoder:
         if self.padded:
             self.mask = torch.ones((n, 1, 1, total), dtype=torch.bool, device=like.device)
             self.mask[:, 0, 0, :length] = attention_mask.bool()
+        # the positions every row shares (after resampling, all particles descend from one
+        # ancestor there): once at least SHARE_AT of them, they are kept once, in
+        # self._shared, and attention reads them from there, so a reorder copies only the
+        # positions after them. On CPU, where which lineage wrote each position is tracked
+        # (self._origin, int32 (N, positions)) and counting the shared ones is free.
+        self.shared_length, self._shared, self._origin = 0, None, None
+        if like.device.type == "cpu" and n > 1:
+            same = bool((input_ids == input_ids[:1]).all()) \
+                and bool((attention_mask == attention_mask[:1]).all())
+            self._row_ids = torch.arange(n, dtype=torch.int32)
+            self._origin = torch.empty((n, total), dtype=torch.int32)
+            self._origin[:, :length] = 0 if same else self._row_ids[:, None]
+            self._labelled = length  # positions of self._origin written so far
 
     def log_probs(self) -> torch.Tensor:
         """Next-token log-probabilities ``(N, V)`` in float32."""
@@ -177,8 +200,11 @@ class GPT2Decoder:
                 keys, values = self.keys[i], self.values[i]
                 keys[:, :, t] = k
                 values[:, :, t] = v
-                a = F.scaled_dot_product_attention(q[:, :, None], keys[:, :, : t + 1],
-                                                   values[:, :, : t + 1], attn_mask=mask)
+                if self.shared_length:
+                    a = self._split_attention(i, q, keys, values, t, mask)
+                else:
+                    a = F.scaled_dot_product_attention(q[:, :, None], keys[:, :, : t + 1],
+                                                       values[:, :, : t + 1], attn_mask=mask)
                 x = x + torch.addmm(b_o, a.reshape(n, width), w_o)
                 h = F.gelu(torch.addmm(b_fc, F.layer_norm(x, (width,), g2, b2, eps), w_fc),
                            approximate="tanh")
@@ -188,20 +214,41 @@ class GPT2Decoder:
         self.length = t + 1
         self.next_position = self.next_position + 1
 
+    def _split_attention(self, i: int, q, keys, values, t: int, mask):
+        r"""Attention of ``q`` ``(N, heads, head_dim)`` over the shared positions (one copy,
+        in :attr:`_shared`) and the row's own ones, with one softmax over both:
+        :math:`\mathrm{softmax}([q K_s^\top, q K_r^\top] / \sqrt{d})\,[V_s; V_r]`, what
+        ``scaled_dot_product_attention`` computes on the whole cache. ``(N, heads, head_dim)``."""
+        p = self.shared_length
+        shared_k, shared_v = self._shared[0, i, 0, :, :p], self._shared[1, i, 0, :, :p]
+        by_head = q.transpose(0, 1)  # (heads, N, head_dim): the shared part is one bmm
+        scores = torch.cat([torch.bmm(by_head, shared_k.transpose(1, 2)).transpose(0, 1),
+                            torch.matmul(q[:, :, None], keys[:, :, p:t + 1].transpose(-1, -2))
+                            .squeeze(2)], -1)  # (N, heads, t + 1)
+        scores = scores.float() * self.head_dim ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, 0], -math.inf)
+        w = scores.softmax(-1).to(q.dtype)
+        out = torch.bmm(w[..., :p].transpose(0, 1), shared_v).transpose(0, 1)
+        return out + torch.matmul(w[:, :, None, p:], values[:, :, p:t + 1]).squeeze(2)
+
     def reorder(self, index: torch.Tensor, logits: bool = True) -> None:
         """Keep sequence ``index[i]`` in row ``i`` (after resampling).
 
-        Only the rows whose ancestor changed (``index[i] != i``) are copied. On CPU they
-        are found first (the count is free to read there) and copied in place when they are
-        at most half the rows; otherwise, and on accelerators (where reading the count
-        would cost a host sync), every filled row is gathered into a spare buffer.
+        Only the rows whose ancestor changed (``index[i] != i``) are copied, and only their
+        positions after the shared ones. On CPU they are found first (the count is free to
+        read there) and copied in place when they are at most half the rows; otherwise, and
+        on accelerators (where reading the count would cost a host sync), every filled row
+        is gathered into a spare buffer. On CPU the positions that every row now shares
+        join the shared copy once there are :data:`SHARE_AT` more of them.
 
         :param bool logits: also reorder :attr:`logits`; pass ``False`` when
             :meth:`advance` comes next and replaces them.
         """
-        filled, n = self.length, index.shape[0]
-        # positions past self.length are written by advance before attention reads them
-        kv = self._kv[..., :filled, :]
+        filled, n, p = self.length, index.shape[0], self.shared_length
+        # positions past self.length are written by advance before attention reads them,
+        # and those before self.shared_length are read from the shared copy
+        kv = self._kv[..., p:filled, :]
         rows = changed_rows(index)
         if rows is not None:
             if rows.numel() == 0:
@@ -209,15 +256,35 @@ class GPT2Decoder:
             if 2 * rows.numel() <= n:
                 copy_rows(kv, 2, rows.tolist(), index.index_select(0, rows).tolist())
                 self._reorder_rows(index, logits)
+                self._share(index)
                 return
         # gather into the spare buffer and swap (faster than gathering in place, for twice
         # the cache's memory)
         if self._spare is None:
             self._spare = torch.empty_like(self._kv)
-        torch.index_select(kv, 2, index, out=self._spare[..., :filled, :])
+        torch.index_select(kv, 2, index, out=self._spare[..., p:filled, :])
         self._kv, self._spare = self._spare, self._kv
         self.keys, self.values = self._kv.unbind(0)
         self._reorder_rows(index, logits)
+        self._share(index)
+
+    def _share(self, index: torch.Tensor) -> None:
+        """Follow the rows' lineages through ``index`` and move the positions that every row
+        now shares (at least :data:`SHARE_AT` more) into the shared copy."""
+        origin, filled, p = self._origin, self.length, self.shared_length
+        if origin is None:
+            return
+        origin[:, self._labelled:filled] = self._row_ids[:, None]  # written since: their own
+        self._labelled = filled
+        origin[:, p:filled] = origin[:, p:filled].index_select(0, index)
+        same = (origin[:, p:filled] == origin[:1, p:filled]).all(0)
+        run = int(same.int().cumprod(0).sum())
+        if run < SHARE_AT:
+            return
+        if self._shared is None:
+            self._shared = torch.empty_like(self._kv[:, :, :1])
+        self._shared[..., p:p + run, :] = self._kv[:, :, :1, :, p:p + run, :]
+        self.shared_length = p + run
 
     def _reorder_rows(self, index: torch.Tensor, logits: bool) -> None:
         """Reorder the per-row state other than the cache (small: masks, positions)."""

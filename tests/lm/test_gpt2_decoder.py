@@ -230,3 +230,48 @@ def test_decoder_modules_import_without_a_cycle():
         assert "pyro_lm.lm.decoding" not in imported, module.__name__
     for name in ("pyro_lm.lm.gpt2_decoder", "pyro_lm.lm.decoder"):  # fresh interpreters
         subprocess.run([sys.executable, "-c", f"import {name}"], check=True)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_shared_positions_are_read_from_one_copy_exactly(monkeypatch, padded):
+    """Resampling that collapses the rows onto few ancestors: the positions every row
+    shares move into the one shared copy (here as soon as there is one), reorders copy only
+    the rest, and the logits stay those of a full forward pass of each row's history."""
+    monkeypatch.setattr(gpt2_decoder, "SHARE_AT", 1)
+    lm = toy_lm(vocab_size=16, n_layer=2, n_embd=32, n_head=4, init_std=0.2)
+    n = 6
+    ids = torch.tensor([[0, 3, 4]] * n) if not padded else torch.tensor([[0, 0, 4]] * n)
+    mask = torch.ones_like(ids) if not padded else torch.tensor([[0, 1, 1]] * n)
+    decoder = make_decoder(lm, ids, mask, 13)
+    generator = torch.Generator().manual_seed(2)
+    fed = torch.zeros(n, 0, dtype=torch.long)
+    shared = []
+    for step in range(12):
+        token = torch.randint(1, 16, (n,), generator=generator)
+        decoder.advance(token)
+        fed = torch.cat([fed, token[:, None]], dim=-1)
+        if step % 3 == 2:  # all rows from one ancestor, then a few from two
+            index = torch.full((n,), int(torch.randint(n, (1,), generator=generator)))
+        else:
+            index = torch.randint(0, 2, (n,), generator=generator)
+        decoder.reorder(index)
+        fed = fed[index]
+        shared.append(decoder.shared_length)
+        expected = reference_logits(lm, ids, mask, fed)
+        assert torch.allclose(decoder.logits, expected, atol=1e-4), step
+        if decoder.shared_length:  # what is not shared any more is never read: poison it
+            decoder._kv[..., : decoder.shared_length, :] = float("nan")
+    assert shared[-1] >= 3 + 9 and shared == sorted(shared)  # the prompt and most tokens
+    decoder.advance(torch.ones(n, dtype=torch.long))
+    fed = torch.cat([fed, torch.ones(n, 1, dtype=torch.long)], dim=-1)
+    assert torch.allclose(decoder.logits, reference_logits(lm, ids, mask, fed), atol=1e-4)
+
+
+def test_rows_of_different_prompts_share_nothing():
+    lm = toy_lm(vocab_size=16, n_layer=1, n_embd=32, n_head=4, init_std=0.2)
+    ids = torch.tensor([[0, 3], [5, 6]])
+    decoder = make_decoder(lm, ids, torch.ones_like(ids), 40)
+    for _ in range(40):
+        decoder.advance(torch.tensor([1, 2]))
+        decoder.reorder(torch.tensor([1, 0]))
+    assert decoder.shared_length == 0
