@@ -126,6 +126,23 @@ def test_jeffreys_weight_one_is_forward_kl(problem):
             assert torch.allclose(ga, gb, atol=1e-6)
 
 
+def train_with_smc_replay(problem, make_loss, seed=0):
+    """:func:`train` with ``make_loss(replay)``: a replay buffer (256) refreshed from SMC
+    (2K particles, the guide proposing) each step, and log Z's own, larger learning rate;
+    both rates decay (x 0.995 a step: at x 0.99 the guide's rate is spent by step 150 and
+    300 steps end where 150 do). ``(start, end, loss, replay)``."""
+    replay = ReplayBuffer(capacity=256)
+
+    def refresh(model, guide, prompts):
+        replay.add(SMC(model, guide=guide, num_particles=2 * K).run(prompts))
+
+    optim = pyro.optim.ClippedAdam(lambda name, _: {"lr": 0.1 if name == "tb_log_Z" else 0.01,
+                                                    "lrd": 0.995})
+    start, end, loss = train(problem, lambda m, g: make_loss(replay), None, seed=seed,
+                             optim=optim, each_step=refresh)
+    return start, end, loss, replay
+
+
 def test_trajectory_balance_with_smc_replay_matches_exact_kls_and_log_z(problem):
     """On-policy TB plus a replay buffer refreshed from SMC (the guide proposing) each step:
     both KLs fall below a quarter (KL(p*||q) to 0.03-0.06, KL(q||p*) to 0.06-0.17 of its
@@ -134,17 +151,8 @@ def test_trajectory_balance_with_smc_replay_matches_exact_kls_and_log_z(problem)
     posterior draws, log Z - KL(q||p*) on the guide's), which is log Z only once q = p*:
     the gap follows the KLs left (0.07-0.26 nats) and SMC's finite-particle bias towards q."""
     _, _, _, exact = problem
-    replay = ReplayBuffer(capacity=256)
-
-    def refresh(model, guide, prompts):
-        replay.add(SMC(model, guide=guide, num_particles=2 * K).run(prompts))
-
-    # log Z gets its own, larger learning rate; both decay (x 0.995 a step: at x 0.99 the
-    # guide's rate is spent by step 150 and 300 steps end where 150 do)
-    optim = pyro.optim.ClippedAdam(lambda name, _: {"lr": 0.1 if name == "tb_log_Z" else 0.01,
-                                                    "lrd": 0.995})
-    start, end, loss = train(problem, lambda m, g: TrajectoryBalance(2 * K, replay=replay),
-                             None, optim=optim, each_step=refresh)
+    start, end, loss, replay = train_with_smc_replay(
+        problem, lambda replay: TrajectoryBalance(2 * K, replay=replay))
     assert_below_quarter(start, end)
     log_z = pyro.param("tb_log_Z").detach()
     assert log_z.shape == (1,)

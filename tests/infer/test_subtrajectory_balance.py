@@ -10,11 +10,17 @@ import pyro
 import pyro.optim
 import pytest
 import torch
-from test_objectives import K, T, problem, train  # noqa: F401 (problem: a fixture)
+from test_objectives import (  # noqa: F401 (problem: a fixture)
+    K,
+    T,
+    problem,
+    train,
+    train_with_smc_replay,
+)
 from torch import nn
 
 import pyro_lm
-from pyro_lm.infer import SMC, AutoLMGuide, ReplayBuffer, SubTrajectoryBalance
+from pyro_lm.infer import AutoLMGuide, ReplayBuffer, SubTrajectoryBalance
 from pyro_lm.lm import CausalLM, toy_lm
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -175,16 +181,8 @@ def test_subtrajectory_balance_with_smc_replay_lowers_both_exact_kls(problem, se
     at 0.07-0.13 of their starts but log Z 0.005-0.12 below; without the replay (64
     on-policy samples, lamda = 2) KL(p*||q) ends at 0.12-0.34 of its start."""
     _, _, _, exact = problem
-    replay = ReplayBuffer(capacity=256)
-
-    def refresh(model, guide, prompts):
-        replay.add(SMC(model, guide=guide, num_particles=2 * K).run(prompts))
-
-    optim = pyro.optim.ClippedAdam(lambda name, _: {"lr": 0.1 if name == "tb_log_Z" else 0.01,
-                                                    "lrd": 0.995})
-    start, end, loss = train(problem,
-                             lambda m, g: SubTrajectoryBalance(2 * K, replay=replay, lamda=2.0),
-                             None, seed=seed, optim=optim, each_step=refresh)
+    start, end, loss, _ = train_with_smc_replay(
+        problem, lambda replay: SubTrajectoryBalance(2 * K, replay=replay, lamda=2.0), seed)
     assert end[0] < 0.25 * start[0], ("KL(p*||q)", start, end)
     assert end[1] < 0.25 * start[1], ("KL(q||p*)", start, end)
     log_z = pyro.param("tb_log_Z").detach()
