@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import functools
 import multiprocessing
 import sys
 from pathlib import Path
@@ -235,52 +234,73 @@ def plain_head(guide):
 
 
 def memory_rows(b, lengths, plain_lengths, repeats, vocab=50257):
-    """The memory table, each length measured in a fresh process (a high-water mark is
-    only the call's own in a process that has not run the other lengths' cases)."""
+    """The memory table: each case's peak measured in a fresh process of its own (a
+    high-water mark is only the call's own in a process whose heap has not held the other
+    cases' buffers: measured after them, T = 400's no-gradient peak read 715 MiB, 477 alone),
+    the saved bytes and times in one more."""
     rows = []
     spawn = multiprocessing.get_context("spawn")
-    for t in lengths:
+    threads = torch.get_num_threads()
+
+    def run(fn, *args):
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            rows += pool.submit(_memory_rows_at, b, t, t in plain_lengths, repeats, vocab,
-                                torch.get_num_threads()).result()
+            return pool.submit(fn, *args).result()
+
+    for t in lengths:
+        labels = [label for label, _ in _MEMORY_CASES
+                  if t in plain_lengths or label != "forward + backward, plain (before)"]
+        peaks = {label: run(_peak_at, b, t, label, vocab, threads) for label in labels}
+        rows += run(_memory_rows_at, b, t, labels, peaks, repeats, vocab, threads)
     return rows
 
 
-def _memory_rows_at(b, t, with_plain, repeats, vocab, threads):
-    """The memory table's rows at length ``t`` (run in a fresh process)."""
+#: The memory table's cases: label, and the log_prob path (``None``: no gradient).
+_MEMORY_CASES = [("no gradient", None), ("forward + backward", False),
+                 ("forward + backward, checkpointed", True),
+                 ("forward + backward, plain (before)", "plain")]
+
+
+def _memory_setup(b, t, vocab, threads):
+    """``(x, dists, guide, call)``: completions, the two log_prob paths and ``call(key)``
+    running one case (:data:`_MEMORY_CASES`); the gradients' own memory is allocated."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     lm = gpt2(2, 64, vocab, positions=512)
     guide = lm.trainable_copy()
-    rows = []
     prompt = torch.tensor([[1, 2, 3]]).expand(b, -1)
-    budget_mb = 4 * LOG_PROB_BUDGET / 2**20
     x = pyro_lm.LMDistribution(lm, prompt, t).sample()
     dists = {c: pyro_lm.LMDistribution(guide, prompt, t, activation_checkpointing=c)
              for c in (False, True)}
 
-    def no_grad(x=x, dists=dists):
-        with torch.no_grad():
-            dists[False].log_prob(x)
-
-    def fwd_bwd(checkpoint, x=x, dists=dists):
+    def call(key):
+        if key is None:
+            with torch.no_grad():
+                dists[False].log_prob(x)
+            return
         guide.zero_grad(set_to_none=True)
-        dists[checkpoint].log_prob(x).sum().backward()
+        with plain_head(guide) if key == "plain" else contextlib.nullcontext():
+            dists[key is True].log_prob(x).sum().backward()
 
-    kept, recomputed = functools.partial(fwd_bwd, False), functools.partial(fwd_bwd, True)
-    recomputed()  # the gradients' own memory, allocated once, is not the log_prob's
-    cases = [("no gradient", no_grad, None),
-             ("forward + backward", kept, False),
-             ("forward + backward, checkpointed", recomputed, True)]
-    if with_plain:
-        def plain(kept=kept):
-            with plain_head(guide):
-                kept()
-        cases.append(("forward + backward, plain (before)", plain, "plain"))
-    times = interleaved({False: kept, True: recomputed}, repeats=repeats, warmup=0)
-    base, default = None, None
-    for label, fn, key in cases:
-        mb = peak_mb(fn)
+    call(True)  # the gradients' own memory, allocated once, is not the log_prob's
+    return x, dists, guide, call
+
+
+def _peak_at(b, t, label, vocab, threads):
+    """The peak MiB of one case, in a process that ran nothing else (see :func:`peak_mb`)."""
+    _, _, _, call = _memory_setup(b, t, vocab, threads)
+    key = dict(_MEMORY_CASES)[label]
+    return peak_mb(lambda: call(key))
+
+
+def _memory_rows_at(b, t, labels, peaks, repeats, vocab, threads):
+    """The memory table's rows at length ``t``: the ``peaks`` given, saved bytes and times."""
+    x, dists, guide, call = _memory_setup(b, t, vocab, threads)
+    budget_mb = 4 * LOG_PROB_BUDGET / 2**20
+    times = interleaved({False: lambda: call(False), True: lambda: call(True)},
+                        repeats=repeats, warmup=0)
+    rows, base, default = [], None, None
+    for label in labels:
+        key, mb = dict(_MEMORY_CASES)[label], peaks[label]
         base = mb if base is None else base
         saved, ms = "", ""
         if key is not None:
