@@ -171,9 +171,10 @@ class GPT2Decoder:
         # ancestor there): once at least SHARE_AT of them, they are kept once, in
         # self._shared, and attention reads them from there, so a reorder copies only the
         # positions after them. On CPU, where which lineage wrote each position is tracked
-        # (self._origin, int32 (N, positions)) and counting the shared ones is free.
+        # (self._origin, int32 (N, positions)) and counting the shared ones is free, for
+        # runs long enough to gain from it (the bookkeeping costs a few operations a reorder)
         self.shared_length, self._shared, self._origin = 0, None, None
-        if like.device.type == "cpu" and n > 1:
+        if like.device.type == "cpu" and n > 1 and max_new_tokens > 2 * SHARE_AT:
             same = bool((input_ids == input_ids[:1]).all()) \
                 and bool((attention_mask == attention_mask[:1]).all())
             self._row_ids = torch.arange(n, dtype=torch.int32)
@@ -276,9 +277,11 @@ class GPT2Decoder:
             return
         origin[:, self._labelled:filled] = self._row_ids[:, None]  # written since: their own
         self._labelled = filled
-        origin[:, p:filled] = origin[:, p:filled].index_select(0, index)
-        same = (origin[:, p:filled] == origin[:1, p:filled]).all(0)
-        run = int(same.int().cumprod(0).sum())
+        block = origin[:, p:filled].index_select(0, index)
+        origin[:, p:filled] = block
+        if p == filled or not bool((block[:, 0] == block[0, 0]).all()):
+            return  # the first position not yet shared is still not: nothing to move
+        run = int((block == block[:1]).all(0).int().cumprod(0).sum())
         if run < SHARE_AT:
             return
         if self._shared is None:

@@ -237,7 +237,7 @@ def test_shared_positions_are_read_from_one_copy_exactly(monkeypatch, padded):
     """Resampling that collapses the rows onto few ancestors: the positions every row
     shares move into the one shared copy (here as soon as there is one), reorders copy only
     the rest, and the logits stay those of a full forward pass of each row's history."""
-    monkeypatch.setattr(gpt2_decoder, "SHARE_AT", 1)
+    monkeypatch.setattr(gpt2_decoder, "SHARE_AT", 1)  # runs of more than 2 tokens track lineages
     lm = toy_lm(vocab_size=16, n_layer=2, n_embd=32, n_head=4, init_std=0.2)
     n = 6
     ids = torch.tensor([[0, 3, 4]] * n) if not padded else torch.tensor([[0, 0, 4]] * n)
