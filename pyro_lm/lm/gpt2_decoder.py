@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -171,14 +172,15 @@ class GPT2Decoder:
         # ancestor there): once at least SHARE_AT of them, they are kept once, in
         # self._shared, and attention reads them from there, so a reorder copies only the
         # positions after them. On CPU, where which lineage wrote each position is tracked
-        # (self._origin, int32 (N, positions)) and counting the shared ones is free, for
-        # runs long enough to gain from it (the bookkeeping costs a few operations a reorder)
+        # (self._origin, int32 numpy (N, positions)) and counting the shared ones is free,
+        # for runs long enough to gain from it (the bookkeeping costs a little per reorder)
         self.shared_length, self._shared, self._origin = 0, None, None
         if like.device.type == "cpu" and n > 1 and max_new_tokens > 2 * SHARE_AT:
             same = bool((input_ids == input_ids[:1]).all()) \
                 and bool((attention_mask == attention_mask[:1]).all())
-            self._row_ids = torch.arange(n, dtype=torch.int32)
-            self._origin = torch.empty((n, total), dtype=torch.int32)
+            # host bookkeeping in numpy: a few microseconds a reorder, not a few dispatches
+            self._row_ids = np.arange(n, dtype=np.int32)
+            self._origin = np.empty((n, total), dtype=np.int32)
             self._origin[:, :length] = 0 if same else self._row_ids[:, None]
             self._labelled = length  # positions of self._origin written so far
 
@@ -277,13 +279,13 @@ class GPT2Decoder:
             return
         origin[:, self._labelled:filled] = self._row_ids[:, None]  # written since: their own
         self._labelled = filled
-        block = origin[:, p:filled].index_select(0, index)
+        block = origin[:, p:filled].take(index.numpy(), axis=0)
         origin[:, p:filled] = block
-        if p == filled or not bool((block[:, 0] == block[0, 0]).all()):
-            return  # the first position not yet shared is still not: nothing to move
-        run = int((block == block[:1]).all(0).int().cumprod(0).sum())
-        if run < SHARE_AT:
+        # the shared positions are a prefix (rows that share a position's writer share its
+        # history): if the SHARE_AT-th position from p is not shared, fewer than SHARE_AT are
+        if filled - p < SHARE_AT or (block[:, SHARE_AT - 1] != block[0, SHARE_AT - 1]).any():
             return
+        run = int((block == block[:1]).all(0).cumprod().sum())
         if self._shared is None:
             self._shared = torch.empty_like(self._kv[:, :, :1])
         self._shared[..., p:p + run, :] = self._kv[:, :, :1, :, p:p + run, :]
