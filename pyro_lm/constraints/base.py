@@ -179,13 +179,19 @@ class Constraint(Reward):
         big_t = x.shape[-1]
         t = big_t if t is None else min(t, big_t)
         eos = set(self.eos)
-        rows = x[:, :t].tolist()
+        # each distinct row once (SMC's particles share prefixes, a plate repeats prompts'
+        # completions), in sorted order, which walks the trie of _judge prefix by prefix
+        if t == 0:
+            distinct, inverse = [[]], torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        else:
+            distinct, inverse = torch.unique(x[:, :t], dim=0, return_inverse=True)
+            distinct = distinct.tolist()
         out = []
-        for row in rows:
+        for row in distinct:
             end = next((k for k, tok in enumerate(row) if tok in eos), None)
             complete = end is not None or t == big_t
             out.append(self._judge(tuple(row if end is None else row[:end]), complete))
-        return torch.tensor(out, dtype=torch.float32, device=x.device)
+        return torch.tensor(out, dtype=torch.float32, device=x.device)[inverse]
 
     def _judge(self, tokens: tuple, complete: bool) -> float:
         """0.0 or -inf: ``tokens`` (content, no EOS) viable, and accepted if ``complete``.
