@@ -117,10 +117,14 @@ class AutoLMGuide(nn.Module):
             name: site["value"] for name, site in drawn.nodes.items()
             if site["type"] == "sample" and not site["is_observed"]}
         names = lm_site_names(trace)
-        unknown = sorted(set(self.constraints) - set(names))
+        # every LM site the guide drew, also one a handler around it conditions (as exact
+        # scoring and poutine.condition do): it is drawn from its masked law all the same
+        drawn_lm = [name for name, site in trace.nodes.items() if site["type"] == "sample"
+                    and unwrap_lm(site["fn"]) is not None]
+        unknown = sorted(set(self.constraints) - set(drawn_lm))
         if unknown:
             raise ValueError(f"constraints: the model has no LM sample site {unknown[0]!r} "
-                             f"(its LM sites: {names}); key each constraint by the name of "
+                             f"(its LM sites: {drawn_lm}); key each constraint by the name of "
                              "the LM site it constrains")
         values.update((name, trace.nodes[name]["value"]) for name in names)
         return values

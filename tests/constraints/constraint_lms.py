@@ -36,13 +36,15 @@ def byte_bpe(pieces, specials=("<eos>",)) -> PreTrainedTokenizerFast:
 
 
 def tiny_bpe_lm(pieces=TEXT_PIECES, extra_rows: int = 0, eos_ids=None, seed: int = 0,
-                specials=("<eos>",)) -> CausalLM:
+                specials=("<eos>",), init_std: float = 0.5) -> CausalLM:
     """A random 1-layer GPT-2 over :func:`byte_bpe` (``extra_rows`` embedding rows beyond
-    the tokenizer; ``eos_ids`` extra EOS ids through the generation config)."""
+    the tokenizer; ``eos_ids`` extra EOS ids through the generation config; ``init_std``
+    the weights' standard deviation: small for a broad LM, e.g. a guide that covers a
+    peaky prior)."""
     tok = byte_bpe(pieces, specials)
     config = GPT2Config(vocab_size=len(tok) + extra_rows, n_positions=16, n_embd=16, n_layer=1,
                         n_head=2, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                        initializer_range=0.5)
+                        initializer_range=init_std)
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

@@ -2,7 +2,9 @@
 
 Each cell either agrees with exact enumeration (:mod:`pyro_lm.exact`) within a tolerance
 derived from its sample size, or raises a ValueError whose message says how to fix the
-program. A new algorithm or shape is a new row or column here.
+program. A new algorithm or shape is a new row or column here. The constrained rows run
+the same shapes on a tiny byte-level BPE LM under a Regex constraint (as a sampler's or a
+guide's mask, and as a factor in the model) against the exact constrained posterior.
 """
 
 import math
@@ -12,9 +14,15 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
+from checks import pooled_chi2_pvalue
+from constraints.constraint_lms import tiny_bpe_lm
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO
+from scipy.stats import norm
+from scipy.stats import t as student_t
 
 from pyro_lm import LMDistribution
+from pyro_lm.constraints import Regex
+from pyro_lm.distributions.lm_distribution import unwrap_lm
 from pyro_lm.exact import enumerate_model
 from pyro_lm.infer import (
     DPG,
@@ -27,6 +35,7 @@ from pyro_lm.infer import (
     TrajectoryBalance,
     fit_moments,
 )
+from pyro_lm.infer.program import plate_nesting, structure_trace
 from pyro_lm.lm import toy_lm
 
 pytestmark = pytest.mark.filterwarnings(  # the TraceEnum_ELBO column enumerates nothing here
@@ -47,6 +56,12 @@ def other():
     return toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=2, init_std=0.1)
 
 
+@pytest.fixture(scope="module")
+def trainable(other):
+    """The guide LM with gradients (a copy), for the rows that check a loss's gradient."""
+    return other.trainable_copy()
+
+
 def reward(x):
     return (x == 1).sum(-1).float() / BETA
 
@@ -55,81 +70,98 @@ def reward(x):
 # Each builder returns (model, args, kinds): kinds names what the program has, which decides
 # the cells that must refuse it: "latent" (a non-LM latent site), "chain" (two LM sites),
 # "coupled" (a site outside a plate), "scaled", "subsample", "scalar", "shape" (bad shape).
-def one_site(lm, factor=True):
+# ``valid``: a constraint c, put in the model as a factor on each LM site it samples
+# (``pyro.factor("valid_<site>", c(x))``, 0 or -inf: the constrained rows' factor form).
+def constrain(valid, name, x):
+    if valid is not None:
+        pyro.factor(f"valid_{name}", valid(x))
+
+
+def one_site(lm, factor=True, valid=None):
     def model():
         x = pyro.sample("x", LMDistribution(lm, "t1", T))
+        constrain(valid, "x", x)
         if factor:
             pyro.factor("reward", reward(x))
     return model, (), set()
 
 
-def plate(lm, factor=True):
+def plate(lm, factor=True, valid=None):
     prompts = torch.tensor([[0], [2]])
 
     def model(prompts):
         with pyro.plate("prompts", prompts.shape[0]):
             x = pyro.sample("x", LMDistribution(lm, prompts, T))
+            constrain(valid, "x", x)
             if factor:
                 pyro.factor("reward", reward(x))
+        return x
     return model, (prompts,), set()
 
 
-def nested_plates(lm, factor=True):
+def nested_plates(lm, factor=True, valid=None):
     prompts = torch.tensor([[[0], [2]], [[3], [1]]])  # (2, 2, 1)
 
     def model(prompts):
         with pyro.plate("outer", 2, dim=-2), pyro.plate("inner", 2, dim=-1):
             x = pyro.sample("x", LMDistribution(lm, prompts, T))
+            constrain(valid, "x", x)
             if factor:
                 pyro.factor("reward", reward(x))
     return model, (prompts,), set()
 
 
-def factor_outside(lm, factor=True):
+def factor_outside(lm, factor=True, valid=None):
     prompts = torch.tensor([[0], [2]])
 
     def model(prompts):
         with pyro.plate("prompts", 2):
             x = pyro.sample("x", LMDistribution(lm, prompts, T))
+            constrain(valid, "x", x)
         if factor:  # one factor over the whole batch: the prompts share one weight
             pyro.factor("reward", reward(x).sum(-1, keepdim=True))
     return model, (prompts,), {"coupled"} if factor else set()
 
 
-def factor_outside_no_keepdim(lm, factor=True):
+def factor_outside_no_keepdim(lm, factor=True, valid=None):
     prompts = torch.tensor([[0], [2]])
 
     def model(prompts):
         with pyro.plate("prompts", 2):
             x = pyro.sample("x", LMDistribution(lm, prompts, T))
+            constrain(valid, "x", x)
         pyro.factor("reward", reward(x).sum(-1) if factor else torch.zeros(x.shape[:-2] + (1,)))
     return model, (prompts,), {"shape"} if factor else {"coupled"}
 
 
-def latent_prompt(lm, factor=True):
+def latent_prompt(lm, factor=True, valid=None):
     prompts = torch.tensor([[1], [2], [3]])
 
     def model(prompts):
         z = pyro.sample("z", dist.Categorical(logits=torch.tensor([0.0, 1.0, -1.0])))
         x = pyro.sample("x", LMDistribution(lm, prompts[z], T))
+        constrain(valid, "x", x)
         if factor:
             pyro.factor("reward", reward(x))
     return model, (prompts,), {"latent"}
 
 
-def chained(lm, factor=True):
+def chained(lm, factor=True, valid=None):
     def model():
         first = LMDistribution(lm, "t1", T)
         x1 = pyro.sample("x1", first)
+        constrain(valid, "x1", x1)
         ids, mask = first.prompt_with(x1)
         x2 = pyro.sample("x2", LMDistribution(lm, ids, T, attention_mask=mask))
+        constrain(valid, "x2", x2)
         if factor:
             pyro.factor("reward", reward(x2) - reward(x1))
     return model, (), {"chain"}
 
 
-def observed_text(lm, factor=True):
-    """Observed text tells which latent prompt produced it; nothing else is latent."""
+def observed_text(lm, factor=True, valid=None):
+    """Observed text tells which latent prompt produced it; nothing else is latent (so
+    nothing for ``valid`` to constrain)."""
     prompts = torch.tensor([[1], [2], [3]])
     text = torch.tensor([3, 1])
 
@@ -141,7 +173,7 @@ def observed_text(lm, factor=True):
     return model, (prompts,), {"latent", "no_lm"}
 
 
-def latent_and_chain_in_plate(lm, factor=True):
+def latent_and_chain_in_plate(lm, factor=True, valid=None):
     """Per prompt: a latent choosing the first prompt, then a completion continuing it."""
     prompts = torch.tensor([[1], [2], [3]])
 
@@ -150,50 +182,62 @@ def latent_and_chain_in_plate(lm, factor=True):
             z = pyro.sample("z", dist.Categorical(logits=torch.tensor([0.0, 1.0, -1.0])))
             first = LMDistribution(lm, prompts[z], T)
             x1 = pyro.sample("x1", first)
+            constrain(valid, "x1", x1)
             ids, mask = first.prompt_with(x1)
             x2 = pyro.sample("x2", LMDistribution(lm, ids, T, attention_mask=mask))
+            constrain(valid, "x2", x2)
             if factor:
                 pyro.factor("reward", reward(x2) + (z == 1).float())
     return model, (prompts,), {"latent", "chain"}
 
 
-def subsample(lm, factor=True):
+def subsample(lm, factor=True, valid=None):
     prompts = torch.tensor([[0], [2], [3]])
 
     def model(prompts):
         with pyro.plate("prompts", 3, subsample_size=2) as idx:
             x = pyro.sample("x", LMDistribution(lm, prompts[idx], T))
+            constrain(valid, "x", x)
             if factor:
                 pyro.factor("reward", reward(x))
     return model, (prompts,), {"subsample"}
 
 
-def scaled(lm, factor=True):
-    model, args, _ = one_site(lm, factor)
+def scaled(lm, factor=True, valid=None):
+    model, args, _ = one_site(lm, factor, valid)
     return poutine.scale(model, 2.0), args, {"scaled"}
 
 
-def masked(lm, factor=True):
+def masked(lm, factor=True, valid=None):
     model, args, _ = plate(lm, factor)
-    return poutine.mask(model, mask=torch.tensor([True, False])), args, {"scaled"}
+    model = poutine.mask(model, mask=torch.tensor([True, False]))
+    if valid is None:
+        return model, args, {"scaled"}
+
+    def constrained(prompts):  # the constraint outside the mask, as a sampler's constraints=
+        x = model(prompts)
+        with pyro.plate("valid_prompts", prompts.shape[0]):  # the prompts' dim
+            constrain(valid, "x", x)
+    return constrained, args, {"scaled"}
 
 
-def conditioned(lm, factor=True):
-    model, args, _ = latent_prompt(lm, factor)
+def conditioned(lm, factor=True, valid=None):
+    model, args, _ = latent_prompt(lm, factor, valid)
     return poutine.condition(model, data={"z": torch.tensor(1)}), args, set()
 
 
-def blocked(lm, factor=True):
-    model, args, _ = plate(lm, factor)
+def blocked(lm, factor=True, valid=None):
+    model, args, _ = plate(lm, factor, valid)
     return poutine.block(model, hide=["reward"]), args, set()
 
 
-def scalar_style(lm, factor=True):
+def scalar_style(lm, factor=True, valid=None):
     prompts = ["t1", "t2", "t3"]
 
     def model():
         z = pyro.sample("z", dist.Categorical(logits=torch.zeros(3)))
         x = pyro.sample("x", LMDistribution(lm, prompts[int(z)], T))
+        constrain(valid, "x", x)
         if factor:
             pyro.factor("reward", reward(x))
     return model, (), {"latent", "scalar"}
@@ -217,8 +261,12 @@ ERRORS = {  # what an algorithm that cannot take a program must say
 def refused(kinds, unsupported):
     """A pattern for the messages a program with ``kinds`` may get from an algorithm that
     refuses ``unsupported`` (every algorithm refuses "scalar" and "shape"): the program is
-    refused for any of its kinds that the algorithm cannot take. ``None``: accepted."""
-    reasons = [ERRORS[k] for k in ("scalar", "shape", *sorted(unsupported)) if k in kinds]
+    refused for any of its kinds that the algorithm cannot take. ``None``: accepted.
+    ``unsupported`` is a set of kinds, or a dict kind -> the algorithm's own reason
+    (``None``: the one in ERRORS)."""
+    own = unsupported if isinstance(unsupported, dict) else {}
+    reasons = [own.get(k) or ERRORS[k] for k in ("scalar", "shape", *sorted(unsupported))
+               if k in kinds]
     return "|".join(f"({r})" for r in reasons) or None
 
 
@@ -231,6 +279,14 @@ def within(estimate, exact, stderr, name):
     estimate, exact = torch.as_tensor(estimate).double(), torch.as_tensor(exact).double()
     tol = 4 * torch.as_tensor(stderr).double() + 1e-3
     assert ((estimate - exact).abs() <= tol).all(), (name, estimate, exact, tol)
+
+
+def standard_error(draws):
+    """The standard error of the mean of ``n`` draws (dim 0), scaled by Student's t
+    quantile with ``n - 1`` degrees of freedom over the normal's at the 4-sigma tail, so that
+    :func:`within`'s 4 of them bound that tail for a few draws too."""
+    n = draws.shape[0]
+    return draws.std(0) / math.sqrt(n) * (student_t.ppf(norm.cdf(4), n - 1) / 4)
 
 
 def indicator(values):
@@ -375,10 +431,11 @@ def test_elbo(prior, other, exacts, shape, loss):
     within(-draws.mean(), exact.elbo(exact_guide).sum(), draws.std() / math.sqrt(60), "ELBO")
 
 
-def plate_of_three(lm):
+def plate_of_three(lm, valid=None):
     def model(prompts):
         with pyro.plate("prompts", 3):
             x = pyro.sample("x", LMDistribution(lm, prompts, T))
+            constrain(valid, "x", x)
             pyro.factor("reward", reward(x))
     return model
 
@@ -393,44 +450,121 @@ def test_subsample_draws_a_fresh_subsample_each_step(prior, other):
     assert seen == {0, 1, 2}
 
 
-#: DPG's proposals and what each refuses beyond DPG itself ("smc": SMC with the guide as
-#: its proposal, whose Z-hat DPG then reports)
-DPG_PROPOSALS = {"guide": set(), "smc": {"coupled", "scaled"}}
+#: DPG's variants: its options, and what each refuses beyond DPG itself. "smc": SMC with
+#: the guide as its proposal, whose Z-hat DPG then reports; "jeffreys": the divergence
+#: alpha KL(p*||q) + (1 - alpha) KL(q||p*) on the guide's own samples.
+DPG_VARIANTS = {
+    "guide": ({}, set()),
+    "smc": ({"proposal": "smc"}, {"coupled", "scaled"}),
+    "jeffreys": ({"divergence": "jeffreys", "forward_weight": 0.3}, set()),
+}
 
 
-@pytest.mark.parametrize("proposal", sorted(DPG_PROPOSALS))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.__name__)
-def test_dpg(prior, other, exacts, shape, proposal):
+def flat_grad(params):
+    """The accumulated gradient of ``params``, one vector (zeros where none), and reset."""
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]
+    for p in params:
+        p.grad = None
+    return torch.cat(grads)
+
+
+def exact_grad(value, params):
+    """The gradient of ``value`` (computed by enumeration) in ``params``, one vector."""
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
+                      for g, p in zip(grads, params, strict=True)])
+
+
+def within_gradient(draws, exact, name):
+    """The mean of the gradient estimates ``draws`` ``(n, P)`` against the exact gradient
+    ``(P,)``, along its own direction and along a fixed random one, within 4 s.e. each."""
+    generator = torch.Generator(device=exact.device).manual_seed(0)
+    other = torch.randn(exact.shape, generator=generator, dtype=exact.dtype,
+                        device=exact.device)
+    for direction in (exact / exact.norm(), other / other.norm()):
+        proj = draws @ direction
+        within(proj.mean(), exact @ direction, standard_error(proj), name)
+
+
+#: A bug in SMC (pyro_lm/infer/smc.py, SMC._run_program): over a program (other latent
+#: sites, chained LM sites) it clones its results inside torch.inference_mode, so it returns
+#: inference tensors, and DPG(proposal="smc")'s gradient step fails on log q of them.
+SMC_PROGRAM_INFERENCE_TENSORS = pytest.mark.xfail(
+    strict=True, raises=RuntimeError,
+    reason="SMC over a program returns inference tensors (cloned inside inference_mode): "
+           "DPG(proposal='smc') cannot take a gradient step on them")
+
+
+def dpg_cases():
+    """(shape, variant) of every DPG cell; a known bug marked on the cells it breaks."""
+    for shape in SHAPES:
+        kinds = shape(None)[2]  # the builders touch the LM only when the model runs
+        for variant in sorted(DPG_VARIANTS):
+            broken = variant == "smc" and kinds & {"latent", "chain"} and not refused(
+                kinds, {"subsample", "no_lm"} | DPG_VARIANTS[variant][1])
+            yield pytest.param(shape, variant, id=f"{shape.__name__}-{variant}",
+                               marks=[SMC_PROGRAM_INFERENCE_TENSORS] if broken else [])
+
+
+@pytest.mark.parametrize("shape, variant", list(dpg_cases()))
+def test_dpg(prior, trainable, exacts, shape, variant):
+    """Each step's Z-hat is unbiased for the exact Z, and the mean of its gradient is the
+    exact gradient of the divergence it minimises (forward KL, or the Jeffreys mix): the
+    self-normalised weights' O(1/ESS) bias is below the test's error with 1024 particles
+    (with 64 it is not, on the chained and coupled shapes)."""
     model, args, kinds = shape(prior)
-    guide = AutoLMGuide(model, other)
-    loss = DPG(num_particles=64, proposal=proposal)
-    match = refused(kinds, {"subsample", "no_lm"} | DPG_PROPOSALS[proposal])
+    guide = AutoLMGuide(model, trainable)
+    options, unsupported = DPG_VARIANTS[variant]
+    loss = DPG(num_particles=1024, **options)
+    match = refused(kinds, {"subsample", "no_lm"} | unsupported)
     if match:
         return assert_error(lambda: loss.loss(model, guide, *args), match)
     exact = exacts(shape)
-    z_hat = []
-    for _ in range(30):
-        loss.loss(model, guide, *args)
+    params = list(trainable.parameters())
+    z_hat, grads = [], []
+    for _ in range(10):
+        loss.loss_and_grads(model, guide, *args)
         z_hat.append(math.exp(loss.metrics["log_Z_batch"] - exact.log_Z.sum().item()))
+        grads.append(flat_grad(params))
     z_hat = torch.tensor(z_hat)  # each unbiased for 1 (a product over independent prompts)
-    within(z_hat.mean(), 1.0, z_hat.std() / math.sqrt(30), "Z-hat / Z")
+    within(z_hat.mean(), 1.0, standard_error(z_hat), "Z-hat / Z")
+    divergence = exact.kl_p_q(guide).sum()
+    if options.get("divergence") == "jeffreys":
+        alpha = loss.forward_weight
+        divergence = alpha * divergence + (1 - alpha) * exact.kl_q_p(guide).sum()
+    within_gradient(torch.stack(grads), exact_grad(divergence, params), "gradient")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.__name__)
-def test_trajectory_balance(prior, other, exacts, shape):
+def test_trajectory_balance(prior, trainable, exacts, shape):
+    """At log Z_phi = 0: the loss, the mean of E_q[(log q - log p~)^2] (summed over
+    problems), the elbo metric and the gradient in the guide and in log Z_phi, each against
+    enumeration (the samples held fixed, the gradient's mean is 2 E_q[delta grad log q])."""
     model, args, kinds = shape(prior)
-    guide = AutoLMGuide(model, other)
+    guide = AutoLMGuide(model, trainable)
     pyro.clear_param_store()
     loss = TrajectoryBalance(num_particles=64, init_log_z=0.0)
     match = refused(kinds, {"subsample", "no_lm"})
     if match:
         return assert_error(lambda: loss.loss(model, guide, *args), match)
-    draws = []
+    exact = exacts(shape)
+    params = list(trainable.parameters())
+    values, elbos, grads = [], [], []
     for _ in range(20):
-        loss.loss(model, guide, *args)
-        draws.append(loss.metrics["elbo"])  # E_q[log p~ - log q], the residual's mean
-    draws = torch.tensor(draws)
-    within(draws.mean(), exacts(shape).elbo(guide).sum(), draws.std() / math.sqrt(20), "ELBO")
+        values.append(loss.loss_and_grads(model, guide, *args))
+        elbos.append(loss.metrics["elbo"])  # E_q[log p~ - log q], the residual's mean
+        log_z = pyro.param("tb_log_Z").unconstrained()
+        grads.append(torch.cat([flat_grad(params), flat_grad([log_z])]))
+    values, elbos = torch.tensor(values), torch.tensor(elbos)
+    log_q = exact.log_prob_of(guide)
+    delta = log_q - exact.log_joint  # the residual at log Z_phi = 0
+    q = log_q.detach().exp()
+    within(values.mean(), (q * delta.detach() ** 2).sum(), standard_error(values), "loss")
+    within(elbos.mean(), exact.elbo(guide).sum(), standard_error(elbos), "ELBO")
+    surrogate = (q * delta**2).sum()  # its gradient: 2 E_q[delta grad log q]
+    expected = torch.cat([exact_grad(surrogate, params), 2 * (q * delta.detach()).sum(0)
+                          .reshape(-1).to(log_z.dtype)])
+    within_gradient(torch.stack(grads), expected, "gradient")
 
 
 @pytest.mark.parametrize("sampler", ["QRS", "IMH"])
@@ -471,6 +605,205 @@ def test_fit_moments(prior, exacts, shape):
     logits = exact.log_joint + lam * stat
     moment = (torch.softmax(logits, 0) * stat).sum(0).mean()
     within(moment, 0.5, 1 / fit.ess.min().sqrt(), "tilted moment")
+
+
+# ------------------------------------------------------------------ constrained programs
+# The shapes with a structural constraint on their LM sites (pyro_lm.constraints), on a tiny
+# byte-level BPE LM (llguidance reads each token's bytes; the word-level toy LM has none):
+# <eos>, "a" (id 1: the token the reward counts and the statistic reads), "b", "ab" (two
+# characters in one token, so the text "ab" has two tokenisations), "t" and "1" (the text
+# prompt "t1"). The language, texts of a and b without two a's in a row, keeps 11 of the 31
+# completions of a site; its mask depends on the text so far (after an "a", neither "a" nor
+# "ab"), and it is prefix-closed (every text that can still be completed is in it), so no
+# masked draw ends invalid and a guide masked by it has a finite ELBO.
+BPE_PIECES = ("a", "b", "ab", "t", "1")
+REGEX = "(a?b)*a?"
+REPLICATES = 200  # independent runs at once: the program inside a plate of replicates
+#: particles (SMC) or samples (Importance) per run: a factor's proposals violate it often
+NUM = {"mask": 32, "factor": 64}
+MASK_OVER_PROGRAM = "constraints: SMC masks the tokens of a program with one LM site"
+NO_SITE = "constraints: .*no LM sample site 'review'"
+
+#: What each constrained cell refuses: kind -> its reason (None: the one in ERRORS).
+#: "mask": the constraint given to the algorithm (``constraints={site: c}``), the model
+#: without it; "factor": ``pyro.factor("valid_<site>", c(x))`` in the model, no mask;
+#: "AutoLMGuide-mask": a masked guide in SVI, the model holding the factor.
+CONSTRAINED = {
+    "SMC-mask": {"subsample": None, "coupled": None, "scaled": None,
+                 "latent": MASK_OVER_PROGRAM, "chain": MASK_OVER_PROGRAM,
+                 "no_lm": MASK_OVER_PROGRAM},
+    "SMC-factor": {"subsample": None, "coupled": None, "scaled": None},
+    "Importance-mask": {"subsample": None, "no_lm": NO_SITE},
+    "Importance-factor": {"subsample": None},
+    "AutoLMGuide-mask": {"no_lm": NO_SITE},
+}
+SAMPLERS = {
+    "SMC": lambda model, guide, num, constraints: SMC(model, guide=guide, num_particles=num,
+                                                      constraints=constraints),
+    "Importance": lambda model, guide, num, constraints: Importance(
+        model, guide=guide, num_samples=num, constraints=constraints),
+}
+
+
+class BPE:
+    """The BPE prior, a broader guide LM with its tokenizer (the prior's weights tempered),
+    the constraint, and each shape's exact constrained posterior (enumerated once)."""
+
+    def __init__(self):
+        self.prior = tiny_bpe_lm(BPE_PIECES, seed=1)
+        self.other = tiny_bpe_lm(BPE_PIECES, seed=1, init_std=0.25)
+        self.c = Regex(self.prior, REGEX)
+        self._exact = {}
+
+    def build(self, shape):
+        """``(model, factor_model, args, kinds, constraints)``: the shape as is (the mask
+        form's model), with the constraint as factors, and the constraint on each of its LM
+        sites (observed ones too: a constraint there is refused)."""
+        model, args, kinds = shape(self.prior)
+        factor_model = shape(self.prior, valid=self.c)[0]
+        trace, _ = structure_trace(model, None, args)
+        sites = [name for name, site in trace.nodes.items()
+                 if site["type"] == "sample" and unwrap_lm(site["fn"]) is not None]
+        return model, factor_model, args, kinds, dict.fromkeys(sites, self.c)
+
+    def exact(self, shape):
+        if shape not in self._exact:
+            _, factor_model, args, _, _ = self.build(shape)
+            self._exact[shape] = enumerate_model(factor_model, *args)
+        return self._exact[shape]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return BPE()
+
+
+def replicated(model, num, nesting):
+    """``model`` inside a plate of ``num`` replicates, left of its own plates: ``num``
+    independent copies of the problem, which a sampler runs at once."""
+    def run(*args, **kwargs):
+        with pyro.plate("replicates", num, dim=-(nesting + 1)):
+            return model(*args, **kwargs)
+    return run
+
+
+def assert_valid(samples, constraints, log_weights=None):
+    """Every value of a constrained site satisfies its constraint (where its weight is
+    positive, if ``log_weights`` are given)."""
+    for name, c in constraints.items():
+        if name not in samples:
+            continue
+        ok = c(samples[name]) == 0
+        if log_weights is not None:
+            alive = torch.isfinite(log_weights)
+            ok = ok | ~alive.reshape(alive.shape + (1,) * (ok.dim() - alive.dim()))
+        assert ok.all(), (name, samples[name][~ok])
+
+
+def exact_draws(post, log_z):
+    r"""From runs replicated along dim 1 of the weights (``(N, R, *batch)``): one draw by
+    weight from each run, kept with probability :math:`\hat Z_r / \max_r \hat Z_r`.
+    Importance and SMC both have :math:`E[\hat Z \sum_i \bar w_i \delta_{x_i}] = \tilde p`
+    (their unnormalised particle measure is unbiased), so the kept draws are independent
+    draws of :math:`p^*` for any number of particles (up to the bound read from the same
+    runs), where one draw by weight per run has its law only as that number grows.
+
+    :returns: ``(draws, keep)``: site -> ``(R, ...)``, and ``(R, prod(batch))`` bool."""
+    z_hat = (post.log_normalizer() - log_z).exp()  # (R, *batch)
+    keep = torch.rand_like(z_hat) < z_hat / z_hat.amax(0)
+    draws = {name: value[0] for name, value in post.resample(1).items()}
+    return draws, keep.reshape(keep.shape[0], -1)
+
+
+def joint_keys(values, batch):
+    """Each joint value of ``values`` (site -> ``(L, ...)``) as one row of ints per weight
+    column, ``(L, prod(batch), K)``; where the weight is joint over a plate (its size is 1
+    there) the whole plate is one key."""
+    columns = math.prod(batch)
+    parts = []
+    for name in sorted(values):
+        v = values[name]
+        event = v.shape[-1:] if name != "z" else ()  # an LM site's event is its T tokens
+        if columns == 1:
+            parts.append(v.reshape(v.shape[0], 1, -1))
+            continue
+        site = v.shape[1:v.dim() - len(event)]
+        v = v.reshape((v.shape[0],) + (1,) * (len(batch) - len(site)) + site + event)
+        parts.append(v.expand((v.shape[0],) + batch + event).reshape(v.shape[0], columns, -1))
+    return torch.cat(parts, -1)
+
+
+def chi2_pvalues(exact, draws, keep):
+    """The pooled chi-square p-value of the kept ``draws`` (site -> ``(L, ...)``, ``keep``
+    ``(L, columns)``) against the exact posterior, per weight column (an independent
+    problem each)."""
+    batch = exact.log_joint.shape[1:]
+    support, drawn = joint_keys(exact.values, batch), joint_keys(draws, batch)
+    probs = exact.probs.reshape(exact.probs.shape[0], -1)
+    pvalues = []
+    for j in range(support.shape[1]):
+        match = (drawn[keep[:, j], None, j] == support[None, :, j]).all(-1)  # (kept, M)
+        assert match.any(-1).all(), "a draw outside the support"
+        pvalues.append(pooled_chi2_pvalue(match.sum(0), probs[:, j]))
+    return pvalues
+
+
+@pytest.mark.parametrize("form", ["mask", "factor"])
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.__name__)
+def test_constrained_sampler(bpe, shape, sampler, form):
+    """SMC and Importance, the guide LM proposing, with the constraint as a mask or as a
+    factor, against the exact constrained posterior: the program as written gives valid
+    samples and one weight per problem; R runs at once (replicated) give R independent
+    Z-hat, unbiased for the exact Z, and draws (:func:`exact_draws`) that pass a chi-square
+    test, every one valid. The two forms agree as each agrees with the same enumeration."""
+    model, factor_model, args, kinds, constraints = bpe.build(shape)
+    if form == "factor":
+        model = factor_model
+
+    def sampler_of(program):
+        return SAMPLERS[sampler](program, AutoLMGuide(program, bpe.other), NUM[form],
+                                 constraints if form == "mask" else None)
+
+    match = refused(kinds, CONSTRAINED[f"{sampler}-{form}"])
+    if match:
+        return assert_error(lambda: sampler_of(model).run(*args), match)
+    exact = bpe.exact(shape)
+    post = sampler_of(model).run(*args)
+    assert post.log_weights.shape[1:] == exact.log_Z.shape
+    assert_valid(post.samples, constraints, post.log_weights)
+    if form == "mask":  # a prefix-closed language: the mask never draws an invalid text
+        assert torch.isfinite(post.log_weights).all()
+    reps = sampler_of(replicated(model, REPLICATES, plate_nesting(model, None, args))).run(*args)
+    z_hat = (reps.log_normalizer() - exact.log_Z).exp()  # (R, *batch), E = 1
+    within(z_hat.mean(0), 1.0, standard_error(z_hat), "Z-hat / Z")
+    draws, keep = exact_draws(reps, exact.log_Z)
+    assert_valid(draws, constraints)
+    assert keep.sum(0).min() >= REPLICATES // 8, keep.sum(0)  # enough to test
+    assert min(chi2_pvalues(exact, draws, keep)) > 1e-3
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.__name__)
+def test_constrained_guide(bpe, shape):
+    """``AutoLMGuide(constraints=)`` in SVI, the model holding the constraint as factors: the
+    guide's draws are valid and SVI's loss (SequenceELBO) is the exact ELBO of the masked law
+    (the unmasked guide's is -inf: it draws invalid texts)."""
+    _, model, args, kinds, constraints = bpe.build(shape)
+    guide = AutoLMGuide(model, bpe.other, constraints=constraints)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}),
+                         loss=SequenceELBO(num_particles=64))
+    match = refused(kinds, CONSTRAINED["AutoLMGuide-mask"])
+    if match:
+        return assert_error(lambda: svi.evaluate_loss(*args), match)
+    if "subsample" in kinds:  # a fresh subsample each step, scaled: unbiased for the full plate
+        full = plate_of_three(bpe.prior, bpe.c)
+        exact = enumerate_model(full, *args)
+        exact_guide = AutoLMGuide(full, bpe.other, constraints=constraints)
+    else:
+        exact, exact_guide = bpe.exact(shape), guide
+    assert_valid(guide(*args), constraints)
+    draws = torch.tensor([svi.evaluate_loss(*args) for _ in range(10)])
+    within(-draws.mean(), exact.elbo(exact_guide).sum(), standard_error(draws), "ELBO")
 
 
 # ------------------------------------------------------------- the prior as its own guide
