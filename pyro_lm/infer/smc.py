@@ -320,10 +320,12 @@ class SMC:
                              "twist=None and lookahead=None")
         with torch.inference_mode():
             values, log_w, hists, lms, batch = run_program(self, args, kwargs)
-            values = {k: v.clone() for k, v in values.items()}
-            log_w = log_w.clone()
-            hist = {key: torch.cat([h[key] for h in hists]).clone() for key in
-                    ("lse", "lse2", "resampled")} if hists else None
+        # inference tensors must not escape (autograd refuses them): copy them out, outside
+        # inference mode (a clone inside it is an inference tensor too)
+        values = {k: v.clone() for k, v in values.items()}
+        log_w = log_w.clone()
+        hist = {key: torch.cat([h[key] for h in hists]).clone() for key in
+                ("lse", "lse2", "resampled")} if hists else None
         if hist is None:  # nothing decoded: one step, the final weights
             lse = torch.logsumexp(log_w, 0)[None]
             hist = {"lse": lse, "lse2": torch.logsumexp(2 * log_w, 0)[None],

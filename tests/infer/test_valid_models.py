@@ -486,24 +486,11 @@ def within_gradient(draws, exact, name):
         within(proj.mean(), exact @ direction, standard_error(proj), name)
 
 
-#: A bug in SMC (pyro_lm/infer/smc.py, SMC._run_program): over a program (other latent
-#: sites, chained LM sites) it clones its results inside torch.inference_mode, so it returns
-#: inference tensors, and DPG(proposal="smc")'s gradient step fails on log q of them.
-SMC_PROGRAM_INFERENCE_TENSORS = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="SMC over a program returns inference tensors (cloned inside inference_mode): "
-           "DPG(proposal='smc') cannot take a gradient step on them")
-
-
 def dpg_cases():
-    """(shape, variant) of every DPG cell; a known bug marked on the cells it breaks."""
+    """(shape, variant) of every DPG cell."""
     for shape in SHAPES:
-        kinds = shape(None)[2]  # the builders touch the LM only when the model runs
         for variant in sorted(DPG_VARIANTS):
-            broken = variant == "smc" and kinds & {"latent", "chain"} and not refused(
-                kinds, {"subsample", "no_lm"} | DPG_VARIANTS[variant][1])
-            yield pytest.param(shape, variant, id=f"{shape.__name__}-{variant}",
-                               marks=[SMC_PROGRAM_INFERENCE_TENSORS] if broken else [])
+            yield pytest.param(shape, variant, id=f"{shape.__name__}-{variant}")
 
 
 @pytest.mark.parametrize("shape, variant", list(dpg_cases()))
