@@ -354,7 +354,10 @@ def main(args):
         + table(["model", "batch", "T", "pyro_lm ms/step", "lean ÷", "hf loop ÷",
                  "generate ÷", "static ÷"], samp)
         + "\n\nKV reorder of the GPT-2 decoder (ms per reorder): every row gathered (before) "
-        "against a resample that changes 10% or 50% of the rows (only those are copied).\n\n"
+        "against a resample that changes 10% or 50% of the rows (only those are copied; for "
+        "runs of more than 64 new tokens the decoder also follows the rows' lineages, to keep "
+        "the positions all rows share in one copy, which these random resamples never make)."
+        "\n\n"
         + table(["model", "N", "t", "full ms", "10% ms", "full ÷ 10%", "50% ms",
                  "full ÷ 50%"], reord)
         + "\n\nlog_prob memory (GPT-2 2x64 body): peak RSS above the RSS before the call "
