@@ -714,13 +714,13 @@ def _saved_bytes_per_row(dist: LMDistribution, recompute: bool) -> int:
            torch.is_autocast_enabled(device.type))
     cache = _SAVED_PER_ROW.setdefault(lm, {})
     if key not in cache:
-        own = {p.untyped_storage().data_ptr() for p in tensors}
+        own = {_storage(p)[0] for p in tensors}
         sizes = {}
 
         def pack(tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in own:
-                sizes[storage.data_ptr()] = storage.nbytes()
+            ptr, nbytes = _storage(tensor)
+            if ptr not in own:
+                sizes[ptr] = nbytes
             return tensor
 
         ids = torch.full((1, length), lm.pad_token_id, dtype=torch.long, device=device)
@@ -731,6 +731,15 @@ def _saved_bytes_per_row(dist: LMDistribution, recompute: bool) -> int:
             dist._score(*_model_inputs(ids, mask, x), x, recompute, checkpoint=False)
         cache[key] = sum(sizes.values())
     return cache[key]
+
+
+def _storage(tensor: torch.Tensor) -> tuple[int, int]:
+    """``(data pointer, bytes)`` of ``tensor``'s storage; for a distributed tensor (FSDP2
+    shards its parameters as DTensors, which have no storage of their own) its local
+    shard's."""
+    local = getattr(tensor, "to_local", None)
+    storage = (local() if callable(local) else tensor).untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
 
 
 def _cartesian(tokens: torch.Tensor, k: int, device) -> torch.Tensor:

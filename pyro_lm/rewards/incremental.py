@@ -130,6 +130,8 @@ class RewardStates:
         if entry is None:
             return None
         tokens, start = entry.tokens, entry.length
+        if t > x.shape[-1]:  # another site's prefix length: this value is complete
+            return None
         if tokens.shape != x.shape or tokens.device != x.device or t < start \
                 or not torch.equal(tokens[:, :start], x[:, :start]):
             return None
@@ -146,6 +148,8 @@ class RewardStates:
         lookahead proposal asks for them; the state itself is advanced to ``t - 1`` (by the
         rows' own tokens) but not past it. ``None`` if no state's rows fit."""
         rows = self.rows
+        if t > x.shape[-1]:
+            return None
         c = x.shape[0] // rows
         blocks = x.view(c, rows, x.shape[-1])
         own = blocks[0]

@@ -181,3 +181,16 @@ def test_token_counts_errors_name_the_argument(bpe):
     with pytest.raises(ValueError, match="weights: expected a non-empty dict"):
         TokenCounts(bpe, {})
     assert isinstance(TokenCounts(bpe, {3: 1.0}), Reward)
+
+
+def test_a_value_shorter_than_the_prefix_length_is_read_whole(bpe):
+    """Inside another, longer site's prefix context (SMC over a program), a reward on a
+    completed shorter value is read by forward."""
+    reward = rewards_of(bpe)[0]
+    plan = pyro_lm.LMDistribution(bpe, "Review:", 5).sample((8,))
+    with RewardStates() as states:
+        for t in (4, 5, 6, 9):
+            states.begin()
+            with prefix_context(t):
+                assert torch.equal(reward(plan), reward.forward(plan))
+    assert states.hits == 2  # t = 4, 5
