@@ -92,19 +92,21 @@ class Populations:
         and record every population's :math:`\\log \\sum w` and :math:`\\log \\sum w^2`."""
         self.log_w += increment
         self.phi = phi
-        weights = self.log_w.view(self.num_particles, self.num_populations)
-        self._lse.append(weights.logsumexp(0))  # (B,)
-        self._lse2.append((2 * weights).logsumexp(0))
+        self._record()
 
     def unchanged(self) -> None:
         """Record a token after which every weight and potential is what it was."""
         if not self._lse:
-            weights = self.log_w.view(self.num_particles, self.num_populations)
-            self._lse.append(weights.logsumexp(0))
-            self._lse2.append((2 * weights).logsumexp(0))
+            self._record()
         else:
             self._lse.append(self._lse[-1])
             self._lse2.append(self._lse2[-1])
+
+    def _record(self) -> None:
+        r"""Every population's :math:`\log \sum w` and :math:`\log \sum w^2`, ``(B,)``."""
+        weights = self.log_w.view(self.num_particles, self.num_populations)
+        self._lse.append(weights.logsumexp(0))
+        self._lse2.append((2 * weights).logsumexp(0))
 
     def resample(self):
         """Resample the populations whose ESS is below the threshold: rows, potentials,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from pyro_lm.distributions.prefix import is_eos
+from pyro_lm.rewards.words import WORD
 
 __all__ = ["WordStream"]
 
@@ -48,8 +49,6 @@ class WordStream:
     """
 
     def __init__(self, text, fold, word_hash, primes, bases, index, history):
-        from pyro_lm.rewards.words import WORD
-
         self.size, self.primes = text.size, primes
         self.history = history
         rows = text.size + 1  # the last row: ids outside the tokenizer (no text)
