@@ -151,6 +151,36 @@ def test_learned_twist_steers_particles_to_the_posterior(trained):
     assert ((estimate.mean(0) - posterior).abs() < 4 * se + 1 / 16).all(), estimate.mean(0)
 
 
+def test_dpg_with_a_twisted_smc_proposal_trains_the_guide(trained):
+    """``DPG(proposal=SMC(..., twist=learned))``: the guide proposes inside twisted SMC and is
+    fitted on its weighted particles; the twist is consulted and the exact KL(p*||q) of the
+    guide falls: from 2.19 to 0.14-0.22 of that over seeds 0-4 in 120 steps (0.35 without
+    the twist at seed 0)."""
+    prior, model, prompts, exact, learned, _, _ = trained
+    from pyro_lm.infer import DPG, AutoLMGuide
+
+    calls = []
+
+    def twist(x, t):
+        calls.append(t)
+        return learned(x, t)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    policy = prior.trainable_copy()
+    guide = AutoLMGuide(model, policy)
+    loss = DPG(proposal=SMC(model, guide=guide, num_particles=16, twist=twist))
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=loss)
+    with torch.no_grad():
+        start = exact.kl_p_q(policy).sum().item()
+    for _ in range(120):
+        svi.step(prompts)
+    with torch.no_grad():
+        end = exact.kl_p_q(policy).sum().item()
+    assert calls, "the twist was never evaluated"
+    assert end < 0.3 * start, (start, end)
+
+
 def test_bad_arguments_are_clear_errors(trained):
     prior, model, prompts, _, twist, _, _ = trained
     with pytest.raises(TypeError, match="dist"):
