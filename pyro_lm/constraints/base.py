@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import weakref
 
+import numpy as np
 import torch
 
 from pyro_lm.distributions.prefix import prefix_length
@@ -236,7 +237,7 @@ class ConstraintState:
     that after resampling a mask is computed once per distinct particle, and reordering
     copies nothing: each row holds a slot in a pool of distinct matchers (``-1`` once
     it ended or died), and each step calls llguidance once per distinct matcher (its
-    mask, written into one preallocated bitmask and unpacked by one tensor op) and once
+    mask, written into one preallocated bitmask and unpacked by numpy) and once
     per distinct (matcher, token) pair.
 
     A row *ends* when it consumes EOS; a row *dies* when it consumes a token outside
@@ -259,7 +260,6 @@ class ConstraintState:
         self._known = min(constraint.num_tokens, self.vocab_size)
         self._words = (constraint.num_tokens + 31) // 32
         self._bitmask = torch.zeros((rows + 1, self._words), dtype=torch.int32)
-        self._shifts = torch.arange(32, dtype=torch.int32, device=self.device)
         self._eos_ids = sorted(set(constraint.eos))
         self._eos_set = set(constraint.eos)
 
@@ -289,27 +289,27 @@ class ConstraintState:
             m.unsafe_compute_mask_ptr(ptr + k * stride, stride)
         self._filled = True
 
-    def allowed(self) -> torch.Tensor:
-        """``(R, V)`` bool on :attr:`device`: the allowed next tokens of every row."""
+    def allowed(self, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """``(R, V)`` on :attr:`device`: the allowed next tokens of every row, as bool or
+        (``dtype`` a float dtype) as 1 and 0, the factor a masked draw multiplies by."""
         self._compact()
         if not self._filled:
             self._fill()
-        pool, bitmask = self._pool, self._bitmask
+        pool = self._pool
         d = len(pool)
-        accepting = [m.is_accepting() for m in pool] + [False]
-        # row d, all zeros, is the mask of the ended and dead rows (slot -1)
-        bitmask[d].zero_()
-        words = bitmask[: d + 1].to(self.device)
-        bits = ((words[:, :, None] >> self._shifts) & 1).bool().view(d + 1, -1)
-        if self._known == self.vocab_size == bits.shape[1]:
-            table = bits
-        else:
-            table = torch.zeros((d + 1, self.vocab_size), dtype=torch.bool, device=self.device)
-            table[:, : self._known] = bits[:, : self._known]
-        accepting = torch.tensor(accepting, dtype=torch.bool, device=self.device)
-        for e in self._eos_ids:  # a column copy each: cheaper than one indexed write
-            table[:, e] = accepting
-        return table[torch.tensor(self._slot, dtype=torch.long, device=self.device)]
+        words = self._bitmask.numpy()[: d + 1]
+        words[d] = 0  # row d, all zeros, is the mask of the ended and dead rows (slot -1)
+        # bit j of word k is token 32 k + j (llguidance's layout; little-endian bytes)
+        table = np.unpackbits(words.view(np.uint8), axis=-1, count=self.vocab_size,
+                              bitorder="little")
+        if self._known < self.vocab_size:
+            table[:, self._known:] = 0
+        accepting = np.array([m.is_accepting() for m in pool] + [False], dtype=np.uint8)
+        table[:, self._eos_ids] = accepting[:, None]
+        rows = table[self._slot]  # slot -1: row d
+        rows = (torch.from_numpy(rows).view(torch.bool) if dtype == torch.bool
+                else torch.from_numpy(rows.astype(np.float32)).to(dtype))
+        return rows if self.device.type == "cpu" else rows.to(self.device)
 
     def advance(self, tokens: torch.Tensor, skip: torch.Tensor | None = None) -> None:
         """Consume ``tokens`` ``(R,)``, one per row; rows where ``skip`` ``(R,)`` is true,

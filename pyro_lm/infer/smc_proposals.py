@@ -45,7 +45,7 @@ import math
 
 import torch
 
-from pyro_lm.lm.decoding import draw_tokens
+from pyro_lm.lm.decoding import draw_restricted_tokens, draw_tokens
 
 __all__ = ["BootstrapProposal", "LookaheadProposal", "draw"]
 
@@ -101,17 +101,7 @@ class BootstrapProposal:
         logits = self.decoder_q.logits
         if self.mask is None:
             return draw(logits)
-        allowed = self.mask.allowed()
-        some = allowed.view(torch.uint8).amax(-1, keepdim=True).bool()  # .any(-1), faster
-        # a row whose allowed set is empty draws from q itself (it dies in weigh)
-        source = logits.masked_fill(~allowed & some, -math.inf)
-        token, log_r = draw_tokens(source, return_log_prob=True)
-        # log R_t = logsumexp(masked) - logsumexp(logits), and on a row with some allowed
-        # token logsumexp(masked) = masked[x] - log r(x) = logits[x] - log r(x)
-        logits = logits.float()
-        picked = logits.gather(-1, token[:, None]).squeeze(-1)
-        self._log_mass = (picked - log_r - logits.logsumexp(-1)).masked_fill_(
-            ~some.squeeze(-1), -math.inf)
+        token, self._log_mass = draw_restricted_tokens(logits, self.mask.allowed(logits.dtype))
         return token
 
     @property

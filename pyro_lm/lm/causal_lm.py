@@ -25,6 +25,9 @@ from pyro_lm.lm.token_bytes import byte_kind, token_bytes
 
 __all__ = ["CausalLM"]
 
+#: Distinct texts whose token ids a :class:`CausalLM` keeps (the cache empties when full).
+_TEXT_CACHE = 1024
+
 
 @contextlib.contextmanager
 def eval_mode(module: nn.Module):
@@ -78,6 +81,7 @@ class CausalLM(nn.Module):
                 f"model: expected a transformers causal LM, got {type(model).__name__}")
         self.model = model
         self.tokenizer = tokenizer
+        self._text_ids: dict = {}  # (text, len(tokenizer)) -> ids, see _encode_one
         if not trainable:
             self.model.requires_grad_(False)
             self.model.eval()
@@ -325,7 +329,16 @@ class CausalLM(nn.Module):
     def _encode_one(self, prompt, name: str) -> list[int]:
         """The token ids of one text or chat prompt (``name`` for errors)."""
         if isinstance(prompt, str):
-            ids = list(self.tokenizer(prompt)["input_ids"])
+            # programs re-run per token (SMC's potentials) encode the same text each time
+            key = (prompt, len(self.tokenizer))  # tokens added later change the encoding
+            cache = self.__dict__.setdefault("_text_ids", {})  # also when unpickled
+            ids = cache.get(key)
+            if ids is None:
+                ids = list(self.tokenizer(prompt)["input_ids"])
+                if len(cache) >= _TEXT_CACHE:
+                    cache.clear()
+                cache[key] = ids
+            ids = list(ids)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(m, Mapping) for m in prompt):
             ids = self._encode_chat(prompt, name)
         else:

@@ -12,14 +12,16 @@ recomputing prefixes. :func:`draw_tokens` is the one token draw they all use.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pyro_lm.lm.causal_lm import eval_mode
 from pyro_lm.lm.decoder import Decoder, changed_rows, copy_rows, filler_token
 from pyro_lm.lm.gpt2_decoder import GPT2Decoder, supports_fast_decoding
 
-__all__ = ["IncrementalDecoder", "draw_tokens", "filler_token", "make_decoder", "sample_tokens",
-           "FAST_DECODING"]
+__all__ = ["IncrementalDecoder", "draw_restricted_tokens", "draw_tokens", "filler_token",
+           "make_decoder", "sample_tokens", "FAST_DECODING"]
 
 #: Use :class:`~pyro_lm.lm.gpt2_decoder.GPT2Decoder` for the models it supports;
 #: set to ``False`` to always decode through the transformers forward pass.
@@ -146,17 +148,80 @@ def draw_tokens(logits: torch.Tensor, generator: torch.Generator | None = None,
     """
     logits = logits.float()
     m = logits.amax(-1, keepdim=True)
-    cdf = (logits - m).exp_().cumsum_(-1)
+    token, total = _invert_cdf((logits - m).exp_(), generator)
+    if not return_log_prob:
+        return token.squeeze(-1)
+    log_prob = logits.gather(-1, token) - m - total.log()
+    return token.squeeze(-1), log_prob.squeeze(-1)
+
+
+def draw_restricted_tokens(logits: torch.Tensor, allowed: torch.Tensor,
+                           generator: torch.Generator | None = None):
+    r"""One draw per row from :math:`\mathrm{softmax}(\ell)` restricted to the ``allowed``
+    tokens :math:`A`, and the log-mass of :math:`A`: the locally optimal proposal for a
+    0/:math:`-\infty` potential and its importance-weight increment,
+
+    .. math::
+
+        x \sim r(x) = \frac{e^{\ell_x} 1[x \in A]}{\sum_{j \in A} e^{\ell_j}}, \qquad
+        \log R = \log \sum_{j \in A} e^{\ell_j} - \log \sum_j e^{\ell_j},
+
+    by the inversion of :func:`draw_tokens`, exact up to float32 rounding. On CPU the
+    exponentials :math:`e^{\ell_j - \max \ell}` are computed once and multiplied by the
+    mask (filling ``-inf`` and exponentiating it are many times slower there); a row whose
+    allowed mass is below :math:`10^{-30}` of its largest term (where that product could
+    underflow) is drawn again from the logits filled with ``-inf`` outside :math:`A` and
+    shifted by their own maximum, as every row is on accelerators (no host sync). A row
+    with no allowed token has :math:`\log R = -\infty` and draws an arbitrary id (in
+    range).
+
+    :param torch.Tensor logits: ``(*rows, V)``, any float dtype (computed in float32).
+    :param torch.Tensor allowed: ``(*rows, V)``, bool or 0/1 of a float dtype.
+    :param torch.Generator generator: the random stream (default: torch's global one).
+    :returns: ``(token, log_mass)``: ``(*rows,)`` LongTensor and float32.
+    """
+    logits = logits.float()
+    if logits.device.type != "cpu":
+        return _draw_restricted_filled(logits, allowed, generator)
+    # clamped: a row of -inf logits (no law) gives zeros, not NaN, to the running sum
+    m = logits.amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)
+    weights = (logits - m).exp_()
+    log_all = weights.sum(-1).log_()
+    token, total = _invert_cdf(weights.mul_(allowed), generator)
+    token, total = token.squeeze(-1), total.squeeze(-1)
+    low = total < 1e-30
+    log_mass = total.log_().sub_(log_all)
+    if bool(low.any()):  # empty rows (ended, dead) or, rarely, an underflow; CPU: no sync cost
+        rows = low.nonzero().squeeze(-1)
+        rows = rows[allowed[rows].bool().any(-1)]  # an empty row's mass is -inf already
+        if rows.numel():
+            token[rows], log_mass[rows] = _draw_restricted_filled(logits[rows], allowed[rows],
+                                                                  generator)
+    return token, log_mass
+
+
+def _draw_restricted_filled(logits, allowed, generator):
+    """:func:`draw_restricted_tokens` by ``-inf`` outside the allowed set, the shift by the
+    allowed maximum (so that no allowed mass underflows)."""
+    source = logits.masked_fill(~allowed.bool(), -math.inf)
+    # an empty row's max is -inf: clamped, its exponentials are 0 and its mass -inf
+    m = source.amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)
+    token, total = _invert_cdf(source.sub_(m).exp_(), generator)
+    log_mass = (m + total.log()).squeeze(-1) - logits.logsumexp(-1)
+    return token.squeeze(-1), log_mass
+
+
+def _invert_cdf(weights: torch.Tensor, generator):
+    """``(token, total)``, each ``(*rows, 1)``: one inverse-CDF draw per row of the
+    nonnegative ``weights`` ``(*rows, V)`` (overwritten by their running sum), and the sum."""
+    cdf = weights.cumsum_(-1)
     total = cdf[..., -1:]
     # torch.rand is at most 1 - 2**-24 in float32, and then u * total rounds to a float
     # strictly below total: the search always ends on a token of positive mass
     u = torch.rand(total.shape, dtype=total.dtype, device=total.device,
                    generator=generator).mul_(total)
-    token = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1)
-    if not return_log_prob:
-        return token.squeeze(-1)
-    log_prob = logits.gather(-1, token) - m - total.log()
-    return token.squeeze(-1), log_prob.squeeze(-1)
+    token = torch.searchsorted(cdf, u, right=True).clamp_(max=weights.shape[-1] - 1)
+    return token, total
 
 
 def sample_tokens(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -233,3 +233,17 @@ def test_decode_a_character_cut_inside_a_token(tiny_lm):
     assert lm.decode(stray, errors="drop") == "\ufffd\ufffda"
     with pytest.raises(ValueError, match="x: the completion's bytes are not UTF-8"):
         lm.decode(stray, errors="strict")
+
+
+def test_repeated_text_encodings_are_fresh_and_follow_added_tokens():
+    """Text prompts are encoded once (programs re-run per token encode the same text), but
+    each call returns its own tensors and a token added to the tokenizer is seen."""
+    lm = pyro_lm.CausalLM.from_pretrained(pyro_lm.bundled_model_path("tinylm-bpe"))
+    a, _ = lm.encode("Review: zqxjv")
+    a[0, -1] = -7  # the caller's copy
+    b, _ = lm.encode("Review: zqxjv")
+    assert b[0, -1] != -7 and torch.equal(b, lm.encode("Review: zqxjv")[0])
+    lm.tokenizer.add_tokens(["zqxjv"])
+    c, _ = lm.encode("Review: zqxjv")
+    assert c[0, -1].item() == lm.tokenizer.convert_tokens_to_ids("zqxjv")
+    assert c.shape[1] < b.shape[1]

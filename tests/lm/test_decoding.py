@@ -7,7 +7,7 @@ import torch
 from scipy.stats import chisquare
 
 from pyro_lm.lm import decoding
-from pyro_lm.lm.decoding import draw_tokens
+from pyro_lm.lm.decoding import draw_restricted_tokens, draw_tokens
 
 
 def chi_square_p(tokens: torch.Tensor, probs: torch.Tensor) -> float:
@@ -104,3 +104,72 @@ def test_a_generator_makes_draws_reproducible():
     a = draw_tokens(logits, generator=torch.Generator().manual_seed(3))
     b = draw_tokens(logits, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+MASKS = {"some": [1, 0, 1, 1, 0, 1], "one": [0, 0, 1, 0, 0, 0], "last": [0, 0, 0, 0, 0, 1]}
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", sorted(MASKS))
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_restricted_draws_follow_the_restricted_softmax(device, row, mask, dtype, mask_dtype):
+    """The law softmax(logits) on the allowed set, and log R its log-mass, exactly."""
+    n = 20000
+    logits = torch.tensor(ROWS[row], device=device).to(dtype)
+    allowed = torch.tensor(MASKS[mask], device=device).bool()
+    probs = logits.double().softmax(-1).cpu()
+    kept = probs * allowed.cpu()
+    mass = kept.sum()
+    generator = torch.Generator(device).manual_seed(0)
+    tokens, log_mass = draw_restricted_tokens(logits.expand(n, -1),
+                                              allowed.to(mask_dtype).expand(n, -1),
+                                              generator=generator)
+    assert tokens.shape == log_mass.shape == (n,) and tokens.device == logits.device
+    assert log_mass.dtype == torch.float32
+    if mass == 0:  # nothing allowed has positive mass: the row is a dead end
+        assert torch.isneginf(log_mass).all() and (tokens >= 0).all() and (tokens < 6).all()
+        return
+    assert torch.allclose(log_mass.cpu().double(), mass.log().expand(n), atol=1e-5)
+    if (kept > 0).sum() == 1:
+        assert (tokens.cpu() == kept.argmax()).all()
+    else:
+        assert chi_square_p(tokens.cpu(), kept / mass) > 1e-3
+
+
+def test_a_restricted_set_of_underflowing_mass_is_drawn_exactly():
+    """Allowed tokens 120 nats below the row's maximum: exp underflows in float32 when the
+    shift is the row's maximum, so those rows are drawn again shifted by the allowed one."""
+    n = 20000
+    logits = torch.tensor([0.0, 0.0, -120.0, -121.0, 3.0]).expand(n, -1)
+    allowed = torch.tensor([0, 0, 1, 1, 0]).bool().expand(n, -1)
+    tokens, log_mass = draw_restricted_tokens(logits, allowed,
+                                              generator=torch.Generator().manual_seed(1))
+    exact = logits[0].double().log_softmax(-1)[2:4]
+    assert torch.allclose(log_mass.double(), exact.logsumexp(-1).expand(n), atol=1e-4)
+    probs = torch.zeros(5, dtype=torch.float64)
+    probs[2:4] = exact.softmax(-1)
+    assert chi_square_p(tokens, probs) > 1e-3
+
+
+def test_restricted_empty_and_normal_rows_side_by_side():
+    """Empty rows (ended or dead particles) get log R = -inf without disturbing the others."""
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(4))
+    allowed = torch.rand(8, 50, generator=torch.Generator().manual_seed(5)) < 0.3
+    allowed[[1, 6]] = False
+    tokens, log_mass = draw_restricted_tokens(logits, allowed)
+    assert torch.isneginf(log_mass[[1, 6]]).all()
+    live = [0, 2, 3, 4, 5, 7]
+    assert allowed[live, tokens[live]].all()
+    expected = logits.masked_fill(~allowed, -math.inf).logsumexp(-1) - logits.logsumexp(-1)
+    assert torch.allclose(log_mass[live], expected[live], atol=1e-5)
+
+
+def test_the_largest_uniform_stays_in_the_restricted_set(monkeypatch):
+    real_rand = torch.rand
+    monkeypatch.setattr(decoding.torch, "rand",
+                        lambda *a, **k: real_rand(*a, **k).fill_(1 - 2**-24))
+    logits = torch.zeros(3, 6)
+    allowed = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 1, 0, 1, 0, 0], [1, 0, 0, 0, 0, 1]]).bool()
+    tokens, _ = draw_restricted_tokens(logits, allowed)
+    assert tokens.tolist() == [1, 3, 5]
