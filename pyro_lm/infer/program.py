@@ -352,11 +352,12 @@ def execute(model, guide=None, num: int = 1, args=(), kwargs=None, nesting: int 
     return Execution(model_trace, guide_trace, num, nesting, fixed=assign is not None)
 
 
-def single_lm_site(model, args=(), kwargs=None, owner: str = "model"):
+def single_lm_site(model, args=(), kwargs=None, owner: str = "model", trace=None):
     """The one :class:`~pyro_lm.LMDistribution` site of a program with no other latent site,
     read from one run without decoding (its prompt cannot depend on a random choice, since
     there is none).
 
+    :param trace: the program's :func:`structure_trace` if the caller has it (else run).
     :returns: ``(name, dist, batch_shape)``: the site's (plate-expanded) distribution and
         the shape, less the particle and token dims, of the values
         :class:`~pyro_lm.poutine.LogFactorsMessenger` takes (1 for plates it is not in).
@@ -364,7 +365,8 @@ def single_lm_site(model, args=(), kwargs=None, owner: str = "model"):
         LM site, no other latent site, no subsampled plate, and every factor in the LM
         site's plates.
     """
-    trace, _ = structure_trace(model, None, args, kwargs or {})
+    if trace is None:
+        trace, _ = structure_trace(model, None, args, kwargs or {})
     names = lm_site_names(trace)
     if len(names) != 1:
         raise ValueError(f"model: {owner} drives exactly one LM site, the model has {names}; "

@@ -251,10 +251,11 @@ class SMC:
                 states.check()
 
     def _run_checked(self, args, kwargs) -> WeightedPosterior:
-        if not _one_lm_site(self.model, args, kwargs):
-            return self._run_program(args, kwargs)
         # the first run of the model (params, reward caches) is outside inference mode
-        site, prior, batch = single_lm_site(self.model, args, kwargs, owner="SMC")
+        trace, _ = structure_trace(self.model, None, args, kwargs)
+        if not _one_lm_site(trace):
+            return self._run_program(args, kwargs)
+        site, prior, batch = single_lm_site(self.model, args, kwargs, owner="SMC", trace=trace)
         check_sites(self.constraints, {site: prior.lm}, "SMC")
         proposal = prior if self.guide is None else prior.with_lm(self.guide.lm)
         potential = _Potential(self.model, site, batch, self.twist, args, kwargs)
@@ -389,7 +390,6 @@ class _Potential:
                              f"particle and prompt {tuple(x.shape[:-1])}") from None
 
 
-def _one_lm_site(model, args, kwargs) -> bool:
+def _one_lm_site(trace) -> bool:
     """Whether the program's only latent site is one LM site (SMC's token-level fast path)."""
-    trace, _ = structure_trace(model, None, args, kwargs)
     return len(latent_site_names(trace)) == 1 and len(lm_site_names(trace)) == 1
