@@ -156,7 +156,8 @@ def draw_tokens(logits: torch.Tensor, generator: torch.Generator | None = None,
 
 
 def draw_restricted_tokens(logits: torch.Tensor, allowed: torch.Tensor,
-                           generator: torch.Generator | None = None):
+                           generator: torch.Generator | None = None,
+                           return_log_prob: bool = False):
     r"""One draw per row from :math:`\mathrm{softmax}(\ell)` restricted to the ``allowed``
     tokens :math:`A`, and the log-mass of :math:`A`: the locally optimal proposal for a
     0/:math:`-\infty` potential and its importance-weight increment,
@@ -178,37 +179,52 @@ def draw_restricted_tokens(logits: torch.Tensor, allowed: torch.Tensor,
     :param torch.Tensor logits: ``(*rows, V)``, any float dtype (computed in float32).
     :param torch.Tensor allowed: ``(*rows, V)``, bool or 0/1 of a float dtype.
     :param torch.Generator generator: the random stream (default: torch's global one).
-    :returns: ``(token, log_mass)``: ``(*rows,)`` LongTensor and float32.
+    :param bool return_log_prob: also return :math:`\log r(x)`, from the same sums.
+    :returns: ``(token, log_mass)``, and with ``return_log_prob`` ``log_r``: each
+        ``(*rows,)``, a LongTensor and float32.
     """
-    logits = logits.float()
+    shape, vocab = logits.shape[:-1], logits.shape[-1]
+    logits = logits.float().reshape(-1, vocab)
+    allowed = allowed.expand(shape + (vocab,)).reshape(-1, vocab)
     if logits.device.type != "cpu":
-        return _draw_restricted_filled(logits, allowed, generator)
+        out = _draw_restricted_filled(logits, allowed, generator)
+    else:
+        out = _draw_restricted_scaled(logits, allowed, generator)
+    return tuple(o.reshape(shape) for o in out[: 3 if return_log_prob else 2])
+
+
+def _draw_restricted_scaled(logits, allowed, generator):
+    """``(token, log_mass, log_r)`` of rows ``(R, V)``: the exponentials shifted by the row
+    maximum, times the mask; rows whose allowed mass underflows are drawn again."""
     # clamped: a row of -inf logits (no law) gives zeros, not NaN, to the running sum
     m = logits.amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)
     weights = (logits - m).exp_()
     log_all = weights.sum(-1).log_()
     token, total = _invert_cdf(weights.mul_(allowed), generator)
-    token, total = token.squeeze(-1), total.squeeze(-1)
-    low = total < 1e-30
-    log_mass = total.log_().sub_(log_all)
+    low = (total < 1e-30).squeeze(-1)
+    log_total = total.log_()
+    log_r = (logits.gather(-1, token) - m - log_total).squeeze(-1)
+    token, log_mass = token.squeeze(-1), log_total.squeeze(-1) - log_all
     if bool(low.any()):  # empty rows (ended, dead) or, rarely, an underflow; CPU: no sync cost
         rows = low.nonzero().squeeze(-1)
         rows = rows[allowed[rows].bool().any(-1)]  # an empty row's mass is -inf already
         if rows.numel():
-            token[rows], log_mass[rows] = _draw_restricted_filled(logits[rows], allowed[rows],
-                                                                  generator)
-    return token, log_mass
+            token[rows], log_mass[rows], log_r[rows] = _draw_restricted_filled(
+                logits[rows], allowed[rows], generator)
+    return token, log_mass, log_r
 
 
 def _draw_restricted_filled(logits, allowed, generator):
-    """:func:`draw_restricted_tokens` by ``-inf`` outside the allowed set, the shift by the
-    allowed maximum (so that no allowed mass underflows)."""
+    """``(token, log_mass, log_r)`` of rows ``(R, V)``: ``-inf`` outside the allowed set,
+    the shift by the allowed maximum (so that no allowed mass underflows)."""
     source = logits.masked_fill(~allowed.bool(), -math.inf)
     # an empty row's max is -inf: clamped, its exponentials are 0 and its mass -inf
     m = source.amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)
     token, total = _invert_cdf(source.sub_(m).exp_(), generator)
-    log_mass = (m + total.log()).squeeze(-1) - logits.logsumexp(-1)
-    return token.squeeze(-1), log_mass
+    log_total = total.log_()
+    log_r = (logits.gather(-1, token) - m - log_total).squeeze(-1)
+    log_mass = (m + log_total).squeeze(-1) - logits.logsumexp(-1)
+    return token.squeeze(-1), log_mass, log_r
 
 
 def _invert_cdf(weights: torch.Tensor, generator):

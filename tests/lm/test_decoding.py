@@ -122,19 +122,22 @@ def test_restricted_draws_follow_the_restricted_softmax(device, row, mask, dtype
     kept = probs * allowed.cpu()
     mass = kept.sum()
     generator = torch.Generator(device).manual_seed(0)
-    tokens, log_mass = draw_restricted_tokens(logits.expand(n, -1),
-                                              allowed.to(mask_dtype).expand(n, -1),
-                                              generator=generator)
-    assert tokens.shape == log_mass.shape == (n,) and tokens.device == logits.device
+    tokens, log_mass, log_r = draw_restricted_tokens(logits.expand(n, -1),
+                                                     allowed.to(mask_dtype).expand(n, -1),
+                                                     generator=generator, return_log_prob=True)
+    assert tokens.shape == log_mass.shape == log_r.shape == (n,)
+    assert tokens.device == logits.device
     assert log_mass.dtype == torch.float32
     if mass == 0:  # nothing allowed has positive mass: the row is a dead end
         assert torch.isneginf(log_mass).all() and (tokens >= 0).all() and (tokens < 6).all()
         return
     assert torch.allclose(log_mass.cpu().double(), mass.log().expand(n), atol=1e-5)
+    law = kept / mass
+    assert torch.allclose(log_r.cpu().double(), law.log()[tokens.cpu()], atol=1e-5)
     if (kept > 0).sum() == 1:
         assert (tokens.cpu() == kept.argmax()).all()
     else:
-        assert chi_square_p(tokens.cpu(), kept / mass) > 1e-3
+        assert chi_square_p(tokens.cpu(), law) > 1e-3
 
 
 def test_a_restricted_set_of_underflowing_mass_is_drawn_exactly():
@@ -143,12 +146,13 @@ def test_a_restricted_set_of_underflowing_mass_is_drawn_exactly():
     n = 20000
     logits = torch.tensor([0.0, 0.0, -120.0, -121.0, 3.0]).expand(n, -1)
     allowed = torch.tensor([0, 0, 1, 1, 0]).bool().expand(n, -1)
-    tokens, log_mass = draw_restricted_tokens(logits, allowed,
-                                              generator=torch.Generator().manual_seed(1))
+    tokens, log_mass, log_r = draw_restricted_tokens(
+        logits, allowed, generator=torch.Generator().manual_seed(1), return_log_prob=True)
     exact = logits[0].double().log_softmax(-1)[2:4]
     assert torch.allclose(log_mass.double(), exact.logsumexp(-1).expand(n), atol=1e-4)
     probs = torch.zeros(5, dtype=torch.float64)
     probs[2:4] = exact.softmax(-1)
+    assert torch.allclose(log_r.double(), probs.log()[tokens], atol=1e-5)
     assert chi_square_p(tokens, probs) > 1e-3
 
 
@@ -159,6 +163,9 @@ def test_restricted_empty_and_normal_rows_side_by_side():
     allowed[[1, 6]] = False
     tokens, log_mass = draw_restricted_tokens(logits, allowed)
     assert torch.isneginf(log_mass[[1, 6]]).all()
+    grid, grid_mass = draw_restricted_tokens(logits.reshape(2, 4, 50), allowed.reshape(2, 4, 50))
+    assert grid.shape == grid_mass.shape == (2, 4)  # any leading shape
+    assert torch.equal(torch.isneginf(grid_mass).reshape(-1), torch.isneginf(log_mass))
     live = [0, 2, 3, 4, 5, 7]
     assert allowed[live, tokens[live]].all()
     expected = logits.masked_fill(~allowed, -math.inf).logsumexp(-1) - logits.logsumexp(-1)
