@@ -232,10 +232,9 @@ def _invert_cdf(weights: torch.Tensor, generator):
     nonnegative ``weights`` ``(*rows, V)`` (overwritten by their running sum), and the sum."""
     cdf = weights.cumsum_(-1)
     total = cdf[..., -1:]
-    # torch.rand is at most 1 - 2**-24 in float32, and then u * total rounds to a float
+    # torch.rand_like is at most 1 - 2**-24 in float32, and then u * total rounds to a float
     # strictly below total: the search always ends on a token of positive mass
-    u = torch.rand(total.shape, dtype=total.dtype, device=total.device,
-                   generator=generator).mul_(total)
+    u = torch.rand_like(total, generator=generator).mul_(total)
     token = torch.searchsorted(cdf, u, right=True).clamp_(max=weights.shape[-1] - 1)
     return token, total
 
@@ -284,5 +283,6 @@ def sample_tokens(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 break
             if (t + 1) % sync_every == 0 and bool(done.all()):
                 break
-            decoder.advance(token.masked_fill_(done, filler))
+            # ended rows hold pad already: a filler that is the pad needs no fill
+            decoder.advance(token if filler == pad else token.masked_fill_(done, filler))
     return x.clone(), None if log_prob is None else log_prob.clone()

@@ -135,7 +135,11 @@ class GPT2Decoder:
         cfg = model.config
         self.width, self.heads = cfg.n_embd, cfg.n_head
         self.head_dim, self.eps = cfg.n_embd // cfg.n_head, cfg.layer_norm_epsilon
-        self.filler_token = filler_token(model)
+        # this decoder never reads an id as padding, so ended rows may be fed the pad id
+        # itself (samplers then skip the fill) when it is a row of the embedding
+        pad = lm.pad_token_id
+        self.filler_token = (pad if pad is not None and 0 <= pad < cfg.vocab_size
+                             else filler_token(model))
         n, length = input_ids.shape
         self.padded = bool((attention_mask == 0).any())
         prompt_positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)

@@ -85,8 +85,8 @@ def test_the_largest_uniform_never_reaches_a_minus_inf_token(monkeypatch, finite
     """torch.rand's largest float32, 1 - 2**-24, times the row's total mass rounds below the
     total (also for totals that are powers of two): the draw stays on the last token of
     positive mass, whatever the number of equal finite logits before the -inf ones."""
-    real_rand = torch.rand
-    monkeypatch.setattr(decoding.torch, "rand",
+    real_rand = torch.rand_like
+    monkeypatch.setattr(decoding.torch, "rand_like",
                         lambda *a, **k: real_rand(*a, **k).fill_(1 - 2**-24))
     logits = torch.tensor([[0.0] * finite + [-math.inf] * 3])
     assert draw_tokens(logits).tolist() == [finite - 1]
@@ -173,8 +173,8 @@ def test_restricted_empty_and_normal_rows_side_by_side():
 
 
 def test_the_largest_uniform_stays_in_the_restricted_set(monkeypatch):
-    real_rand = torch.rand
-    monkeypatch.setattr(decoding.torch, "rand",
+    real_rand = torch.rand_like
+    monkeypatch.setattr(decoding.torch, "rand_like",
                         lambda *a, **k: real_rand(*a, **k).fill_(1 - 2**-24))
     logits = torch.zeros(3, 6)
     allowed = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 1, 0, 1, 0, 0], [1, 0, 0, 0, 0, 1]]).bool()
