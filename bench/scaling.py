@@ -9,9 +9,10 @@ Three tables, every ratio measured in one run with the contenders' calls interle
   a sampler can do), against a plain transformers loop with a ``DynamicCache``
   (``floors.sample_completions``), transformers ``generate`` (T = 20) and, for the Llama
   model (the generic decoder), a transformers loop with a ``StaticCache``. Models: GPT-2
-  2 layers x 64 wide with vocab 64 (the peers' task), GPT-2 4 x 256 with vocab 8192, and
-  Llama 4 x 256 with vocab 8192, all random. Every call starts from the same seed, so all
-  contenders draw the same tokens and stop at the same step (same work). Ratios are
+  2 layers x 64 wide with vocab 64 (the peers' task), GPT-2 4 x 256 with vocab 8192,
+  Llama 4 x 256 with vocab 8192 and GPT-2 12 x 768 with vocab 50257 (GPT-2 small's shape,
+  124M parameters; batch 1, 8, 64 at T = 20), all random. Every call starts from the same
+  seed, so all contenders draw the same tokens and stop at the same step (same work). Ratios are
   speed ratios: above 1, pyro_lm is faster.
 * **reorder**: one KV-cache reorder of ``GPT2Decoder`` (N = 64) at t = 25, 100, 400
   filled positions: the full gather of every row (what every resample did before) against
@@ -28,9 +29,9 @@ Three tables, every ratio measured in one run with the contenders' calls interle
   ``/proc/self/clear_refs`` before each case) above the RSS before it (freed heap
   memory returned to the system first, with glibc's ``malloc_trim``).
 
-``--quick`` shrinks every table to a smoke run and leaves RESULTS.md alone; ``--only
-memory`` (or ``sampling``, ``reorder``) runs that table alone, also leaving RESULTS.md
-alone.
+``--quick`` shrinks every table to a smoke run (without the 124M model) and leaves
+RESULTS.md alone; ``--only memory`` (or ``sampling``, ``sampling-124m``, ``reorder``) runs
+that part alone, also leaving RESULTS.md alone.
 """
 
 from __future__ import annotations
@@ -331,6 +332,9 @@ def main(args):
                   ("Llama 4x256 V8k", llama(4, 256, 8192))]
         batches, lengths = [1, 8, 64, 256], [20, 100]
         reorder_models = models[:2]
+        # GPT-2's real small shape (124M parameters): batch 256 and T = 100 would take
+        # minutes per call on a CPU, so fewer cells
+        big = ("GPT-2 12x768 V50k (124M)", lambda: gpt2(12, 768, 50257), [1, 8, 64], [20])
         reorder_lengths = [25, 100, 400]
         mem_b, mem_t, mem_plain = 64, [100, 400], [100]
     tables = set(args.only or TABLES)
@@ -338,6 +342,10 @@ def main(args):
     if "sampling" in tables:
         for name, lm in models:
             samp += sampling_rows(name, lm, batches, lengths, args.repeats, generate=True)
+    if "sampling-124m" in tables and not args.quick:
+        name, make, big_batches, big_lengths = big
+        samp += sampling_rows(name, make(), big_batches, big_lengths, args.repeats,
+                              generate=True)
     if "reorder" in tables:
         for name, lm in reorder_models:
             reord += reorder_rows(name, lm, reorder_lengths, args.repeats)
@@ -378,7 +386,7 @@ def main(args):
 
 
 #: The tables, in the order they run.
-TABLES = ("sampling", "reorder", "memory")
+TABLES = ("sampling", "sampling-124m", "reorder", "memory")
 
 
 def parse_args(argv=None):
