@@ -16,7 +16,7 @@ import torch
 
 import pyro_lm
 from pyro_lm.exact import enumerate_model
-from pyro_lm.infer import DPG, SMC, AutoLMGuide, ReplayBuffer, TrajectoryBalance
+from pyro_lm.infer import DPG, QRS, SMC, AutoLMGuide, ReplayBuffer, TrajectoryBalance
 from pyro_lm.infer.replay import held_execution
 from pyro_lm.lm import toy_lm
 
@@ -256,6 +256,13 @@ def test_replay_buffer_fifo_and_sources(problem):
     buffer.add(post)  # resampled by its weights
     assert len(buffer) == 40
     assert torch.equal(buffer.values["x"][:24], exact.support[6:30])  # oldest dropped
+    accepted = QRS(model, num_samples=8, quantile=0.9).run(prompts)
+    buffer.add(accepted)  # QRS's accepted draws (uniform weights), resampled
+    assert len(buffer) == 40
+    assert torch.equal(buffer.values["x"][:16], exact.support[14:30])
+    drawn = accepted.samples["x"]  # (8, 1, T)
+    for row in buffer.values["x"][-8:]:
+        assert (drawn == row).flatten(1).all(-1).any()
     assert buffer.sample(8)["x"].shape == (8, 1, T)
     with pytest.raises(ValueError, match="per sample"):
         buffer.add(torch.zeros(3, 2, T, dtype=torch.long))
