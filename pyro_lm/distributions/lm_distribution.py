@@ -48,13 +48,28 @@ _PROMPT_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
 def prompt_cache():
     """Within this context, :class:`LMDistribution` reuses the prepared (tokenised and
     checked) prompts of arguments it has already seen: the same tensor objects, unmodified
-    since, or equal strings, with the same LM. Inference that re-runs a model many times
-    on the same arguments (token-level SMC evaluates it once per token) uses it."""
+    since, or equal strings, with the same LM; and :meth:`LMDistribution.prompt_with`
+    returns the prompts it built last for the same distribution and completion objects,
+    none of them changed since. Inference that re-runs a model many times on the same
+    arguments (token-level SMC evaluates it once per token) uses it. It holds at most
+    :data:`PROMPT_CACHE_SIZE` entries, the least recently used dropped first."""
     token = _PROMPT_CACHE.set({})
     try:
         yield
     finally:
         _PROMPT_CACHE.reset(token)
+
+
+#: The most entries a :func:`prompt_cache` keeps (the oldest go first): a program whose
+#: prompts change at every token (built from the prefix being decoded) does not pile up.
+PROMPT_CACHE_SIZE = 64
+
+
+def _store(cache: dict, key, entry) -> None:
+    cache.pop(key, None)
+    cache[key] = entry
+    if len(cache) > PROMPT_CACHE_SIZE:
+        del cache[next(iter(cache))]
 
 
 def _prompt_key(lm, prompts, attention_mask):
@@ -77,6 +92,17 @@ def _prompt_key(lm, prompts, attention_mask):
             return None
         key = (key, id(attention_mask), attention_mask._version)
     return id(lm), key
+
+
+def _snapshot(t: torch.Tensor):
+    """What :func:`_unchanged` compares ``t`` against later: its version counter, or for an
+    inference tensor (which has none) a copy of its content."""
+    return t, (t.clone() if t.is_inference() else t._version)
+
+
+def _unchanged(snapshot) -> bool:
+    t, seen = snapshot
+    return torch.equal(t, seen) if isinstance(seen, torch.Tensor) else t._version == seen
 
 
 def unwrap_lm(fn):
@@ -197,11 +223,13 @@ class LMDistribution(TorchDistribution):
         if cache is not None:
             key = _prompt_key(lm, prompts, attention_mask)
         if key is not None and key in cache:
-            ids, mask, prompt_batch = cache[key][-1]
+            entry = cache.pop(key)  # the most recently used goes last
+            cache[key] = entry
+            ids, mask, prompt_batch = entry[-1]
         else:
             ids, mask, prompt_batch = self._prepare_prompts(lm, prompts, attention_mask)
             if key is not None:  # holding the objects keeps their ids unique
-                cache[key] = (lm, prompts, attention_mask, (ids, mask, prompt_batch))
+                _store(cache, key, (lm, prompts, attention_mask, (ids, mask, prompt_batch)))
         limit = lm.max_length
         if limit is not None and ids.shape[-1] + max_new_tokens > limit:
             raise ValueError(
@@ -319,6 +347,26 @@ class LMDistribution(TorchDistribution):
         >>> ids.tolist(), mask.tolist()
         ([[0, 0, 0, 2, 3]], [[0, 0, 1, 1, 1]])
         """
+        cache = _PROMPT_CACHE.get()
+        if cache is None or not isinstance(value, torch.Tensor):
+            return self._prompt_with(value, keep_eos)
+        # SMC re-runs the program after every token with the earlier sites' values held:
+        # the same objects, unchanged (checked), give the same prompts, the same objects,
+        # whose preparation the cache then skips too
+        # (one entry per distribution: a new value replaces the last one's)
+        key = ("prompt_with", id(self.lm), id(self.prompt_ids), id(self.prompt_mask),
+               tuple(self.batch_shape), keep_eos)
+        eos, pad = self.lm.eos_token_ids, self.lm.pad_token_id
+        hit = cache.get(key)
+        if (hit is not None and hit[1][2][0] is value and hit[0] == (eos, pad)
+                and all(map(_unchanged, hit[1]))):
+            return hit[1][-2][0], hit[1][-1][0]
+        out = self._prompt_with(value, keep_eos)
+        _store(cache, key, ((eos, pad), tuple(map(_snapshot, (self.prompt_ids, self.prompt_mask,
+                                                               value) + out))))
+        return out
+
+    def _prompt_with(self, value: torch.Tensor, keep_eos: bool):
         shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
         ids, mask = self.prompts_for()
         ids = ids.reshape(self.batch_shape + ids.shape[-1:]).expand(shape + ids.shape[-1:])

@@ -426,6 +426,53 @@ def test_prompt_cache_reuses_only_unchanged_prompts(tiny_lm):
     torch.testing.assert_close(outside.prompt_ids, text[0].prompt_ids)
 
 
+@pytest.mark.parametrize("inference", [False, True])
+def test_prompt_cache_reuses_prompt_with_only_while_nothing_changed(tiny_lm, inference):
+    """Within the cache ``prompt_with`` of the same distribution and value objects returns
+    the same prompt objects (whose preparation the next LMDistribution then skips); a
+    value or result changed in place since (an inference tensor: by content) is redone."""
+    from pyro_lm.distributions.lm_distribution import prompt_cache
+
+    first = pyro_lm.LMDistribution(tiny_lm, torch.tensor([[1, 2]]), T)
+    with torch.inference_mode(inference):
+        value = torch.tensor([[3, 0, 0]])
+    with prompt_cache():
+        ids, mask = first.prompt_with(value)
+        again = first.prompt_with(value)
+        assert again[0] is ids and again[1] is mask
+        second = pyro_lm.LMDistribution(tiny_lm, ids, T, attention_mask=mask)
+        assert second.prompt_ids is pyro_lm.LMDistribution(tiny_lm, ids, T,
+                                                           attention_mask=mask).prompt_ids
+        with torch.inference_mode(inference):
+            value[0, 1] = 2  # the completion changed in place: redone
+        changed, _ = first.prompt_with(value)
+        assert changed is not ids and changed.tolist() == [[0, 1, 2, 3, 2]]  # EOS 0 dropped
+        changed[0, 1] = 3  # the result changed in place by its user: redone
+        assert first.prompt_with(value)[0].tolist() == [[0, 1, 2, 3, 2]]
+        assert first.prompt_with(value, keep_eos=True)[0].tolist() == [[1, 2, 3, 2, 0]]
+    outside = first.prompt_with(value)
+    assert outside[0].tolist() == [[0, 1, 2, 3, 2]]
+
+
+def test_prompt_cache_keeps_a_bounded_number_of_entries(tiny_lm):
+    """Prompts new at every token (a program's second prompt built from the prefix) do not
+    pile up: the least recently used entries go, and a kept one is still reused."""
+    from pyro_lm.distributions.lm_distribution import PROMPT_CACHE_SIZE, prompt_cache
+
+    old = torch.tensor([[2, 1]])
+    with prompt_cache():
+        kept = pyro_lm.LMDistribution(tiny_lm, "t1", T)
+        dropped = pyro_lm.LMDistribution(tiny_lm, old, T)
+        assert pyro_lm.LMDistribution(tiny_lm, old, T).prompt_ids is dropped.prompt_ids
+        for i in range(3 * PROMPT_CACHE_SIZE):
+            pyro_lm.LMDistribution(tiny_lm, torch.tensor([[1, 2, 3]]), T)
+            if i % 8 == 0:  # used again: stays
+                assert pyro_lm.LMDistribution(tiny_lm, "t1", T).prompt_ids is kept.prompt_ids
+        again = pyro_lm.LMDistribution(tiny_lm, old, T)
+        assert again.prompt_ids is not dropped.prompt_ids  # prepared anew
+        assert again.prompt_ids.tolist() == [[2, 1]]
+
+
 def test_model_building_prompt_tensors_inside(tiny_lm):
     """A model that makes its prompt tensor itself (an inference tensor inside SMC's loop)."""
     def model(n):
