@@ -38,6 +38,9 @@ LOG_PROB_BUDGET = 2**26
 
 #: Bytes autograd saves per scored row, by LM and shape (see :func:`_saved_bytes_per_row`).
 _SAVED_PER_ROW: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# the attribute prompt_with sets on the ids it built (valid by construction): their mask,
+# both version counters and the vocabulary size the ids were checked against
+_BUILT = "_pyro_lm_built_prompt"
 
 
 _PROMPT_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
@@ -264,6 +267,11 @@ class LMDistribution(TorchDistribution):
                 f"prompts: empty prompt tensor of shape {tuple(prompts.shape)}; each prompt needs "
                 "at least one token, e.g. [[lm.bos_token_id]] for unconditional generation")
         ids = prompts.long().reshape(-1, prompts.shape[-1]).to(lm.device)
+        built = getattr(prompts, _BUILT, None)
+        if (built is not None and built[0] is attention_mask and not prompts.is_inference()
+                and built[1:] == (prompts._version, attention_mask._version, lm.vocab_size)):
+            # made by prompt_with and unchanged since: its checks below hold already
+            return ids, attention_mask.long().reshape(ids.shape).to(lm.device), batch
         if attention_mask is None:
             mask = torch.ones_like(ids)
         else:
@@ -376,10 +384,19 @@ class LMDistribution(TorchDistribution):
         kept = ~after_first_eos(value, eos)
         if not keep_eos:
             kept &= ~is_eos(value, eos)
+        vocab = self.lm.vocab_size
+        bad = kept & ((value < 0) | (value >= vocab))
+        if bad.any():
+            raise ValueError(f"value: token ids {value[bad][:5].tolist()} are out of range "
+                             f"[0, {vocab}) for this LM; prompt_with takes completions of "
+                             "this distribution (its samples, or encode_value of a text)")
         ids = torch.cat([ids, value.masked_fill(~kept, self.lm.pad_token_id)], -1)
         mask = torch.cat([mask, kept.long()], -1)
         order = mask.argsort(dim=-1, stable=True)  # padding to the left, tokens kept in order
-        return ids.gather(-1, order), mask.gather(-1, order)
+        ids, mask = ids.gather(-1, order), mask.gather(-1, order)
+        if not ids.is_inference():  # (an inference tensor has no version to check later)
+            setattr(ids, _BUILT, (mask, ids._version, mask._version, vocab))
+        return ids, mask
 
     def with_lm(self, lm: CausalLM) -> LMDistribution:
         """The same prompts, length and batch shape under another LM (e.g. a guide).

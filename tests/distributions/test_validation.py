@@ -54,3 +54,30 @@ def test_support_check_and_canonicalize(tiny_lm):
     x = torch.tensor([[1, 0, 2, 3], [1, 2, 3, 1], [0, 0, 0, 0]])
     assert d.support.check(x).tolist() == [False, True, True]
     assert d.support.check(d.canonicalize(x)).all()
+
+
+def test_prompt_with_names_out_of_range_completions(tiny_lm):
+    d = LMDistribution(tiny_lm, torch.tensor([[1, 2]]), 3)
+    with pytest.raises(ValueError, match=r"value: token ids \[9\] are out of range \[0, 4\)"):
+        d.prompt_with(torch.tensor([[3, 9, 0]]))
+    d.prompt_with(torch.tensor([[3, 0, 9]]))  # after the first EOS: dropped, not read
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda ids, mask: ids.__setitem__((0, -1), 9), r"prompts: token ids \[9\] are out of range"),
+    (lambda ids, mask: mask.__setitem__((0, -1), 0), "attention_mask: prompts must be left-padded"),
+    (lambda ids, mask: mask.zero_(), r"prompts: rows \[0\] are empty"),
+])
+def test_prompts_built_by_prompt_with_are_checked_again_once_changed(tiny_lm, edit, message):
+    """prompt_with's prompts are valid by construction (the next LMDistribution skips their
+    checks), but not once they are changed in place."""
+    d = LMDistribution(tiny_lm, torch.tensor([[1, 2]]), 3)
+    ids, mask = d.prompt_with(torch.tensor([[3, 1, 0]]))
+    second = LMDistribution(tiny_lm, ids, 3, attention_mask=mask)
+    assert second.prompt_ids.tolist() == [[0, 1, 2, 3, 1]]
+    assert second.prompt_mask.tolist() == [[0, 1, 1, 1, 1]]
+    edit(ids, mask)
+    with pytest.raises(ValueError, match=message):
+        LMDistribution(tiny_lm, ids, 3, attention_mask=mask)
+    with pytest.raises(ValueError, match="attention_mask: shape"):  # another mask: checked
+        LMDistribution(tiny_lm, ids, 3, attention_mask=torch.ones(1, 4, dtype=torch.long))
