@@ -346,7 +346,9 @@ class LMDistribution(TorchDistribution):
         :param bool keep_eos: keep each completion's EOS token, whichever of the LM's
             :attr:`~pyro_lm.CausalLM.eos_token_ids` it is (default: drop it).
         :returns: ``(input_ids, attention_mask)``, each ``(*shape, L + T)``, for
-            ``LMDistribution(lm, input_ids, T2, attention_mask=attention_mask)``.
+            ``LMDistribution(lm, input_ids, T2, attention_mask=attention_mask)``, which
+            takes them without checking them again while both are unchanged.
+        :raises ValueError: naming ``value`` if a token it keeps is not an id of the LM.
 
         >>> from pyro_lm.lm import toy_lm
         >>> lm = toy_lm(vocab_size=4)
