@@ -226,8 +226,8 @@ class LMDistribution(TorchDistribution):
         if cache is not None:
             key = _prompt_key(lm, prompts, attention_mask)
         if key is not None and key in cache:
-            entry = cache.pop(key)  # the most recently used goes last
-            cache[key] = entry
+            entry = cache[key]
+            _store(cache, key, entry)  # the most recently used goes last
             ids, mask, prompt_batch = entry[-1]
         else:
             ids, mask, prompt_batch = self._prepare_prompts(lm, prompts, attention_mask)
@@ -268,7 +268,7 @@ class LMDistribution(TorchDistribution):
                 "at least one token, e.g. [[lm.bos_token_id]] for unconditional generation")
         ids = prompts.long().reshape(-1, prompts.shape[-1]).to(lm.device)
         built = getattr(prompts, _BUILT, None)
-        if (built is not None and built[0] is attention_mask and not prompts.is_inference()
+        if (built is not None and built[0] is attention_mask
                 and built[1:] == (prompts._version, attention_mask._version, lm.vocab_size)):
             # made by prompt_with and unchanged since: its checks below hold already
             return ids, attention_mask.long().reshape(ids.shape).to(lm.device), batch
@@ -370,19 +370,20 @@ class LMDistribution(TorchDistribution):
         hit = cache.get(key)
         if (hit is not None and hit[1][2][0] is value and hit[0] == (eos, pad)
                 and all(map(_unchanged, hit[1]))):
+            _store(cache, key, hit)  # the most recently used goes last
             return hit[1][-2][0], hit[1][-1][0]
-        out = self._prompt_with(value, keep_eos)
+        out = self._prompt_with(value, keep_eos, eos)
         _store(cache, key, ((eos, pad), tuple(map(_snapshot, (self.prompt_ids, self.prompt_mask,
                                                                value) + out))))
         return out
 
-    def _prompt_with(self, value: torch.Tensor, keep_eos: bool):
+    def _prompt_with(self, value: torch.Tensor, keep_eos: bool, eos=None):
         shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
         ids, mask = self.prompts_for()
         ids = ids.reshape(self.batch_shape + ids.shape[-1:]).expand(shape + ids.shape[-1:])
         mask = mask.reshape(self.batch_shape + mask.shape[-1:]).expand(ids.shape)
         value = value.to(ids.device).expand(shape + value.shape[-1:])
-        eos = self.lm.eos_token_ids
+        eos = self.lm.eos_token_ids if eos is None else eos
         kept = ~after_first_eos(value, eos)
         if not keep_eos:
             kept &= ~is_eos(value, eos)
