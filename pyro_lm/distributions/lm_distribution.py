@@ -311,6 +311,13 @@ class LMDistribution(TorchDistribution):
         index = self._prompt_index(torch.Size(shape) + self.batch_shape)
         return self.prompt_ids.index_select(0, index), self.prompt_mask.index_select(0, index)
 
+    def _sampled_prompts(self, shape: torch.Size):
+        """:meth:`prompts_for` for the samplers, which only read them: the distribution's own
+        tensors when every row is drawn once (no index or copy)."""
+        if shape + self.batch_shape == self._prompt_batch_shape:
+            return self.prompt_ids, self.prompt_mask
+        return self.prompts_for(shape)
+
     def encode_value(self, texts) -> torch.Tensor:
         """Observed text as a value of this distribution: its tokens (no BOS), then EOS, then
         padding to ``T`` tokens (a text of exactly ``T`` tokens is a truncated completion, with
@@ -477,7 +484,7 @@ class LMDistribution(TorchDistribution):
             ``sample_shape + batch_shape`` (float32, no gradient).
         """
         shape = self._extended_shape(torch.Size(sample_shape))[:-1]
-        ids, mask = self.prompts_for(torch.Size(sample_shape))
+        ids, mask = self._sampled_prompts(torch.Size(sample_shape))
         x, log_prob = sample_tokens(self.lm, ids, mask, self.max_new_tokens)
         return x.reshape(shape + self.event_shape), log_prob.reshape(shape)
 
@@ -485,7 +492,7 @@ class LMDistribution(TorchDistribution):
         """Completions ``sample_shape + batch_shape + (T,)``, decoded without the per-step
         log-probabilities (see :meth:`sample_with_log_prob` for those)."""
         shape = self._extended_shape(torch.Size(sample_shape))[:-1]
-        ids, mask = self.prompts_for(torch.Size(sample_shape))
+        ids, mask = self._sampled_prompts(torch.Size(sample_shape))
         x, _ = sample_tokens(self.lm, ids, mask, self.max_new_tokens, with_log_prob=False)
         return x.reshape(shape + self.event_shape)
 

@@ -258,8 +258,8 @@ def sample_tokens(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     n = input_ids.shape[0]
     device = input_ids.device
     eos, pad = lm.eos_token_ids, lm.pad_token_id
-    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     one_eos = len(eos) == 1
+    eos_t = None if one_eos else torch.tensor(eos, dtype=torch.long, device=device)
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else 8
     x = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)

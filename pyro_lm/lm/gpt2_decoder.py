@@ -21,12 +21,14 @@ picks it where it applies and the generic decoder elsewhere.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pyro_lm.lm.causal_lm import submodules
 from pyro_lm.lm.decoder import changed_rows, copy_rows, filler_token
 
 __all__ = ["GPT2Decoder", "supports_fast_decoding", "SHARE_AT"]
@@ -54,12 +56,19 @@ def _gpt2_inside(model):
     return base if type(base) is GPT2LMHeadModel else None
 
 
-def _is_lora_layer(module) -> bool:
+@functools.cache
+def _tuner_layer():
+    """peft's ``BaseTunerLayer`` (``()``, which no module is an instance of, without peft):
+    looked up once, since :func:`supports_fast_decoding` asks for every module of a model."""
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # pragma: no cover - depends on the environment
-        return False
-    return isinstance(module, BaseTunerLayer)
+        return ()
+    return BaseTunerLayer
+
+
+def _is_lora_layer(module) -> bool:
+    return isinstance(module, _tuner_layer())
 
 
 def _foldable(module) -> bool:
@@ -113,8 +122,9 @@ def supports_fast_decoding(model) -> bool:
     if not isinstance(head, torch.nn.Linear) or not all(_foldable(m) for m in read):
         return False
     # a tuner layer anywhere else (embeddings, layer norms) is not read by this decoder
-    return sum(_is_lora_layer(m) for m in gpt2.modules()) == sum(_is_lora_layer(m)
-                                                                  for m in read)
+    modules = submodules(gpt2)
+    tuners = {kind for kind in set(map(type, modules)) if issubclass(kind, _tuner_layer())}
+    return sum(type(m) in tuners for m in modules) == sum(map(_is_lora_layer, read))
 
 
 class GPT2Decoder:

@@ -84,6 +84,21 @@ def test_sample_skips_the_log_prob_it_does_not_return(tiny_lm, monkeypatch):
     assert asked and all(asked)
 
 
+@pytest.mark.parametrize("sample_shape", [(), (3,)])
+@pytest.mark.parametrize("with_log_prob", [False, True])
+def test_sampling_leaves_the_prompts_as_they_were(tiny_lm, sample_shape, with_log_prob):
+    """The samplers decode from the distribution's own prompt tensors when every row is
+    drawn once: neither they nor the samples may share or change them."""
+    d = LMDistribution(tiny_lm, ["", "t1 t2"], 3)
+    ids, mask = d.prompt_ids.clone(), d.prompt_mask.clone()
+    versions = d.prompt_ids._version, d.prompt_mask._version
+    x = d.sample_with_log_prob(sample_shape)[0] if with_log_prob else d.sample(sample_shape)
+    assert x.shape == torch.Size(sample_shape) + (2, 3)
+    x.fill_(1)
+    assert (d.prompt_ids._version, d.prompt_mask._version) == versions
+    assert torch.equal(d.prompt_ids, ids) and torch.equal(d.prompt_mask, mask)
+
+
 def test_value_is_padded_after_first_eos(tiny_lm):
     torch.manual_seed(1)
     d = LMDistribution(tiny_lm, torch.tensor([0]), 6)

@@ -4,6 +4,7 @@ import torch
 import pyro_lm
 from pyro_lm import CausalLM, LMDistribution
 from pyro_lm.lm import toy_lm, toy_tokenizer
+from pyro_lm.lm.causal_lm import eval_mode, submodules
 
 
 def test_save_and_from_pretrained_local_directory(tmp_path, tiny_lm):
@@ -247,3 +248,27 @@ def test_repeated_text_encodings_are_fresh_and_follow_added_tokens():
     c, _ = lm.encode("Review: zqxjv")
     assert c[0, -1].item() == lm.tokenizer.convert_tokens_to_ids("zqxjv")
     assert c.shape[1] < b.shape[1]
+
+
+def test_submodules_lists_the_modules_of_the_tree(tiny_lm):
+    model = tiny_lm.model
+    listed = submodules(model)
+    assert len(listed) == len(list(model.modules()))
+    assert {id(m) for m in listed} == {id(m) for m in model.modules()}
+    holder = torch.nn.Module()
+    holder.a, holder.b = model.transformer.h[0], model.transformer.h[0]  # one module, twice
+    holder.register_module("empty", None)
+    assert [m is holder for m in submodules(holder)].count(True) == 1
+    assert sum(m is model.transformer.h[0] for m in submodules(holder)) == 2
+
+
+def test_eval_mode_restores_every_training_flag(tiny_lm):
+    model = tiny_lm.trainable_copy().model
+    model.eval()
+    block = model.transformer.h[0]
+    block.train()  # a submodule in training mode under a root in eval mode
+    before = {name: m.training for name, m in model.named_modules()}
+    assert before[""] is False and any(before.values())
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert {name: m.training for name, m in model.named_modules()} == before
