@@ -174,7 +174,8 @@ def main(args):
             + ("\n\n" + lengths_section(args, length_rows) if length_rows else "")
             + "\n\n" + incremental_section(args, incremental_rows))
     if not args.quick:
-        write_section("smc", body)
+        # a GPU run gets its own section: the CPU figures stay
+        write_section("smc" if device.type == "cpu" else f"smc-{device.type}", body)
     print(body)
     return med, ess
 

@@ -52,3 +52,22 @@ def test_quick_run(script):
     assert SCRIPTS[script] in proc.stdout
     assert "|---|" in proc.stdout  # a markdown table
     assert (BENCH / "RESULTS.md").read_bytes() == results
+
+
+def test_device_script_carries_the_pinned_versions():
+    """``bench/device.sh`` carries to the GPU machine the packages of
+    ``bench/device-wheels.txt``: each must be pinned at its ``constraints.txt`` version (the
+    versions CI tests), and the script must parse."""
+    pins = {}
+    for line in (BENCH.parent / "constraints.txt").read_text().splitlines():
+        if "==" in line:
+            name, version = line.split("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    wheels = [line.strip() for line in (BENCH / "device-wheels.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert wheels
+    for spec in wheels:
+        name, version = spec.split("==")
+        assert name != "torch", "the GPU machine keeps its own CUDA torch"
+        assert pins.get(name.lower().replace("_", "-")) == version, spec
+    subprocess.run(["bash", "-n", str(BENCH / "device.sh")], check=True)
