@@ -39,7 +39,8 @@ Where a step ends (the prefix :math:`x_{\le t}` just got token :math:`x_t`):
   :math:`x_t` is drawn; its potential is read on :math:`x_{\le t}`, the first prefix on
   which a prefix-aware reward sees the last word settled (the new word's first piece
   settles nothing yet). The first token ends no step (the step before it is empty).
-* a delimiter regex (a ``str`` other than the two names, or a compiled ``re.Pattern``):
+* a delimiter regex (a ``str`` other than the two names, or a compiled ``re.Pattern``;
+  ``"tokens"``, ``"Word"`` and the like are refused as mistyped names):
   when the decoded text of the particle's completion ends with a match of the delimiter
   at one of the characters that :math:`x_t` added, e.g. ``r"[.!?]\s"`` at the token
   ``" The"`` of ``"good. The"``, whose leading space completes the match, or ``"\n"`` at a
@@ -99,6 +100,11 @@ def check_steps(steps):
         if not steps:
             raise ValueError("steps: the empty delimiter matches everywhere; pass "
                              "steps='token' for a step at every token")
+        if steps.lower().rstrip("s") in ("token", "word"):  # a mode's name, mistyped
+            mode = steps.lower().rstrip("s")
+            raise ValueError(f"steps: {steps!r} is not a mode; did you mean {mode!r}? (A "
+                             f"string other than 'token' and 'word' is a delimiter regex; to "
+                             f"end steps at the text {steps!r}, pass re.compile({steps!r}))")
         try:
             steps = re.compile(steps)
         except re.error as e:

@@ -221,10 +221,16 @@ def test_program_path_unbiased(lm, steps):
     (True, "expected 'token'"), ("", "empty delimiter"), ("(", "valid delimiter regex"),
     ("a*", "empty string"), (r"\n+", "bounded length"), (object(), "expected 'token'"),
     (re.compile(b"x"), "expected 'token'"),
+    ("tokens", "did you mean 'token'"), ("Word", "did you mean 'word'"),
+    ("WORDS", "did you mean 'word'"),
 ])
 def test_bad_steps(lm, steps, match):
     with pytest.raises(ValueError, match=f"steps: .*{match}"):
         SMC(plate_model(lm), steps=steps)
+
+
+def test_a_delimiter_spelled_like_a_mode_is_compiled(lm):
+    assert SMC(plate_model(lm), steps=re.compile("tokens")).steps.pattern == "tokens"
 
 
 def test_steps_refuse_lookahead(lm):
