@@ -48,8 +48,13 @@ from pyro_lm.lm.causal_lm import CausalLM
 from pyro_lm.lm.token_bytes import byte_kind, special_token_ids, token_bytes
 from pyro_lm.rewards.base import Reward
 
-__all__ = ["Constraint", "ConstraintState", "check_constraints", "check_sites",
-           "llguidance_tokenizer"]
+__all__ = ["Constraint", "ConstraintState", "TRUNCATION_HINT", "check_constraints",
+           "check_sites", "llguidance_tokenizer"]
+
+#: What a sampler's all-zero-weights error says first when constraints mask its proposal.
+TRUNCATION_HINT = ("With constraints, a completion still outside the language when it reaches "
+                   "max_new_tokens has weight zero: check that a text of the language fits "
+                   "in max_new_tokens tokens, and raise max_new_tokens if not. ")
 
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _NO_FORCING = '%llguidance {"no_forcing": true}\n'
@@ -377,12 +382,22 @@ def check_constraints(constraints, owner: str) -> dict:
     :raises TypeError: naming ``constraints`` and ``owner`` for anything else."""
     if constraints is None:
         return {}
-    if not isinstance(constraints, dict) or not all(
-            isinstance(k, str) and isinstance(v, Constraint) for k, v in constraints.items()):
+    if not isinstance(constraints, dict):
         raise TypeError(f"constraints: {owner} expects a dict LM site name -> "
                         "pyro_lm.constraints.Constraint (Regex, Grammar, JSONSchema), e.g. "
                         "{'x': Regex(prior, r'...')}; got "
                         f"{type(constraints).__name__}")
+    for key, value in constraints.items():
+        if not isinstance(key, str):
+            raise TypeError(f"constraints: {owner} expects LM site names (str) as keys, got "
+                            f"{key!r}")
+        if not isinstance(value, Constraint):
+            hint = (f"; wrap the pattern as pyro_lm.constraints.Regex(prior, {value!r})"
+                    if isinstance(value, str) else
+                    "; a reward (pyro_lm.rewards) is a factor: put it in the model with "
+                    "pyro.factor" if isinstance(value, Reward) else "")
+            raise TypeError(f"constraints[{key!r}]: expected a pyro_lm.constraints.Constraint "
+                            f"(Regex, Grammar, JSONSchema), got {type(value).__name__}{hint}")
     return dict(constraints)
 
 

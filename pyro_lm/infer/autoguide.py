@@ -45,6 +45,9 @@ class AutoLMGuide(nn.Module):
         site is drawn from ``lm`` under the constraint's mask, a
         :class:`~pyro_lm.constraints.MaskedLMDistribution` whose ``log_prob`` is the
         masked law's (exact, differentiable), so that SVI or DPG trains the masked guide.
+        Such a guide never proposes text outside the constraint, so a sampler (SMC,
+        Importance, QRS, IMH) refuses it unless its target is conditioned on the same
+        sites (``SMC(..., constraints=)``, ``Importance(..., constraints=)``).
 
     Each call runs the model under :class:`~pyro_lm.poutine.GuideLMMessenger`: the LM
     sites are drawn from ``lm`` with the prompts of that very execution, observed sites

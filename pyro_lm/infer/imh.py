@@ -88,7 +88,7 @@ class IMH:
     @torch.no_grad()
     def run(self, *args, **kwargs) -> WeightedPosterior:
         """Run every chain for ``num_steps`` steps and keep the draws after ``burn_in``."""
-        guide = as_guide(self.model, self.proposal)
+        guide = as_guide(self.model, self.proposal, owner="IMH")
         nesting = plate_nesting(self.model, guide, args, kwargs)
         steps, chains = self.num_steps + 1, self.num_chains
         total = steps * chains

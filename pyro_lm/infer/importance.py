@@ -36,11 +36,11 @@ from __future__ import annotations
 import torch
 
 from pyro_lm._validation import check_positive_int
-from pyro_lm.constraints.base import check_constraints, check_sites
+from pyro_lm.constraints.base import TRUNCATION_HINT, check_constraints, check_sites
 from pyro_lm.constraints.messenger import constrained_proposal
 from pyro_lm.distributed import sharded
 from pyro_lm.distributions.lm_distribution import unwrap_lm
-from pyro_lm.infer.posterior import WeightedPosterior
+from pyro_lm.infer.posterior import WeightedPosterior, check_log_weights
 from pyro_lm.infer.program import execute, lm_site_names, plate_nesting, structure_trace
 from pyro_lm.infer.proposal import as_guide
 
@@ -94,7 +94,7 @@ class Importance:
     @torch.no_grad()
     def run(self, *args, **kwargs) -> WeightedPosterior:
         """Draw ``num_samples`` weighted samples for the model's arguments."""
-        guide = as_guide(self.model, self.guide, "guide")
+        guide = as_guide(self.model, self.guide, "guide", "Importance", self.constraints)
         if self.constraints:
             trace, _ = structure_trace(self.model, None, args, kwargs)
             check_sites(self.constraints, {name: unwrap_lm(trace.nodes[name]["fn"]).lm
@@ -114,4 +114,8 @@ class Importance:
             parts.append(run.samples())
             lms = run.lms()
         samples = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-        return WeightedPosterior(samples, torch.cat(weights), lms=lms, algorithm="Importance")
+        log_w = torch.cat(weights)
+        check_log_weights(log_w, "Importance", fix=(TRUNCATION_HINT if self.constraints else "")
+                          + "Draw more samples, use a guide closer to the posterior (or SMC), "
+                            "or relax the -inf factors")
+        return WeightedPosterior(samples, log_w, lms=lms, algorithm="Importance")

@@ -172,7 +172,8 @@ def _draw(prior_or_model, constraint, proposal, num, args, kwargs):
     else:
         raise TypeError(f"prior_or_model: expected an LMDistribution or a Pyro model, got "
                         f"{type(prior_or_model).__name__}")
-    prop = propose(model, as_guide(model, proposal), num, args, kwargs, owner="fit_moments")
+    guide = as_guide(model, proposal, owner="fit_moments")
+    prop = propose(model, guide, num, args, kwargs, owner="fit_moments")
     if len(prop.lms) != 1 or len(prop.values) != 1:
         raise ValueError(f"prior_or_model: moment constraints are features of one LM site's "
                          f"completions, the model has latent sites {sorted(prop.values)}; "

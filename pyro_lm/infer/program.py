@@ -27,6 +27,8 @@ over the whole batch) gives that plate one joint weight per sample.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 
 import pyro
@@ -137,6 +139,16 @@ def check_whole_plates(owner: str, *traces) -> None:
 def raise_vectorized(e: Exception, num: int, dim: int):
     """Re-raise ``e``, explained, if it is Python control flow failing on a vectorised
     latent value (``int(z)``, ``if z``); else as it is."""
+    mismatch = re.search(rf"Shape mismatch inside plate\('{PARTICLES}'\) at site (.+) dim "
+                         r"(-?\d+), (\d+) vs (\d+)", str(e))
+    if mismatch:
+        site, _, size, got = mismatch.groups()
+        raise ValueError(
+            f"site {site!r}: its value or log-density does not fit the {num} executions the "
+            f"program is run as at once (a plate of size {size} at dim {dim}, left of its own "
+            f"plates): its shape has {got} there. A factor gives one value per execution and "
+            "plate element; one value per token ((..., T)) must be summed over its last dim "
+            f"first, e.g. pyro.factor({site!r}, per_token.sum(-1))") from e
     if any(text in str(e) for text in _SCALAR_ERRORS):
         raise ValueError(
             f"model: it is run vectorised, {num} executions at once in a plate at dim {dim} "

@@ -20,21 +20,50 @@ from pyro_lm.infer.autoguide import AutoLMGuide
 from pyro_lm.infer.program import Execution, execute, plate_nesting
 from pyro_lm.lm.causal_lm import CausalLM
 
-__all__ = ["Proposal", "as_guide", "propose"]
+__all__ = ["Proposal", "as_guide", "check_guide_constraints", "propose"]
 
 
-def as_guide(model, proposal, name: str = "proposal"):
+def as_guide(model, proposal, name: str = "proposal", owner: str = "the sampler",
+             conditioned=()):
     """The guide program of ``proposal``: ``None`` (the prior), an
     :class:`~pyro_lm.infer.AutoLMGuide` or another guide as is, a
-    :class:`~pyro_lm.CausalLM` as ``AutoLMGuide(model, proposal)``."""
+    :class:`~pyro_lm.CausalLM` as ``AutoLMGuide(model, proposal)``.
+
+    :param conditioned: the LM sites whose constraint the sampler's target is conditioned
+        on (its ``constraints``); see :func:`check_guide_constraints`."""
     if isinstance(proposal, CausalLM):
         return AutoLMGuide(model, proposal).propose
     if isinstance(proposal, AutoLMGuide):
+        check_guide_constraints(proposal, conditioned, name, owner)
         return proposal.propose
     if proposal is None or callable(proposal):
         return proposal
     raise TypeError(f"{name}: expected an AutoLMGuide (or another guide), a CausalLM or None "
                     f"(the prior), got {type(proposal).__name__}")
+
+
+def check_guide_constraints(guide, conditioned, name: str, owner: str) -> None:
+    """Refuse a guide whose constraints mask an LM site that the sampler's target is not
+    conditioned on: such a guide never proposes text outside the constraint, where the
+    posterior has mass, so weighing its samples would estimate the posterior conditioned on
+    the constraint instead, silently.
+
+    :raises ValueError: naming ``name``, the sites and the fix."""
+    masked = sorted(set(getattr(guide, "constraints", None) or ()) - set(conditioned))
+    if masked:
+        sites = ", ".join(repr(s) for s in masked)
+        if owner in ("SMC", "Importance"):
+            fix = (f"pass the same constraints to {owner} too (constraints={{{masked[0]!r}: "
+                   "c}): its target is then conditioned on them, with exact weights")
+        else:
+            fix = (f"{owner} takes no constraints: use SMC or Importance with constraints=, "
+                   "or put pyro.factor('valid', c(x)) in the model and propose from a "
+                   "guide without constraints")
+        raise ValueError(
+            f"{name}: the guide's constraints mask the LM site(s) {sites}, so it never "
+            f"proposes text outside them, where the model's posterior has mass; {owner} "
+            f"would silently estimate the posterior conditioned on them. To sample that "
+            f"conditioned posterior, {fix} (a guide's constraints are for training it)")
 
 
 @dataclass

@@ -110,7 +110,7 @@ class QRS:
     @torch.no_grad()
     def run(self, *args, **kwargs) -> WeightedPosterior:
         """Sample until every prompt has ``num_samples`` accepted completions."""
-        guide = as_guide(self.model, self.proposal)
+        guide = as_guide(self.model, self.proposal, owner="QRS")
         nesting = plate_nesting(self.model, guide, args, kwargs)
         values, log_w, accepted, log_bound = {}, [], [], None
         drawn = 0

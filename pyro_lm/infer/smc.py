@@ -53,7 +53,7 @@ import math
 import torch
 
 from pyro_lm._validation import check_positive_int
-from pyro_lm.constraints.base import check_constraints, check_sites
+from pyro_lm.constraints.base import TRUNCATION_HINT, check_constraints, check_sites
 from pyro_lm.distributed import sharded
 from pyro_lm.distributions.lm_distribution import prompt_cache
 from pyro_lm.distributions.prefix import prefix_context
@@ -64,6 +64,7 @@ from pyro_lm.infer.program import (
     single_lm_site,
     structure_trace,
 )
+from pyro_lm.infer.proposal import check_guide_constraints
 from pyro_lm.infer.resampling import RESAMPLERS
 from pyro_lm.infer.smc_population import Populations, decode
 from pyro_lm.infer.smc_program import run_program
@@ -218,7 +219,7 @@ class SMC:
         if twist is not None and not callable(twist):
             raise TypeError(f"twist: expected None or a callable twist(x, t), got "
                             f"{type(twist).__name__}")
-        if resampling not in RESAMPLERS:
+        if not isinstance(resampling, str) or resampling not in RESAMPLERS:
             raise ValueError(f"resampling: expected one of {sorted(RESAMPLERS)}, "
                              f"got {resampling!r}")
         self.model = model
@@ -237,6 +238,7 @@ class SMC:
                              f"for steps={steps!r}, or steps='token'")
         self.lookahead_budget = check_positive_int(lookahead_budget, "lookahead_budget")
         self.constraints = check_constraints(constraints, "SMC")
+        check_guide_constraints(guide, self.constraints, "guide", "SMC")
 
     # --------------------------------------------------------------------- run
     @sharded  # torch.distributed: prompts sharded across ranks, posterior gathered
@@ -336,10 +338,13 @@ class SMC:
     def _posterior(self, site, view, log_w, batch, hist, lm):
         n = self.num_particles
         log_w = log_w.view((n,) + tuple(batch))
+        fix = ("Use more particles, a guide closer to the posterior, the lookahead proposal, "
+               "or a twist that steers prefixes away from the -inf region")
+        if self.constraints:
+            fix = TRUNCATION_HINT + fix
         check_log_weights(
             log_w, "SMC", nan_cause="the twist or a factor returned NaN (or +inf) on some prefix",
-            fix="Use more particles, a guide closer to the posterior, the lookahead proposal, "
-                "or a twist that steers prefixes away from the -inf region")
+            fix=fix)
         shape = (-1,) + tuple(batch)
         lse, lse2 = hist["lse"], hist["lse2"]
         hist = {"ess": torch.exp(2 * lse - lse2).view(shape),

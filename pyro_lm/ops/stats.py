@@ -78,7 +78,8 @@ def check_log_weights(log_weights: torch.Tensor, name: str = "log_weights",
                       nan_cause: str = "a reward or log-probability returned NaN",
                       fix: str = "Draw more samples, use a guide closer to the posterior (or "
                                  "SMC), or relax the -inf factors") -> None:
-    """Raise a clear error if any weight is NaN or every weight of a problem is ``-inf``.
+    """Raise a clear error if any weight is NaN or ``+inf``, or every weight of a problem
+    is ``-inf``.
 
     :param str name: what the error names (the argument or the algorithm).
     :param str nan_cause: the likely cause of a NaN, for the message.
@@ -87,6 +88,10 @@ def check_log_weights(log_weights: torch.Tensor, name: str = "log_weights",
     """
     if torch.isnan(log_weights).any():
         raise ValueError(f"{name}: NaN log-weights; {nan_cause}")
+    if torch.isposinf(log_weights).any():
+        raise ValueError(f"{name}: +inf log-weights: a factor returned +inf (or a sample "
+                         "was drawn where its proposal has probability zero); a log-factor "
+                         "must be finite, or -inf where the model rules a value out")
     dead = torch.isneginf(log_weights).all(0)
     if dead.any():
         which = dead.reshape(-1).nonzero().flatten()[:8].tolist()

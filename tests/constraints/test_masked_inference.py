@@ -119,6 +119,55 @@ def test_importance_with_mask_weights_are_exact(lm):
     assert chi2_pvalue(draws, exact.support[:, 0], exact.probs[:, 0]) > 1e-3
 
 
+@pytest.mark.parametrize("algorithm", ["SMC", "Importance", "QRS", "IMH"])
+def test_samplers_refuse_a_masked_guide_on_an_unconditioned_target(lm, algorithm):
+    """A guide whose constraints mask ``x`` never proposes text outside them: a sampler
+    whose target is not conditioned on them (no ``constraints=``) refuses it, rather than
+    estimate the conditioned posterior silently."""
+    c = Regex(lm, REGEX)
+    model = make_model(lm, c)
+    guide = AutoLMGuide(model, lm.trainable_copy(), constraints={"x": c})
+    prompts = torch.zeros(2, 1, dtype=torch.long)
+    make = {"SMC": lambda: SMC(model, guide=guide).run(prompts, factor=False),
+            "Importance": lambda: Importance(model, guide=guide).run(prompts, factor=False),
+            "QRS": lambda: pyro_lm.infer.QRS(model, proposal=guide).run(prompts, factor=False),
+            "IMH": lambda: pyro_lm.infer.IMH(model, proposal=guide).run(prompts, factor=False)}
+    arg = "proposal" if algorithm in ("QRS", "IMH") else "guide"
+    with pytest.raises(ValueError, match=f"{arg}: the guide's constraints mask .*'x'.*"
+                                         f"{algorithm} would silently"):
+        make[algorithm]()
+
+
+def test_importance_with_a_masked_guide_and_the_same_constraints_is_exact(lm):
+    """With ``constraints=`` naming the guide's site the target is conditioned: log Z of the
+    conditioned model within 4 standard errors, from the masked guide's proposals."""
+    c = Regex(lm, REGEX)
+    model = make_model(lm, c)
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    exact = enumerate_model(model, prompt)
+    guide = AutoLMGuide(model, lm.trainable_copy(), constraints={"x": c})
+    pyro.set_rng_seed(0)
+    post = Importance(model, guide=guide, num_samples=4000, constraints={"x": c}).run(
+        prompt, factor=False)
+    assert (c(post.samples["x"][:, 0])[torch.isfinite(post.log_weights[:, 0])] == 0).all()
+    ratio = (post.log_weights[:, 0] - exact.log_Z).exp()
+    assert abs(ratio.mean() - 1) < 4 * ratio.std() / math.sqrt(ratio.numel())
+
+
+@pytest.mark.parametrize("algorithm", ["SMC", "Importance"])
+def test_a_language_that_does_not_fit_names_max_new_tokens(lm, algorithm):
+    """No text of "aaaa" fits in T = 3 tokens of single letters' pieces, so every sample is
+    truncated outside the language: the error says to raise max_new_tokens."""
+    c = Regex(lm, "(a ){4}")
+    model = make_model(lm, c)
+    prompts = torch.zeros(1, 1, dtype=torch.long)
+    run = (SMC(model, num_particles=16, constraints={"x": c}) if algorithm == "SMC"
+           else Importance(model, num_samples=16, constraints={"x": c}))
+    with pytest.raises(ValueError, match=f"{algorithm}: all 16 samples have weight zero.*"
+                                         "raise max_new_tokens"):
+        run.run(prompts, factor=False)
+
+
 def test_guide_with_mask_in_svi(lm):
     """A masked guide: its samples are valid, its loss finite, and SVI steps run."""
     c = Regex(lm, "[ab]*")  # every viable prefix is accepted: no dead end at T
@@ -141,8 +190,12 @@ def test_errors(lm):
         SMC(model, constraints={"y": c}).run(prompts)
     with pytest.raises(ValueError, match="no LM sample site 'y'"):
         Importance(model, constraints={"y": c}).run(prompts)
-    with pytest.raises(TypeError, match="constraints"):
+    with pytest.raises(TypeError, match=r"constraints\['x'\]: .*got str; wrap the pattern"):
         SMC(model, constraints={"x": "(a|b)+"})
+    with pytest.raises(TypeError, match=r"constraints\['x'\]: .*got Regex; a reward"):
+        Importance(model, constraints={"x": pyro_lm.rewards.Regex(lm, "a")})
+    with pytest.raises(TypeError, match="constraints: SMC expects a dict"):
+        SMC(model, constraints=[c])
     other = Regex(tiny_bpe_lm(("a", "b")), "a")
     with pytest.raises(ValueError, match="another tokenizer"):
         SMC(model, constraints={"x": other}).run(prompts)

@@ -128,6 +128,27 @@ def test_all_minus_inf_weights_raise(tiny_lm):
         Importance(model, num_samples=32).run("t1")
 
 
+def test_per_token_factor_is_named(tiny_lm):
+    """A factor of shape (N, T) clashes with the particle plate inside Pyro; the error names
+    the site and the fix, not the internal plate."""
+    def model(prompt):
+        x = pyro.sample("x", pyro_lm.LMDistribution(tiny_lm, prompt, T))
+        pyro.factor("r", (x == 2).float())
+
+    with pytest.raises(ValueError, match=r"site 'r': .*summed over its last dim"):
+        Importance(model, num_samples=T + 1).run("t1")
+
+
+def test_plus_inf_factor_raises(tiny_lm):
+    """A +inf factor would make log Z +inf and the ESS NaN: refused, naming the algorithm."""
+    def model(prompt):
+        x = pyro.sample("x", pyro_lm.LMDistribution(tiny_lm, prompt, T))
+        pyro.factor("r", torch.where((x == 2).any(-1), math.inf, 0.0))
+
+    with pytest.raises(ValueError, match=r"Importance: \+inf log-weights: a factor"):
+        Importance(model, num_samples=64).run("t1")
+
+
 @pytest.mark.parametrize("kwargs, name", [
     ({"num_samples": 0}, "num_samples"),
     ({"num_samples": 2.5}, "num_samples"),

@@ -241,6 +241,7 @@ def test_resamplers_keep_expected_counts():
     ({"ess_threshold": 1.5}, ValueError, "ess_threshold"),
     ({"ess_threshold": -0.1}, ValueError, "ess_threshold"),
     ({"resampling": "stratified-ish"}, ValueError, "resampling"),
+    ({"resampling": ["systematic"]}, ValueError, "resampling: expected one of"),
     ({"twist": 3.0}, TypeError, "twist"),
     ({"guide": lambda p: None}, TypeError, "guide"),
 ])
