@@ -209,8 +209,9 @@ class LMDistribution(TorchDistribution):
                 f"lm: expected a pyro_lm.CausalLM, got {type(lm).__name__}; wrap a transformers "
                 "model with pyro_lm.CausalLM(model, tokenizer) or CausalLM.from_pretrained(path)")
         check_positive_int(max_new_tokens, "max_new_tokens")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+        if chunk_size is not None:
+            check_positive_int(chunk_size, "chunk_size")
+        check_positive_int(max_enumerate, "max_enumerate")
         if memory_budget is not None:
             check_positive_int(memory_budget, "memory_budget")
         if activation_checkpointing not in (None, True, False):
@@ -275,12 +276,15 @@ class LMDistribution(TorchDistribution):
         if attention_mask is None:
             mask = torch.ones_like(ids)
         else:
-            mask = attention_mask.long().reshape(-1, attention_mask.shape[-1]).to(lm.device)
+            if not isinstance(attention_mask, torch.Tensor):
+                raise TypeError(f"attention_mask: expected a tensor of 0 and 1 of the prompts' "
+                                f"shape, got {type(attention_mask).__name__}")
             if attention_mask.shape != prompts.shape:
                 raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} does not "
                                  f"match prompts {tuple(prompts.shape)}")
-            if ((mask != 0) & (mask != 1)).any():
+            if ((attention_mask != 0) & (attention_mask != 1)).any():  # before any cast
                 raise ValueError("attention_mask: values must be 0 or 1")
+            mask = attention_mask.long().reshape(-1, attention_mask.shape[-1]).to(lm.device)
             if (mask[:, 1:] < mask[:, :-1]).any():
                 raise ValueError("attention_mask: prompts must be left-padded (zeros, then ones "
                                  "in each row); re-pad them on the left")
@@ -324,7 +328,9 @@ class LMDistribution(TorchDistribution):
         no EOS), for ``pyro.sample(name, dist, obs=dist.encode_value(text))``.
 
         :param texts: a string (value ``(T,)``) or a list of strings (``(len, T)``).
-        :raises ValueError: naming the text whose tokens (with EOS) do not fit in ``T``.
+        :raises ValueError: naming the text whose tokens (with EOS) do not fit in ``T``, or
+            that holds an end-of-sequence token.
+        :raises TypeError: naming ``texts`` (or the item) that is not a string.
 
         >>> from pyro_lm.lm import toy_lm
         >>> d = LMDistribution(toy_lm(vocab_size=4), "t1", 3)
@@ -332,9 +338,19 @@ class LMDistribution(TorchDistribution):
         [[2, 3, 0], [1, 0, 0]]
         """
         single = isinstance(texts, str)
-        rows = []
+        if not single and not isinstance(texts, (list, tuple)):
+            raise TypeError(f"texts: expected a string or a list of strings, got "
+                            f"{type(texts).__name__}")
+        rows, eos = [], set(self.lm.eos_token_ids)
         for i, text in enumerate([texts] if single else list(texts)):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}]: expected a string, got {type(text).__name__}")
             ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ended = next((k for k, tok in enumerate(ids) if tok in eos), None)
+            if ended is not None:
+                raise ValueError(f"texts[{i}]: {text!r} holds an end-of-sequence token (id "
+                                 f"{ids[ended]}, at token {ended}), where a completion ends; "
+                                 "remove it from the text (its EOS is added after the text)")
             if len(ids) > self.max_new_tokens:
                 raise ValueError(f"texts[{i}]: {text!r} has {len(ids)} tokens, more than "
                                  f"max_new_tokens={self.max_new_tokens}; raise max_new_tokens")
@@ -355,7 +371,9 @@ class LMDistribution(TorchDistribution):
         :returns: ``(input_ids, attention_mask)``, each ``(*shape, L + T)``, for
             ``LMDistribution(lm, input_ids, T2, attention_mask=attention_mask)``, which
             takes them without checking them again while both are unchanged.
-        :raises ValueError: naming ``value`` if a token it keeps is not an id of the LM.
+        :raises ValueError: naming ``value`` if a token it keeps is not an id of the LM, or
+            its shape is not ``(*shape, T)``.
+        :raises TypeError: naming ``value`` if it is not an integer tensor.
 
         >>> from pyro_lm.lm import toy_lm
         >>> lm = toy_lm(vocab_size=4)
@@ -385,7 +403,20 @@ class LMDistribution(TorchDistribution):
         return out
 
     def _prompt_with(self, value: torch.Tensor, keep_eos: bool, eos=None):
-        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point \
+                or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"value: expected a LongTensor of completions (*shape, "
+                            f"{self.max_new_tokens}), got "
+                            f"{getattr(value, 'dtype', type(value).__name__)}")
+        if value.dim() == 0 or value.shape[-1] != self.max_new_tokens:
+            raise ValueError(f"value: completions of this distribution have "
+                             f"{self.max_new_tokens} tokens (shape (*shape, "
+                             f"{self.max_new_tokens})), got shape {tuple(value.shape)}")
+        try:
+            shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        except RuntimeError:
+            raise ValueError(f"value: batch shape {tuple(value.shape[:-1])} does not broadcast "
+                             f"with the distribution's {tuple(self.batch_shape)}") from None
         ids, mask = self.prompts_for()
         ids = ids.reshape(self.batch_shape + ids.shape[-1:]).expand(shape + ids.shape[-1:])
         mask = mask.reshape(self.batch_shape + mask.shape[-1:]).expand(ids.shape)

@@ -48,7 +48,7 @@ from pyro_lm.rewards.incremental import active_states
 __all__ = ["Reward", "Callable", "as_values", "decode_counted"]
 
 
-def _special_ids(tokenizer_or_lm):
+def _special_ids(tokenizer_or_lm, name: str = "tokenizer"):
     """``(tokenizer, eos, pad)`` from a tokenizer or a :class:`~pyro_lm.CausalLM`; ``eos``
     is the tuple of every id that ends a completion (the first is ``eos_token_id``)."""
     if hasattr(tokenizer_or_lm, "tokenizer") and hasattr(tokenizer_or_lm, "eos_token_id"):
@@ -56,6 +56,11 @@ def _special_ids(tokenizer_or_lm):
         eos = tuple(getattr(lm, "eos_token_ids", None) or (lm.eos_token_id,))
         return lm.tokenizer, eos, lm.pad_token_id
     tok = tokenizer_or_lm
+    if not (hasattr(tok, "eos_token_id") and hasattr(tok, "pad_token_id")
+            and callable(getattr(tok, "decode", None))):
+        raise TypeError(f"{name}: expected a transformers tokenizer or a pyro_lm.CausalLM "
+                        f"(whose tokenizer and EOS ids the reward reads), got "
+                        f"{type(tok).__name__}")
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     if eos is None:

@@ -56,7 +56,7 @@ class Classifier(Reward):
             raise ValueError("classifier_tokenizer: needs a pad token to batch texts; set "
                              "classifier_tokenizer.pad_token (e.g. to its eos_token)")
         self.label = label
-        self.lm_tokenizer, self.eos, _ = _special_ids(lm_tokenizer)
+        self.lm_tokenizer, self.eos, _ = _special_ids(lm_tokenizer, "lm_tokenizer")
         self.on_prefix = on_prefix
         self.batch_size = batch_size
         self.max_length = max_length

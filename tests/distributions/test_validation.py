@@ -35,6 +35,15 @@ def test_log_prob_validates_values(tiny_lm, value, message):
     (dict(prompts=[torch.tensor([0])]), r"prompts\[0\]: expected a string or a chat"),
     (dict(prompts=42), "prompts: expected a string, a chat"),
     (dict(chunk_size=0), "chunk_size: expected a positive int"),
+    (dict(chunk_size=1e3), "chunk_size: expected a positive int"),
+    (dict(chunk_size="4"), "chunk_size: expected a positive int"),
+    (dict(chunk_size=True), "chunk_size: expected a positive int"),
+    (dict(max_enumerate=-1), "max_enumerate: expected a positive int"),
+    (dict(max_enumerate="x"), "max_enumerate: expected a positive int"),
+    (dict(prompts=torch.tensor([[0, 1]]), attention_mask=[[1, 1]]),
+     "attention_mask: expected a tensor"),
+    (dict(prompts=torch.tensor([[0, 1, 1]]), attention_mask=torch.tensor([[0.7, 1.0, 1.0]])),
+     "attention_mask: values must be 0 or 1"),
 ])
 def test_constructor_validates_arguments(tiny_lm, kwargs, message):
     args = dict(prompts="", max_new_tokens=3)
@@ -61,6 +70,30 @@ def test_prompt_with_names_out_of_range_completions(tiny_lm):
     with pytest.raises(ValueError, match=r"value: token ids \[9\] are out of range \[0, 4\)"):
         d.prompt_with(torch.tensor([[3, 9, 0]]))
     d.prompt_with(torch.tensor([[3, 0, 9]]))  # after the first EOS: dropped, not read
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (torch.tensor([[1, 2, 3, 1, 2]]), ValueError, r"value: completions .* have 3 tokens"),
+    (torch.tensor(1), ValueError, r"value: completions .* have 3 tokens"),
+    (torch.tensor([[1.0, 2.0, 0.0]]), TypeError, "value: expected a LongTensor"),
+    ([[1, 2, 0]], TypeError, "value: expected a LongTensor"),
+    (torch.ones(3, 3, dtype=torch.long), ValueError, r"value: batch shape \(3,\) does not"),
+])
+def test_prompt_with_checks_its_value(tiny_lm, value, error, message):
+    d = LMDistribution(tiny_lm, torch.tensor([[1, 2], [2, 1]]), 3)
+    with pytest.raises(error, match=message):
+        d.prompt_with(value)
+
+
+@pytest.mark.parametrize("texts, error, message", [
+    (None, TypeError, "texts: expected a string or a list"),
+    (5, TypeError, "texts: expected a string or a list"),
+    (["t1", 3], TypeError, r"texts\[1\]: expected a string, got int"),
+    (["t1 <eos> t2"], ValueError, r"texts\[0\]: .* holds an end-of-sequence token"),
+])
+def test_encode_value_checks_its_texts(tiny_lm, texts, error, message):
+    with pytest.raises(error, match=message):
+        LMDistribution(tiny_lm, "t1", 3).encode_value(texts)
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -6,7 +6,7 @@ import torch
 import pyro_lm
 from pyro_lm.distributions import prefix_context
 from pyro_lm.lm import toy_lm
-from pyro_lm.rewards import Callable, Classifier, Lexicon, Regex
+from pyro_lm.rewards import Callable, Classifier, Lexicon, Regex, TokenCounts
 
 
 @pytest.mark.parametrize("mode", ["tokens", "text"])
@@ -54,6 +54,16 @@ def test_regex_on_full_completions_and_prefixes(tiny_lm):
         assert monotone(x).tolist() == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="pattern: .* is not a valid regular expression"):
         Regex(tiny_lm.tokenizer, "(")
+
+
+@pytest.mark.parametrize("make", [lambda t: Regex(t, "t1"), lambda t: Lexicon(t, {"t1": 1.0}),
+                                  lambda t: TokenCounts(t, {1: 1.0})],
+                         ids=["Regex", "Lexicon", "TokenCounts"])
+@pytest.mark.parametrize("bad", [None, "gpt2"])
+def test_rewards_name_a_bad_tokenizer(make, bad):
+    with pytest.raises(TypeError, match="tokenizer: expected a transformers tokenizer or a "
+                                        f"pyro_lm.CausalLM .*got {type(bad).__name__}"):
+        make(bad)
 
 
 def test_callable_nan_is_an_error_naming_the_reward(tiny_lm):
