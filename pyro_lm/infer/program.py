@@ -28,7 +28,6 @@ over the whole batch) gives that plate one joint weight per sample.
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass, field
 
 import pyro
