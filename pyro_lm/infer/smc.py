@@ -387,7 +387,14 @@ class _Potential:
         if isinstance(phi, torch.Tensor) and phi.dtype == torch.float32 \
                 and phi.shape == x.shape[:-1]:
             return phi.reshape(-1)
-        phi = torch.as_tensor(phi, device=x.device).float()
+        try:
+            phi = torch.as_tensor(phi, device=x.device)
+        except (TypeError, RuntimeError, ValueError):
+            raise TypeError(f"{name}: returned {type(phi).__name__}, expected a real tensor "
+                            f"of one value per particle and prompt {tuple(x.shape[:-1])}") from None
+        if phi.is_complex():
+            raise TypeError(f"{name}: returned a complex tensor, expected real values")
+        phi = phi.float()
         try:
             return phi.expand(x.shape[:-1]).reshape(-1)
         except RuntimeError:

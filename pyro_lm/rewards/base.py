@@ -93,7 +93,14 @@ def as_values(r, x: torch.Tensor, name: str, where: str = "", error=ValueError) 
     :param error: the exception class raised when the shape is not ``(N,)``.
     """
     if not isinstance(r, torch.Tensor) or r.device != x.device:
-        r = torch.as_tensor(r, device=x.device)
+        try:
+            r = torch.as_tensor(r, device=x.device)
+        except (TypeError, RuntimeError, ValueError):
+            raise TypeError(f"reward {name!r}: returned {type(r).__name__}{where}, expected "
+                            f"a real tensor of one value per sequence ({x.shape[0]},)") from None
+    if r.is_complex():
+        raise TypeError(f"reward {name!r}: returned a complex tensor{where}, expected real "
+                        f"values, one per sequence ({x.shape[0]},)")
     if not r.is_floating_point():
         r = r.float()
     if r.shape != x.shape[:1]:

@@ -269,6 +269,11 @@ def test_bad_models(tiny_lm):
 
     with pytest.raises(ValueError, match="twist"):
         SMC(make_model(tiny_lm, batched=False), num_particles=4, twist=bad_twist).run("t1")
+    for out, message in ((None, "returned NoneType"), ("s", "returned str"),
+                         (torch.zeros(4, dtype=torch.complex64), "returned a complex tensor")):
+        with pytest.raises(TypeError, match=f"twist: {message}"):
+            SMC(make_model(tiny_lm, batched=False), num_particles=4,
+                twist=lambda x, t, out=out: out).run("t1")
 
 
 # ----------------------------------------------------------------------------- lookahead

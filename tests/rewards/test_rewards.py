@@ -66,6 +66,16 @@ def test_rewards_name_a_bad_tokenizer(make, bad):
         make(bad)
 
 
+@pytest.mark.parametrize("out, message", [
+    (None, "returned NoneType"), ("abc", "returned str"),
+    (torch.ones(2, dtype=torch.complex64), "returned a complex tensor"),
+])
+def test_callable_of_the_wrong_type_is_named(out, message):
+    r = Callable(lambda x: out, name="mine")
+    with pytest.raises(TypeError, match=f"reward 'mine': {message}"):
+        r(torch.tensor([[1, 0], [2, 0]]))
+
+
 def test_callable_nan_is_an_error_naming_the_reward(tiny_lm):
     r = Callable(lambda x: torch.full(x.shape[:-1], float("nan")), name="my_reward")
     with pytest.raises(ValueError, match="reward 'my_reward' returned NaN"):
