@@ -51,7 +51,11 @@ class TokenCounts(Reward):
                 raise ValueError(f"weights: key {key!r} is not a token of the tokenizer (an id "
                                  f"in [0, {size}) or a token string such as "
                                  f"{self.tokenizer.convert_ids_to_tokens(min(1, size - 1))!r})")
-            w = float(w)
+            try:
+                w = float(w)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"weights[{key!r}]: expected a number, got "
+                                f"{type(w).__name__}") from None
             if w != w or w == math.inf:
                 raise ValueError(f"weights[{key!r}]: expected a real number or -inf, got {w}")
             table[ids] = w

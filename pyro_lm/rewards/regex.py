@@ -54,21 +54,32 @@ class Regex(Reward):
                  monotone: bool = False, prefix_value: float = 0.0, flags: int = 0,
                  name: str | None = None):
         super().__init__(name or f"Regex({pattern!r})")
+        if not isinstance(pattern, (str, re.Pattern)):
+            raise TypeError(f"pattern: expected a regular expression (a str), got "
+                            f"{type(pattern).__name__}")
+        if isinstance(flags, bool) or not isinstance(flags, int):
+            raise TypeError(f"flags: expected re flags (an int such as re.IGNORECASE), got "
+                            f"{flags!r}")
         try:
             self.pattern = re.compile(pattern, flags)
         except re.error as e:
             raise ValueError(f"pattern: {pattern!r} is not a valid regular expression: {e}") from e
+        values = {}
         for arg, value in (("match", match), ("no_match", no_match),
                            ("prefix_value", prefix_value)):
+            try:
+                value = values[arg] = float(value)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"{arg}: expected a number, got {type(value).__name__}") from None
             if value != value or value == math.inf:
                 raise ValueError(f"{arg}: must be a real number or -inf, got {value}")
-        if math.isinf(prefix_value):
+        if math.isinf(values["prefix_value"]):
             raise ValueError("prefix_value: must be finite: -inf on every undecided prefix would "
                              "drop completions that are allowed (use monotone=True with "
                              "match=-inf to prune prefixes that already match)")
         self.tokenizer, self.eos, self.pad = _special_ids(tokenizer)
-        self.match, self.no_match = float(match), float(no_match)
-        self.monotone, self.prefix_value = bool(monotone), float(prefix_value)
+        self.match, self.no_match = values["match"], values["no_match"]
+        self.monotone, self.prefix_value = bool(monotone), values["prefix_value"]
         self._table, self._can_extend = None, True
         if self.monotone:
             try:

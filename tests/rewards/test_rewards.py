@@ -76,6 +76,26 @@ def test_callable_of_the_wrong_type_is_named(out, message):
         r(torch.tensor([[1, 0], [2, 0]]))
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(pattern=None), "pattern: expected a regular expression"),
+    (dict(flags="i"), "flags: expected re flags"),
+    (dict(match=None), "match: expected a number, got NoneType"),
+    (dict(no_match=torch.tensor([1.0, 2.0])), "no_match: expected a number, got Tensor"),
+])
+def test_regex_names_bad_arguments(tiny_lm, kwargs, message):
+    args = dict(pattern="t1")
+    args.update(kwargs)
+    with pytest.raises(TypeError, match=message):
+        Regex(tiny_lm.tokenizer, **args)
+
+
+def test_token_counts_name_a_weight_that_is_not_a_number(tiny_lm):
+    with pytest.raises(TypeError, match=r"weights\[1\]: expected a number, got str"):
+        TokenCounts(tiny_lm.tokenizer, {1: "abc"})
+    assert TokenCounts(tiny_lm.tokenizer, {1: torch.tensor(2.0)})(
+        torch.tensor([[1, 1, 0]])).tolist() == [4.0]
+
+
 def test_callable_nan_is_an_error_naming_the_reward(tiny_lm):
     r = Callable(lambda x: torch.full(x.shape[:-1], float("nan")), name="my_reward")
     with pytest.raises(ValueError, match="reward 'my_reward' returned NaN"):
