@@ -49,8 +49,13 @@ class JSONSchema(Constraint):
         if options is not None and not isinstance(options, dict):
             raise TypeError(f"options: expected a dict of llguidance JSON options, got "
                             f"{type(options).__name__}")
+        if not isinstance(schema.get("x-guidance", {}), dict):
+            raise TypeError(f"schema['x-guidance']: expected a dict of llguidance JSON options, "
+                            f"got {type(schema['x-guidance']).__name__}")
         self.schema = schema
         guidance = {"whitespace_flexible": False, **schema.get("x-guidance", {}),
                     **(options or {})}
         lark = "start: %json " + json.dumps(dict(schema, **{"x-guidance": guidance}))
-        super().__init__(lm, lark, name or "JSONSchema", arg="schema")
+        # llguidance reads the options with the schema: either may be what it refuses
+        super().__init__(lm, lark, name or "JSONSchema",
+                         arg="schema (or options)" if options else "schema")

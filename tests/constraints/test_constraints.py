@@ -175,6 +175,10 @@ def test_errors(text_lm, json_lm):
         Grammar(text_lm, "start: undefined_rule")
     with pytest.raises(ValueError, match="schema"):
         JSONSchema(text_lm, "{not json")
+    with pytest.raises(ValueError, match=r"schema \(or options\): llguidance refuses"):
+        JSONSchema(json_lm, {"type": "string"}, options={"nonsense": 1})
+    with pytest.raises(TypeError, match=r"schema\['x-guidance'\]: expected a dict"):
+        JSONSchema(json_lm, {"type": "string", "x-guidance": 3})
     with pytest.raises(TypeError, match="lm"):
         Regex(text_lm.tokenizer, "a")
     with pytest.raises(ValueError, match="word-level"):
