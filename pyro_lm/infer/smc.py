@@ -52,7 +52,7 @@ import math
 
 import torch
 
-from pyro_lm._validation import check_positive_int
+from pyro_lm._validation import as_real_tensor, check_positive_int
 from pyro_lm.constraints.base import TRUNCATION_HINT, check_constraints, check_sites
 from pyro_lm.distributed import sharded
 from pyro_lm.distributions.lm_distribution import prompt_cache
@@ -387,14 +387,8 @@ class _Potential:
         if isinstance(phi, torch.Tensor) and phi.dtype == torch.float32 \
                 and phi.shape == x.shape[:-1]:
             return phi.reshape(-1)
-        try:
-            phi = torch.as_tensor(phi, device=x.device)
-        except (TypeError, RuntimeError, ValueError):
-            raise TypeError(f"{name}: returned {type(phi).__name__}, expected a real tensor "
-                            f"of one value per particle and prompt {tuple(x.shape[:-1])}") from None
-        if phi.is_complex():
-            raise TypeError(f"{name}: returned a complex tensor, expected real values")
-        phi = phi.float()
+        phi = as_real_tensor(phi, x.device, name, f"real values, one per particle and prompt "
+                             f"{tuple(x.shape[:-1])}").float()
         try:
             return phi.expand(x.shape[:-1]).reshape(-1)
         except RuntimeError:

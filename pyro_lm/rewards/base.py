@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 from pyro.ops.provenance import get_provenance, track_provenance
 
+from pyro_lm._validation import as_real_tensor
 from pyro_lm.distributions.prefix import counted_mask, prefix_length
 from pyro_lm.rewards.incremental import active_states
 
@@ -92,17 +93,8 @@ def as_values(r, x: torch.Tensor, name: str, where: str = "", error=ValueError) 
     :param str where: what ``x`` is, for the error (e.g. ``" on prefixes of length 3"``).
     :param error: the exception class raised when the shape is not ``(N,)``.
     """
-    if not isinstance(r, torch.Tensor) or r.device != x.device:
-        try:
-            r = torch.as_tensor(r, device=x.device)
-        except (TypeError, RuntimeError, ValueError):
-            raise TypeError(f"reward {name!r}: returned {type(r).__name__}{where}, expected "
-                            f"a real tensor of one value per sequence ({x.shape[0]},)") from None
-    if r.is_complex():
-        raise TypeError(f"reward {name!r}: returned a complex tensor{where}, expected real "
-                        f"values, one per sequence ({x.shape[0]},)")
-    if not r.is_floating_point():
-        r = r.float()
+    r = as_real_tensor(r, x.device, f"reward {name!r}",
+                       f"real values, one per sequence ({x.shape[0]},)", where)
     if r.shape != x.shape[:1]:
         raise error(f"reward {name!r}: returned shape {tuple(r.shape)}{where}, expected one "
                     f"value per sequence ({x.shape[0]},)")
