@@ -24,13 +24,14 @@ __all__ = ["Proposal", "as_guide", "check_guide_constraints", "propose"]
 
 
 def as_guide(model, proposal, name: str = "proposal", owner: str = "the sampler",
-             conditioned=()):
+             conditioned=None):
     """The guide program of ``proposal``: ``None`` (the prior), an
     :class:`~pyro_lm.infer.AutoLMGuide` or another guide as is, a
     :class:`~pyro_lm.CausalLM` as ``AutoLMGuide(model, proposal)``.
 
     :param conditioned: the LM sites whose constraint the sampler's target is conditioned
-        on (its ``constraints``); see :func:`check_guide_constraints`."""
+        on (its ``constraints``), or ``None`` for a sampler that takes no constraints; see
+        :func:`check_guide_constraints`."""
     if isinstance(proposal, CausalLM):
         return AutoLMGuide(model, proposal).propose
     if isinstance(proposal, AutoLMGuide):
@@ -48,11 +49,13 @@ def check_guide_constraints(guide, conditioned, name: str, owner: str) -> None:
     posterior has mass, so weighing its samples would estimate the posterior conditioned on
     the constraint instead, silently.
 
+    :param conditioned: the sites the sampler's ``constraints`` condition its target on, or
+        ``None`` if it takes no constraints.
     :raises ValueError: naming ``name``, the sites and the fix."""
-    masked = sorted(set(getattr(guide, "constraints", None) or ()) - set(conditioned))
+    masked = sorted(set(getattr(guide, "constraints", None) or ()) - set(conditioned or ()))
     if masked:
         sites = ", ".join(repr(s) for s in masked)
-        if owner in ("SMC", "Importance"):
+        if conditioned is not None:
             fix = (f"pass the same constraints to {owner} too (constraints={{{masked[0]!r}: "
                    "c}): its target is then conditioned on them, with exact weights")
         else:
