@@ -40,12 +40,12 @@ from task import TOKEN, bos_prompt, make_lm, make_model  # noqa: E402
 from pyro_lm.infer import AutoLMGuide, SequenceELBO  # noqa: E402
 
 
-def make_program(args, device):
+def make_program(args, device, name="svi_bench_policy"):
     prior = make_lm(device)
     prompts = bos_prompt(device)
     model = make_model(prior, args.beta, args.max_new_tokens)
     policy = prior.trainable_copy()
-    return model, AutoLMGuide(model, policy, name="svi_bench_policy"), policy, prompts
+    return model, AutoLMGuide(model, policy, name=name), policy, prompts
 
 
 def floor_step(args, device):
@@ -53,7 +53,8 @@ def floor_step(args, device):
 
 
 def sequence_elbo_step(args, device, baseline="loo"):
-    model, guide, _, prompts = make_program(args, device)
+    # one name per guide: guides timed side by side must not share param-store entries
+    model, guide, _, prompts = make_program(args, device, f"svi_bench_policy_{baseline}")
     svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": args.lr}),
                          loss=SequenceELBO(num_particles=args.k, baseline=baseline))
     return lambda: svi.step(prompts)

@@ -80,8 +80,18 @@ class AutoLMGuide(nn.Module):
     def register_params(self) -> None:
         """Register the guide LM's trainable parameters with ``pyro.module`` (none for a
         frozen LM, e.g. a fixed proposal)."""
-        if any(p.requires_grad for p in self.lm.parameters()):
-            pyro.module(self.name, self.lm)
+        first = next(((n, p) for n, p in self.lm.named_parameters() if p.requires_grad), None)
+        if first is None:
+            return
+        key, store = f"{self.name}$$${first[0]}", pyro.get_param_store()
+        if key in store and store.get_param(key) is not first[1]:
+            # pyro.module would hand the optimiser the stored tensor, which this LM never reads
+            raise ValueError(
+                f"name: the param store already holds {key!r} for another module (an earlier "
+                f"guide named {self.name!r}, or a loaded param store), so this guide's LM "
+                "would not be trained; call pyro.clear_param_store() first, or give this "
+                "guide another name=")
+        pyro.module(self.name, self.lm)
 
     def site_law(self, name: str, prior):
         """The guide's law of LM site ``name`` whose prior is ``prior`` (the model's

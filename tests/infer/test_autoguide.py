@@ -191,3 +191,22 @@ def test_inside_an_autoguidelist_it_says_to_use_latent_guide(setting):
     guides.append(AutoLMGuide(model, policy))
     with pytest.raises(RuntimeError, match="latent_guide"):
         poutine.trace(guides).get_trace()
+
+
+def test_a_second_guide_of_the_same_name_is_refused():
+    """Two guides named alike in one param store: pyro.module would give the optimiser the
+    first guide's tensors, so the second LM would never change; refused, naming ``name``."""
+    pyro.clear_param_store()
+    prior = toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=1)
+
+    def model(prompt):
+        x = pyro.sample("x", LMDistribution(prior, prompt, 2))
+        pyro.factor("r", (x == 1).sum(-1).float())
+
+    first = AutoLMGuide(model, prior.trainable_copy())
+    first("t1")
+    AutoLMGuide(model, first.lm)("t1")  # the same LM again: its own tensors, fine
+    with pytest.raises(ValueError, match="name: the param store already holds 'guide_lm"):
+        AutoLMGuide(model, prior.trainable_copy())("t1")
+    AutoLMGuide(model, prior.trainable_copy(), name="other")("t1")
+    pyro.clear_param_store()
