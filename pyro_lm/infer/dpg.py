@@ -256,6 +256,16 @@ class DPG(ELBO):
         self._batch_log_z = None  # the last batch's
         self._count = 0
 
+    def state_dict(self) -> dict:
+        """The running estimate of :math:`Z`: what :func:`~pyro_lm.infer.fit` checkpoints with
+        the parameters, so that a resumed run goes on exactly as an uninterrupted one."""
+        return {"log_z": self._log_z, "batch_log_z": self._batch_log_z, "count": self._count}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back the running estimate of :math:`Z` that :meth:`state_dict` gave."""
+        self._log_z, self._batch_log_z = state["log_z"], state["batch_log_z"]
+        self._count = int(state["count"])
+
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("DPG draws all particles in one batched decode; call "
                                   "loss, loss_and_grads or differentiable_loss")
@@ -263,6 +273,8 @@ class DPG(ELBO):
     def _update_log_z(self, batch_log_z: torch.Tensor, num: int) -> None:
         """Fold one batch's :math:`\\log\\hat Z` (from ``num`` samples) into the running one."""
         batch_log_z = self._batch_log_z = batch_log_z.detach()
+        if self._log_z is not None:  # a checkpoint's is read back on the CPU
+            self._log_z = self._log_z.to(batch_log_z.device)
         if self._log_z is None or self._log_z.shape != batch_log_z.shape:
             self._log_z, self._count = batch_log_z, num
         elif self.z_decay is None:

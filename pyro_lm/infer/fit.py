@@ -122,7 +122,14 @@ def fit(svi, *args, num_steps: int, checkpoint=None, every: int | None = None,
     args, world = shard.args, distributed.world_size()
     start, history = 0, []
     if checkpoint is not None:
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint: expected a file path or None, got "
+                            f"{type(checkpoint).__name__}")
         checkpoint = os.fspath(checkpoint)
+        folder = os.path.dirname(os.path.abspath(checkpoint))
+        if not os.path.isdir(folder):  # found now, not when the first checkpoint is written
+            raise ValueError(f"checkpoint: the folder {folder!r} of {checkpoint!r} does not "
+                             "exist; create it first (os.makedirs) or pass another path")
         exists = os.path.exists(checkpoint)
         if world > 1:
             exists = distributed.broadcast_object(exists)
@@ -183,12 +190,17 @@ class _SVITrainer:
         self.svi = svi
         # SVI keeps the bound methods of its loss object: svi.loss is elbo.loss
         self.elbo = getattr(svi.loss, "__self__", svi.loss)
+        self.registered = []  # the guide's param names, once registered
 
     def register(self, args, kwargs) -> None:
         """Run the guide once without decoding, so that its parameters (e.g. an LM
-        registered with ``pyro.module``) exist in the param store before loading."""
-        with poutine.block(), torch.no_grad():
+        registered with ``pyro.module``) exist in the param store before loading; their
+        names are :attr:`registered`."""
+        # the trace sees the param sites first; block keeps everything from outer handlers
+        with poutine.block(), poutine.trace(param_only=True) as capture, torch.no_grad():
             SkipLMMessenger()(self.svi.guide)(*args, **kwargs)
+        self.registered = [name for name, site in capture.trace.nodes.items()
+                           if site["type"] == "param"]
 
     def parameters(self) -> list:
         return [p for _, p in sorted(pyro.get_param_store().named_parameters())]
@@ -214,6 +226,12 @@ class _SVITrainer:
         store = pyro.get_param_store()
         current = dict(store.named_parameters())
         saved = state["params"]
+        absent = sorted(set(self.registered) - set(saved["params"]))
+        if absent:
+            raise ValueError(f"checkpoint: {path!r} holds no parameter {absent[0]!r} of the "
+                             f"guide (it holds {sorted(saved['params'])[:3]}...); it was written "
+                             "for another guide. Pass another path, or build the guide as then "
+                             "(the same name=)")
         for name, value in saved["params"].items():
             if name in current:
                 target = current[name]

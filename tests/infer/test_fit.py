@@ -211,3 +211,52 @@ def test_checkpoint_keeps_the_loss_state(script, tmp_path):
     assert run(3) == 3
     assert run(5) == 5  # restored at 3, then two more steps
     assert fit_module.load_checkpoint(tmp_path / "c.ckpt")["loss"] == [{"calls": 5}]
+
+
+@pytest.mark.parametrize("divergence", ["kl", "js"])
+def test_dpg_resumes_exactly(script, tmp_path, divergence):
+    """DPG's running Z-hat goes into the checkpoint: 2 steps, a checkpoint, 2 more steps give
+    the losses and weights of 4 uninterrupted steps (with a reset Z-hat they did not)."""
+    from pyro_lm.infer import DPG
+
+    def run(num_steps, checkpoint=None):
+        svi, policy = script.build()
+        svi = pyro.infer.SVI(svi.model, svi.guide, pyro.optim.Adam({"lr": 1e-2}),
+                             DPG(num_particles=4, divergence=divergence))
+        history = fit(svi, script.PROMPTS, num_steps=num_steps, checkpoint=checkpoint,
+                      seed=0, progress=False)
+        return [h["loss"] for h in history], [p.detach().clone() for p in policy.parameters()]
+
+    straight, weights = run(4)
+    run(2, tmp_path / "c.ckpt")
+    resumed, resumed_weights = run(4, tmp_path / "c.ckpt")
+    assert resumed == straight
+    assert all(torch.equal(a, b) for a, b in zip(weights, resumed_weights, strict=True))
+    pyro.clear_param_store()
+
+
+def test_checkpoint_of_a_guide_of_another_name_is_a_clear_error(script, tmp_path):
+    """A checkpoint holding none of this guide's parameters would resume from fresh weights."""
+    from pyro_lm.infer import AutoLMGuide
+
+    checkpoint = tmp_path / "c.ckpt"
+    script.run(1, checkpoint=checkpoint)
+    svi, _ = script.build()
+    guide = AutoLMGuide(svi.model, svi.guide.lm, name="policy_b")
+    svi = pyro.infer.SVI(svi.model, guide, pyro.optim.Adam({"lr": 1e-2}),
+                         SequenceELBO(num_particles=4))
+    with pytest.raises(ValueError, match="checkpoint: .* holds no parameter 'policy_b"):
+        fit(svi, script.PROMPTS, num_steps=2, checkpoint=checkpoint, progress=False)
+    pyro.clear_param_store()
+
+
+def test_checkpoint_folder_and_type_are_checked_before_training(script, tmp_path):
+    svi, policy = script.build()
+    before = [p.detach().clone() for p in policy.parameters()]
+    with pytest.raises(ValueError, match="checkpoint: the folder .* does not exist"):
+        fit(svi, script.PROMPTS, num_steps=2, checkpoint=tmp_path / "runs" / "c.ckpt",
+            progress=False)
+    with pytest.raises(TypeError, match="checkpoint: expected a file path or None"):
+        fit(svi, script.PROMPTS, num_steps=2, checkpoint=123, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters(), strict=True))
+    pyro.clear_param_store()
