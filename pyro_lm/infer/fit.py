@@ -247,7 +247,35 @@ class _SVITrainer:
             device = devices.pop() if len(devices) == 1 else torch.device("cpu")
             store.set_state({"params": {k: v.to(device) for k, v in missing.items()},
                              "constraints": {k: saved["constraints"][k] for k in missing}})
+        _check_optimizer(self.svi.optim, state["optim"], path)
         self.svi.optim.set_state(state["optim"])
+
+
+def _check_optimizer(optim, saved: dict, path: str) -> None:
+    """Refuse to resume a Pyro optimiser's saved state with another optimiser class or other
+    hyperparameters: the saved state would override them silently (or fail deep in torch)."""
+    constructor = getattr(optim, "pt_optim_constructor", None)
+    if constructor is None or not saved:  # a scheduler, or nothing stepped yet
+        return
+    name, state = next(iter(saved.items()))
+    args = optim.pt_optim_args(name) if callable(optim.pt_optim_args) else optim.pt_optim_args
+    probe = constructor([torch.zeros(1, requires_grad=True)], **args).param_groups[0]
+    then = {k: v for k, v in state["param_groups"][0].items() if k != "params"}
+    now = {k: v for k, v in probe.items() if k != "params"}
+    if set(then) != set(now):
+        raise ValueError(f"checkpoint: {path!r} was written with another optimiser than "
+                         f"{constructor.__name__} (its settings: {sorted(then)}); resume with "
+                         "that optimiser, or pass another path to start afresh")
+    def same(a, b):
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+        return a == b
+
+    changed = [f"{k}={then[k]!r} -> {now[k]!r}" for k in sorted(now) if not same(then[k], now[k])]
+    if changed:
+        raise ValueError(f"checkpoint: {path!r} was written with other optimiser settings "
+                         f"({', '.join(changed)}), which its saved state would override; "
+                         "resume with the same settings, or pass another path to start afresh")
 
 
 class _ModuleTrainer:

@@ -260,3 +260,19 @@ def test_checkpoint_folder_and_type_are_checked_before_training(script, tmp_path
         fit(svi, script.PROMPTS, num_steps=2, checkpoint=123, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters(), strict=True))
     pyro.clear_param_store()
+
+
+@pytest.mark.parametrize("optim, message", [
+    (lambda: pyro.optim.Adam({"lr": 0.5}), r"other optimiser settings \(lr=0.01 -> 0.5\)"),
+    (lambda: pyro.optim.SGD({"lr": 0.01}), "another optimiser than SGD"),
+])
+def test_resuming_with_another_optimiser_is_a_clear_error(script, tmp_path, optim, message):
+    """The saved optimiser state would override the new settings (Adam's lr stayed 0.01) or
+    fail deep in torch (KeyError 'momentum'): refused, naming the checkpoint."""
+    checkpoint = tmp_path / "c.ckpt"
+    script.run(1, checkpoint=checkpoint)
+    svi, _ = script.build()
+    svi = pyro.infer.SVI(svi.model, svi.guide, optim(), SequenceELBO(num_particles=4))
+    with pytest.raises(ValueError, match=f"checkpoint: .*{message}"):
+        fit(svi, script.PROMPTS, num_steps=2, checkpoint=checkpoint, progress=False)
+    pyro.clear_param_store()
