@@ -106,8 +106,10 @@ def fit(svi, *args, num_steps: int, checkpoint=None, every: int | None = None,
         :func:`pyro_lm.distributed.set_rng_seed` first (independent streams per rank
         from one seed); ``None`` leaves the RNGs as they are.
     :returns: the history, one dict per step (see the module docstring).
-    :raises ValueError: for a negative ``num_steps`` or ``every < 1``, or a checkpoint
-        that cannot be read or does not fit the guide.
+    :raises ValueError: for a negative ``num_steps`` or ``every < 1``, a checkpoint whose
+        folder does not exist, or a checkpoint that cannot be read, does not fit the guide
+        (another shape, or none of its parameters) or was written with another optimiser or
+        other optimiser settings.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(f"num_steps: expected an int >= 0, got {num_steps!r}")
