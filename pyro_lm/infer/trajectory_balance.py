@@ -55,6 +55,7 @@ import torch
 from pyro.infer import ELBO
 from torch import nn
 
+from pyro_lm._validation import as_real_tensor
 from pyro_lm.infer.autoguide import AutoLMGuide
 from pyro_lm.infer.program import execute, latent_site_names, lm_site_names, plate_nesting
 from pyro_lm.infer.replay import ReplayBuffer, held_execution
@@ -190,10 +191,19 @@ class TrajectoryBalance(ELBO):
                                                                              self.init_log_z)
                 pyro.param(self.param_name, value.detach().clone())
             log_z = pyro.param(self.param_name)
+            if log_z.shape != batch_shape:  # broadcasting would share one log Z among prompts
+                raise ValueError(f"log_z: has shape {tuple(log_z.shape)}, the weights' batch "
+                                 f"shape is {tuple(batch_shape)} (one log Z per prompt); a Pyro "
+                                 f"param {self.param_name!r} of another batch of prompts is in "
+                                 "the param store: pass another param_name per batch, or a "
+                                 "callable log_z")
         else:
             if isinstance(self.log_z, nn.Module):
                 pyro.module(self.param_name, self.log_z)
-            log_z = self.log_z(*args, **kwargs)
+            log_z = as_real_tensor(self.log_z(*args, **kwargs), init.device, "log_z",
+                                   "a real tensor of one log Z per prompt")
+            if torch.isnan(log_z).any():
+                raise ValueError("log_z: returned NaN; it must give a finite log Z per prompt")
         try:
             return torch.broadcast_to(log_z, batch_shape)
         except RuntimeError:

@@ -310,3 +310,23 @@ def test_dpg_refuses_a_sampler_of_another_model(problem):
     other = SMC(lambda prompts: model(prompts), num_particles=4)
     with pytest.raises(ValueError, match="another model"):
         DPG(proposal=other).loss(model, guide, prompts)
+
+
+def test_trajectory_balance_checks_its_log_z(problem):
+    """One log Z per prompt: a param of another batch of prompts is not broadcast over this
+    one (it would share one log Z among different prompts), and a callable's output must be
+    real numbers, not NaN."""
+    prior, model, _, _ = problem
+    pyro.clear_param_store()
+    guide = AutoLMGuide(model, prior.trainable_copy())
+    TrajectoryBalance(num_particles=2).loss(model, guide, torch.tensor([[0]]))
+    with pytest.raises(ValueError, match=r"log_z: has shape \(1,\), .* batch shape is \(3,\)"):
+        TrajectoryBalance(num_particles=2).loss(model, guide, torch.tensor([[0], [1], [2]]))
+    for out, error, match in ((lambda p: torch.full((p.shape[0],), math.nan), ValueError,
+                               "log_z: returned NaN"),
+                              (lambda p: None, TypeError, "log_z: returned NoneType")):
+        with pytest.raises(error, match=match):
+            TrajectoryBalance(num_particles=2, log_z=out).loss(model, guide, torch.tensor([[0]]))
+    assert math.isfinite(TrajectoryBalance(num_particles=2, log_z=lambda p: 0.0).loss(
+        model, guide, torch.tensor([[0]])))
+    pyro.clear_param_store()
