@@ -485,6 +485,9 @@ def test_plots_return_figures_and_save(tiny_lm, arviz_backend, tmp_path):
     assert isinstance(fig, Figure) and _is_png(tmp_path / "e.png")
     fig = diag.plot_training(_history(), path=tmp_path / "t.png")
     assert isinstance(fig, Figure) and len(fig.axes) == 3 and _is_png(tmp_path / "t.png")
+    assert len(diag.plot_training(_history(), metrics="kl").axes) == 1
+    with pytest.raises(ValueError, match=r"metrics: the history holds no \['rewrad'\]"):
+        diag.plot_training(_history(), metrics=("rewrad", "kl"))
     single = diag.plot_weights(torch.randn(100))
     assert "k̂ =" in single.axes[0].get_title()
     with pytest.raises(ValueError, match="smc_result"):

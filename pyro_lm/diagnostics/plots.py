@@ -111,18 +111,28 @@ _CURVES = {"reward": "reward", "kl": "KL(q || p0)", "elbo": "ELBO", "kl_pq": "KL
            "log_Z": "log Z", "ess": "ESS", "loss": "loss"}
 
 
-def plot_training(history, path=None, metrics=("reward", "kl", "elbo")):
+def plot_training(history, path=None, metrics=None):
     """Training curves from a ``fit`` history, one panel per metric.
 
     :param history: a list of per-step dicts (``step`` and metrics), or an
         object with such a list as ``.history``.
-    :param metrics: metric names to draw, those present are drawn (``loss`` if none is).
+    :param metrics: metric names to draw (a name or a sequence of them), each of which the
+        history must hold; default: those of ``reward``, ``kl`` and ``elbo`` it holds
+        (``loss`` if none).
     :returns: the :class:`~matplotlib.figure.Figure`.
+    :raises ValueError: naming ``metrics`` if the history holds none of a name given.
     """
     rows = history if isinstance(history, (list, tuple)) else getattr(history, "history", None)
     if not isinstance(rows, (list, tuple)) or not rows:
         raise ValueError("history: expected a non-empty list of per-step dicts from fit")
+    given = metrics is not None
+    metrics = ("reward", "kl", "elbo") if metrics is None else (
+        (metrics,) if isinstance(metrics, str) else tuple(metrics))
     present = [m for m in metrics if any(row.get(m) is not None for row in rows)]
+    if given and len(present) < len(metrics):
+        missing = [m for m in metrics if m not in present]
+        held = sorted({k for row in rows for k in row} - {"step", "time"})
+        raise ValueError(f"metrics: the history holds no {missing}; it holds {held}")
     if not present:
         present = ["loss"]
     fig, axes = _figure(None, ncols=len(present), width=4.0)

@@ -77,6 +77,8 @@ def save_pretrained(lm: nn.Module, directory: str | os.PathLike, merge: bool = T
                         "transformers model as CausalLM(model, tokenizer) first")
     if not isinstance(merge, bool):
         raise TypeError(f"merge: expected True or False, got {merge!r}")
+    if not isinstance(overwrite, bool):  # a truthy string would replace an export
+        raise TypeError(f"overwrite: expected True or False, got {overwrite!r}")
     adapters = _is_peft(lm.model)
     if adapters:
         check_unmerged(lm)

@@ -195,6 +195,9 @@ def test_existing_directory_needs_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_pretrained(guide, tmp_path / "notes")
     assert os.listdir(tmp_path / "notes") == ["keep.txt"]
+    with pytest.raises(TypeError, match="overwrite: expected True or False, got 'no'"):
+        save_pretrained(guide, tmp_path / "notes", overwrite="no")
+    assert os.listdir(tmp_path / "notes") == ["keep.txt"]
     save_pretrained(guide, tmp_path / "notes", overwrite=True)
     assert "keep.txt" not in os.listdir(tmp_path / "notes")
     assert "config.json" in os.listdir(tmp_path / "notes")
