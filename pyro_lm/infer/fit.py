@@ -257,11 +257,14 @@ def _check_optimizer(optim, saved: dict, path: str) -> None:
     """Refuse to resume a Pyro optimiser's saved state with another optimiser class or other
     hyperparameters: the saved state would override them silently (or fail deep in torch)."""
     constructor = getattr(optim, "pt_optim_constructor", None)
-    if constructor is None or not saved:  # a scheduler, or nothing stepped yet
+    args = getattr(optim, "pt_optim_args", None)
+    if constructor is None or not isinstance(args, dict) or not saved:
+        return  # a scheduler, per-parameter settings (a callable), or nothing stepped yet
+    state = next(iter(saved.values()))
+    try:
+        probe = constructor([torch.zeros(1, requires_grad=True)], **args).param_groups[0]
+    except Exception:  # noqa: BLE001 - an optimiser this probe cannot build: not checked
         return
-    name, state = next(iter(saved.items()))
-    args = optim.pt_optim_args(name) if callable(optim.pt_optim_args) else optim.pt_optim_args
-    probe = constructor([torch.zeros(1, requires_grad=True)], **args).param_groups[0]
     then = {k: v for k, v in state["param_groups"][0].items() if k != "params"}
     now = {k: v for k, v in probe.items() if k != "params"}
     if set(then) != set(now):

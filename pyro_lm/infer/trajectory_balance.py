@@ -207,11 +207,9 @@ class TrajectoryBalance(ELBO):
         try:
             return torch.broadcast_to(log_z, batch_shape)
         except RuntimeError:
-            raise ValueError(f"log_z: has shape {tuple(log_z.shape)}, the weights' batch shape "
-                             f"is {tuple(batch_shape)} (one log Z per prompt); a Pyro param "
-                             f"{self.param_name!r} of another batch of prompts is in the param "
-                             "store: pass another param_name per batch, or a callable log_z"
-                             ) from None
+            raise ValueError(f"log_z: returned shape {tuple(log_z.shape)}, the weights' batch "
+                             f"shape is {tuple(batch_shape)}: give one log Z per prompt (or "
+                             "one for all)") from None
 
     def _estimate(self, model, guide, args, kwargs, grad: bool) -> torch.Tensor:
         if not isinstance(guide, AutoLMGuide):
