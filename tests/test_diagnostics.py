@@ -488,6 +488,8 @@ def test_plots_return_figures_and_save(tiny_lm, arviz_backend, tmp_path):
     assert len(diag.plot_training(_history(), metrics="kl").axes) == 1
     with pytest.raises(ValueError, match=r"metrics: the history holds no \['rewrad'\]"):
         diag.plot_training(_history(), metrics=("rewrad", "kl"))
+    with pytest.raises(ValueError, match="path: the folder .* does not exist"):
+        diag.plot_training(_history(), path=tmp_path / "missing" / "t.png")
     single = diag.plot_weights(torch.randn(100))
     assert "k̂ =" in single.axes[0].get_title()
     with pytest.raises(ValueError, match="smc_result"):

@@ -7,6 +7,8 @@ is changed. Each function returns the figure and, given ``path``, saves it.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -32,6 +34,10 @@ def _figure(ax, ncols: int = 1, width: float = 5.0):
 
 def _finish(fig, path):
     if path is not None:
+        folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+        if not os.path.isdir(folder):
+            raise ValueError(f"path: the folder {folder!r} does not exist; create it first "
+                             "(os.makedirs) or pass another path")
         fig.savefig(path, dpi=100)
     return fig
 

@@ -162,7 +162,10 @@ class SequenceELBO(ELBO):
             raise ValueError(f"num_particles: baseline={baseline!r} takes a leave-one-out mean "
                              "over the particles, so it needs at least 2; pass "
                              "num_particles >= 2 or baseline='none'")
-        kl_weight = float(kl_weight)
+        try:
+            kl_weight = float(kl_weight)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"kl_weight: expected a number >= 0, got {kl_weight!r}") from None
         if not (math.isfinite(kl_weight) and kl_weight >= 0):
             raise ValueError(f"kl_weight: expected a finite number >= 0, got {kl_weight!r}")
         if max_plate_nesting != float("inf") and max_plate_nesting < 0:

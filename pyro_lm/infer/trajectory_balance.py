@@ -130,6 +130,10 @@ class TrajectoryBalance(ELBO):
         if replay is not None and not isinstance(replay, ReplayBuffer):
             raise TypeError(f"replay: expected None or a pyro_lm.infer.ReplayBuffer, got "
                             f"{type(replay).__name__}")
+        if replay_particles is not None and replay is None:
+            raise ValueError("replay_particles: samples drawn from a replay buffer per step, "
+                             "but there is no replay=; pass replay=ReplayBuffer(...) or drop "
+                             "replay_particles")
         if replay_particles is None:
             replay_particles = num_particles or 8
         if isinstance(replay_particles, bool) or not isinstance(replay_particles, int) \

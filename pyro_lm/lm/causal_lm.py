@@ -180,6 +180,9 @@ class CausalLM(nn.Module):
             raise ImportError("lora: LoRA guides need peft; pip install 'pyro-lm[lora]'") from e
         if isinstance(lora, dict):
             lora = peft.LoraConfig(**lora)
+        if not isinstance(lora, peft.PeftConfig):
+            raise TypeError(f"lora: expected None, a peft.LoraConfig or a dict of its fields "
+                            f"(e.g. dict(r=8, target_modules=['c_attn'])), got {lora!r}")
         # New module objects, the same parameter tensors: peft injects adapters
         # into the copy's modules and leaves this LM's modules untouched.
         memo = {id(p): p for p in self.model.parameters()}

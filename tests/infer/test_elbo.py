@@ -429,6 +429,11 @@ def test_bad_arguments_are_clear_errors(kwargs, match):
         SequenceELBO(**kwargs)
 
 
+def test_a_kl_weight_that_is_not_a_number_is_named():
+    with pytest.raises(TypeError, match="kl_weight: expected a number"):
+        SequenceELBO(kl_weight="a")
+
+
 def test_prefix_baseline_makes_the_per_token_estimator():
     for elbo in (SequenceELBO(num_particles=4, baseline="prefix"), SequenceELBO(4, "prefix"),
                  PrefixSequenceELBO(num_particles=4)):

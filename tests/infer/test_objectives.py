@@ -274,6 +274,7 @@ def test_replay_buffer_fifo_and_sources(problem):
     (dict(num_particles=0), "num_particles"),
     (dict(num_particles=-1), "num_particles"),
     (dict(replay_particles=0), "replay_particles"),
+    (dict(replay_particles=4), "replay_particles: .* no replay="),
     (dict(init_log_z=math.inf), "init_log_z"),
 ])
 def test_trajectory_balance_bad_arguments(kwargs, match):

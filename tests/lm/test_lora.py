@@ -142,3 +142,10 @@ def test_guard_makes_peft_in_place_merges_safe():
         with pytest.raises(RuntimeError, match="^merge_adapter: "):
             clone.merge_adapter()
         assert clone.merge_and_unload.model is clone
+
+
+@pytest.mark.parametrize("bad", [True, "r=8"])
+def test_lora_of_the_wrong_type_is_named(bad):
+    pytest.importorskip("peft")
+    with pytest.raises(TypeError, match="lora: expected None, a peft.LoraConfig or a dict"):
+        toy_lm(vocab_size=4).trainable_copy(lora=bad)
