@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -10,6 +12,32 @@ def check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
     return value
+
+
+def check_positive_number(value, name: str, allow_zero: bool = False) -> float:
+    """``value`` as a float if it is a number > 0 (>= 0 with ``allow_zero``; not NaN, not a
+    bool), else an error naming ``name``: a TypeError for a non-number, else a ValueError."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name}: expected a number, got {value!r}") from None
+    if not (number >= 0 if allow_zero else number > 0):  # NaN fails both
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}: expected a number {bound}, got {value!r}")
+    return number
+
+
+def check_max_plate_nesting(value) -> None:
+    """A ValueError naming ``max_plate_nesting`` unless it is ``inf`` (found from the model)
+    or an int >= 0."""
+    if value == float("inf"):
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 \
+            or value != int(value):  # NaN fails value >= 0 before int() sees it
+        raise ValueError(f"max_plate_nesting: expected an int >= 0 (or inf, found from the "
+                         f"model), got {value!r}")
 
 
 def as_real_tensor(value, device: torch.device, name: str, expected: str,

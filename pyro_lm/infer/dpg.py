@@ -130,6 +130,7 @@ import torch
 import torch.nn.functional as F
 from pyro.infer import ELBO
 
+from pyro_lm._validation import check_max_plate_nesting
 from pyro_lm.infer.autoguide import AutoLMGuide
 from pyro_lm.infer.posterior import WeightedPosterior
 from pyro_lm.infer.program import execute, latent_site_names, lm_site_names, plate_nesting
@@ -242,6 +243,7 @@ class DPG(ELBO):
         if z_decay is not None and not 0 < z_decay < 1:
             raise ValueError(f"z_decay: expected None (cumulative mean) or a float in (0, 1), "
                              f"got {z_decay!r}")
+        check_max_plate_nesting(max_plate_nesting)
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
         self.divergence = divergence
         self.proposal = proposal

@@ -60,7 +60,7 @@ from pyro.infer.util import (
 )
 from pyro.util import check_if_enumerated
 
-from pyro_lm._validation import check_positive_int
+from pyro_lm._validation import check_max_plate_nesting, check_positive_int
 from pyro_lm.distributions.lm_distribution import unwrap_lm
 from pyro_lm.infer.program import check_vectorized_sites, plate_nesting, raise_vectorized
 
@@ -168,8 +168,7 @@ class SequenceELBO(ELBO):
             raise TypeError(f"kl_weight: expected a number >= 0, got {kl_weight!r}") from None
         if not (math.isfinite(kl_weight) and kl_weight >= 0):
             raise ValueError(f"kl_weight: expected a finite number >= 0, got {kl_weight!r}")
-        if max_plate_nesting != float("inf") and max_plate_nesting < 0:
-            raise ValueError(f"max_plate_nesting: expected >= 0, got {max_plate_nesting!r}")
+        check_max_plate_nesting(max_plate_nesting)
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting,
                          vectorize_particles=False, retain_graph=retain_graph)
         if max_plate_nesting != float("inf"):

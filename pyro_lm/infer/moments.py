@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import pyro
 import torch
 
-from pyro_lm._validation import check_positive_int
+from pyro_lm._validation import check_positive_int, check_positive_number
 from pyro_lm.distributions.lm_distribution import LMDistribution
 from pyro_lm.infer.posterior import check_log_weights
 from pyro_lm.infer.proposal import as_guide, propose
@@ -251,8 +251,8 @@ def fit_moments(prior_or_model, features, target_moments, *args, proposal=None,
     for name, value in (("num_samples", num_samples), ("max_rounds", max_rounds),
                         ("max_iter", max_iter)):
         check_positive_int(value, name)
-    if not tol > 0:
-        raise ValueError(f"tol: expected a positive float, got {tol!r}")
+    tol = check_positive_number(tol, "tol")
+    min_ess = check_positive_number(min_ess, "min_ess", allow_zero=True)
     with torch.no_grad():
         log_a, phi = _draw(prior_or_model, constraint, proposal, num_samples, args, kwargs)
         mu = constraint.target_moments.to(phi.device)

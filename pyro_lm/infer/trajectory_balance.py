@@ -55,7 +55,7 @@ import torch
 from pyro.infer import ELBO
 from torch import nn
 
-from pyro_lm._validation import as_real_tensor
+from pyro_lm._validation import as_real_tensor, check_max_plate_nesting
 from pyro_lm.infer.autoguide import AutoLMGuide
 from pyro_lm.infer.program import execute, latent_site_names, lm_site_names, plate_nesting
 from pyro_lm.infer.replay import ReplayBuffer, held_execution
@@ -123,6 +123,7 @@ class TrajectoryBalance(ELBO):
     def __init__(self, num_particles: int = 8, replay: ReplayBuffer | None = None,
                  replay_particles: int | None = None, log_z=None, init_log_z=None,
                  param_name: str = "tb_log_Z", max_plate_nesting: float = float("inf")):
+        check_max_plate_nesting(max_plate_nesting)
         if isinstance(num_particles, bool) or not isinstance(num_particles, int) \
                 or num_particles < 0 or (num_particles == 0 and replay is None):
             raise ValueError(f"num_particles: expected an int >= 1 (or 0 with a replay buffer: "

@@ -134,6 +134,14 @@ def test_bad_features_and_inputs():
         fit_moments(dist, has_token_1, 0.5, num_samples=0)
     with pytest.raises(TypeError, match="prior_or_model"):
         fit_moments(42, has_token_1, 0.5)
+    with pytest.raises(TypeError, match="tol: expected a number"):
+        fit_moments(dist, has_token_1, 0.5, tol="a")
+    with pytest.raises(ValueError, match="tol: expected a number > 0"):
+        fit_moments(dist, has_token_1, 0.5, tol=0.0)
+    with pytest.raises(ValueError, match="min_ess: expected a number >= 0"):
+        fit_moments(dist, has_token_1, 0.5, min_ess=math.nan)
+    with pytest.raises(TypeError, match="min_ess: expected a number"):
+        fit_moments(dist, has_token_1, 0.5, min_ess="a")
 
 
 def test_all_zero_base_weights_are_a_clear_error():

@@ -275,6 +275,8 @@ def test_replay_buffer_fifo_and_sources(problem):
     (dict(num_particles=-1), "num_particles"),
     (dict(replay_particles=0), "replay_particles"),
     (dict(replay_particles=4), "replay_particles: .* no replay="),
+    (dict(max_plate_nesting=-3), "max_plate_nesting: expected an int >= 0"),
+    (dict(max_plate_nesting=math.nan), "max_plate_nesting: expected an int >= 0"),
     (dict(init_log_z=math.inf), "init_log_z"),
 ])
 def test_trajectory_balance_bad_arguments(kwargs, match):
@@ -285,6 +287,7 @@ def test_trajectory_balance_bad_arguments(kwargs, match):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(proposal="smc", divergence="rkl"), "divergence"),
     (dict(divergence="jeffreys", forward_weight=1.5), "forward_weight"),
+    (dict(max_plate_nesting=-3), "max_plate_nesting: expected an int >= 0"),
 ])
 def test_dpg_new_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
