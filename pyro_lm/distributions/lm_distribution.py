@@ -316,8 +316,8 @@ class LMDistribution(TorchDistribution):
         return self.prompt_ids.index_select(0, index), self.prompt_mask.index_select(0, index)
 
     def _sampled_prompts(self, shape: torch.Size):
-        """:meth:`prompts_for` for the samplers, which only read them: the distribution's own
-        tensors when every row is drawn once (no index or copy)."""
+        """:meth:`prompts_for` for callers that only read them (the samplers, prompt_with):
+        the distribution's own tensors when every row is used once (no index or copy)."""
         if shape + self.batch_shape == self._prompt_batch_shape:
             return self.prompt_ids, self.prompt_mask
         return self.prompts_for(shape)
@@ -417,7 +417,7 @@ class LMDistribution(TorchDistribution):
         except RuntimeError:
             raise ValueError(f"value: batch shape {tuple(value.shape[:-1])} does not broadcast "
                              f"with the distribution's {tuple(self.batch_shape)}") from None
-        ids, mask = self.prompts_for()
+        ids, mask = self._sampled_prompts(torch.Size())  # read only: concatenated below
         ids = ids.reshape(self.batch_shape + ids.shape[-1:]).expand(shape + ids.shape[-1:])
         mask = mask.reshape(self.batch_shape + mask.shape[-1:]).expand(ids.shape)
         value = value.to(ids.device).expand(shape + value.shape[-1:])
