@@ -49,7 +49,7 @@ from pyro_lm.lm.token_bytes import byte_kind, special_token_ids, token_bytes
 from pyro_lm.rewards.base import Reward
 
 __all__ = ["Constraint", "ConstraintState", "TRUNCATION_HINT", "check_constraints",
-           "check_sites", "llguidance_tokenizer"]
+           "check_sites", "import_llguidance", "llguidance_tokenizer"]
 
 #: What a sampler's all-zero-weights error says first when constraints mask its proposal.
 TRUNCATION_HINT = ("With constraints, a completion still outside the language when it reaches "
@@ -60,7 +60,9 @@ _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _NO_FORCING = '%llguidance {"no_forcing": true}\n'
 
 
-def _llguidance():
+def import_llguidance():
+    """The ``llguidance`` module with its ``hf`` and ``torch`` submodules imported (a
+    clear ImportError if it is missing)."""
     try:
         import llguidance
         import llguidance.hf
@@ -97,7 +99,7 @@ def llguidance_tokenizer(lm: CausalLM):
     :raises ValueError: naming ``lm`` for a tokenizer whose tokens are not bytes (a
         word-level tokenizer joins words with its decoder, so no token has a fixed text).
     """
-    llg = _llguidance()
+    llg = import_llguidance()
     tokenizer, eos = lm.tokenizer, tuple(lm.eos_token_ids)
     try:
         cache = _TOKENIZERS.setdefault(tokenizer, {})
@@ -150,7 +152,7 @@ class Constraint(Reward):
         if not isinstance(lm, CausalLM):
             raise TypeError(f"lm: expected a pyro_lm.CausalLM, got {type(lm).__name__}")
         super().__init__(name)
-        llg = _llguidance()
+        llg = import_llguidance()
         self.lm = lm
         self._fingerprint = lm.tokenizer_fingerprint()
         self.eos = tuple(lm.eos_token_ids)

@@ -2,7 +2,7 @@ r"""A regular expression on the whole text of a completion."""
 
 from __future__ import annotations
 
-from pyro_lm.constraints.base import Constraint, _llguidance
+from pyro_lm.constraints.base import Constraint, import_llguidance
 
 __all__ = ["Regex"]
 
@@ -29,5 +29,5 @@ class Regex(Constraint):
         if not isinstance(pattern, str):
             raise TypeError(f"pattern: expected a str, got {type(pattern).__name__}")
         self.pattern = pattern
-        lark = f"start: /{_llguidance().regex_to_lark(pattern)}/"
+        lark = f"start: /{import_llguidance().regex_to_lark(pattern)}/"
         super().__init__(lm, lark, name or f"Regex({pattern!r})", arg="pattern")

@@ -42,12 +42,14 @@ import torch
 from pyro_lm.diagnostics import _arviz
 from pyro_lm.infer.posterior import WeightedPosterior
 
-__all__ = ["to_inference_data"]
+__all__ = ["to_inference_data", "history_to_inference_data", "to_numpy"]
 
 _CREATED_BY = "pyro_lm.diagnostics.to_inference_data"
 
 
-def _numpy(value) -> np.ndarray:
+def to_numpy(value) -> np.ndarray:
+    """``value`` as a NumPy array on the host: a tensor detached, half-precision floats
+    widened to float32; anything else through :func:`numpy.asarray`."""
     if isinstance(value, torch.Tensor):
         value = value.detach()
         if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
@@ -101,7 +103,7 @@ def to_inference_data(result, decode: bool = True, batch_dims=None):
         return _from_posterior(result, decode, batch_dims)
     history = result if isinstance(result, (list, tuple)) else getattr(result, "history", None)
     if isinstance(history, (list, tuple)):
-        return _from_history(list(history))
+        return history_to_inference_data(list(history))
     raise TypeError(f"result: expected a WeightedPosterior or a fit history (list of dicts), got "
                     f"{type(result).__name__}")
 
@@ -146,7 +148,7 @@ def _from_posterior(post: WeightedPosterior, decode: bool, batch_dims):
     lengths = {post.samples[s].shape[-1] for s in post.lms if s in post.samples}
     posterior = {}
     for site, value in post.samples.items():
-        a = split(_numpy(value))
+        a = split(to_numpy(value))
         if site in post.lms:
             position = "position" if len(lengths) == 1 else f"{site}_position"
             posterior[site] = (dims_of(site, a.shape, sample_dims, position), a)
@@ -157,16 +159,16 @@ def _from_posterior(post: WeightedPosterior, decode: bool, batch_dims):
         else:
             posterior[site] = (dims_of(site, a.shape, sample_dims), a)
 
-    lw = _numpy(post.log_weights).astype(np.float64)
+    lw = to_numpy(post.log_weights).astype(np.float64)
     weight = np.exp(lw - np.logaddexp.reduce(lw, axis=0))
     stats = {"log_weight": (sample_dims + bdims, split(lw)),
              "weight": (sample_dims + bdims, split(weight)),
-             "log_normalizer": (bdims, _numpy(post.log_normalizer()).astype(np.float64)
+             "log_normalizer": (bdims, to_numpy(post.log_normalizer()).astype(np.float64)
                                 .reshape(batch)),
-             "log_normalizer_se": (bdims, _numpy(post.log_normalizer_stderr())
+             "log_normalizer_se": (bdims, to_numpy(post.log_normalizer_stderr())
                                    .astype(np.float64).reshape(batch))}
     for key, value in post.history.items():
-        a = _numpy(value)
+        a = to_numpy(value)
         name = key if key not in stats else f"history_{key}"
         if (algorithm == "imh" and chains > 1 and a.ndim >= 2 and a.shape[1] == chains
                 and a.shape[0] >= draws):
@@ -180,7 +182,7 @@ def _from_posterior(post: WeightedPosterior, decode: bool, batch_dims):
              "algorithm": algorithm, "num_chains": chains}
     for key, value in post.extras.items():
         if isinstance(value, (torch.Tensor, np.ndarray, float)):
-            a = _numpy(value)
+            a = to_numpy(value)
             stats[key if key not in stats else f"extra_{key}"] = (dims_of(key, a.shape, []), a)
         elif isinstance(value, (str, numbers.Number)) and not isinstance(value, bool):
             attrs[key] = value  # ints: num_chains, burn_in, num_proposals, ...
@@ -206,7 +208,10 @@ def _from_posterior(post: WeightedPosterior, decode: bool, batch_dims):
     return _arviz.make_inference_data(groups, attrs=dict(attrs))
 
 
-def _from_history(history: list) -> object:
+def history_to_inference_data(history: list) -> object:
+    """A training history (``fit``'s list of per-step metric dicts) as an ArviZ object
+    with one ``training`` group indexed by ``step``; the conversion
+    :func:`to_inference_data` makes of a history."""
     if not history:
         raise ValueError("result: the history is empty; run at least one step")
     for i, row in enumerate(history):
@@ -219,7 +224,7 @@ def _from_history(history: list) -> object:
     variables = {}
     for key in keys:
         values = [row.get(key) for row in history]
-        arrays = [None if v is None else _numpy(v) for v in values]
+        arrays = [None if v is None else to_numpy(v) for v in values]
         first = next((a for a in arrays if a is not None), None)
         if first is None or not np.issubdtype(first.dtype, np.number) and first.dtype != bool:
             continue  # non-numeric metadata has no place on a numeric axis

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from pyro_lm.diagnostics.inference_data import _numpy
+from pyro_lm.diagnostics.inference_data import to_numpy
 from pyro_lm.diagnostics.weights import ess, psis_khat
 from pyro_lm.infer.posterior import WeightedPosterior
 from pyro_lm.ops.stats import log_mean_exp
@@ -53,11 +53,11 @@ def plot_weights(result, ax=None, path=None, max_prompts: int = 4, bins: int = 4
     :returns: the :class:`~matplotlib.figure.Figure`.
     """
     lw = result.log_weights if isinstance(result, WeightedPosterior) else result
-    lw = np.asarray(_numpy(lw), dtype=np.float64)
+    lw = np.asarray(to_numpy(lw), dtype=np.float64)
     n = lw.shape[0]
     flat = lw.reshape(n, -1)
-    khat = np.asarray(_numpy(psis_khat(flat, warn=False))).reshape(-1)
-    e = np.asarray(_numpy(ess(flat))).reshape(-1)
+    khat = np.asarray(to_numpy(psis_khat(flat, warn=False))).reshape(-1)
+    e = np.asarray(to_numpy(ess(flat))).reshape(-1)
     t = torch.as_tensor(flat)
     log_nw = (t - log_mean_exp(t, 0)).numpy()  # log(N w_bar): 0 is a uniform weight
     fig, (axis,) = _figure(ax)
@@ -90,10 +90,10 @@ def plot_ess(smc_result, ax=None, path=None, max_prompts: int = 4):
     if not isinstance(history, dict) or "ess" not in history:
         raise ValueError("smc_result: needs a result with history['ess'] (an SMC run)")
     n = smc_result.num_samples
-    e = np.asarray(_numpy(history["ess"]), dtype=np.float64)
+    e = np.asarray(to_numpy(history["ess"]), dtype=np.float64)
     e = e.reshape(e.shape[0], -1) / n
     resampled = history.get("resampled")
-    r = (np.asarray(_numpy(resampled), dtype=bool).reshape(e.shape) if resampled is not None
+    r = (np.asarray(to_numpy(resampled), dtype=bool).reshape(e.shape) if resampled is not None
          else np.zeros(e.shape, dtype=bool))
     fig, (axis,) = _figure(ax)
     steps = np.arange(e.shape[0])
@@ -143,7 +143,7 @@ def plot_training(history, path=None, metrics=None):
         present = ["loss"]
     fig, axes = _figure(None, ncols=len(present), width=4.0)
     for axis, metric in zip(axes, present, strict=True):
-        pts = [(row.get("step", i), np.nanmean(_numpy(row[metric]).astype(np.float64)))
+        pts = [(row.get("step", i), np.nanmean(to_numpy(row[metric]).astype(np.float64)))
                for i, row in enumerate(rows) if row.get(metric) is not None]
         steps, values = zip(*pts, strict=True) if pts else ((), ())
         axis.plot(steps, values)

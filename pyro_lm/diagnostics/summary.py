@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from pyro_lm.diagnostics import _arviz
-from pyro_lm.diagnostics.inference_data import _from_history, _numpy, algorithm_of
+from pyro_lm.diagnostics.inference_data import algorithm_of, history_to_inference_data, to_numpy
 from pyro_lm.diagnostics.weights import ess, log_normalizer, psis_khat
 from pyro_lm.infer.posterior import WeightedPosterior
 
@@ -44,7 +44,7 @@ def summary(result, warn: bool = True) -> pd.DataFrame:
 
 
 def _flat(value, size: int) -> np.ndarray:
-    a = _numpy(value).astype(np.float64).reshape(-1)
+    a = to_numpy(value).astype(np.float64).reshape(-1)
     return np.broadcast_to(a, (size,)) if a.size in (1, size) else np.full(size, np.nan)
 
 
@@ -65,10 +65,10 @@ def _summary_posterior(post: WeightedPosterior, warn: bool) -> pd.DataFrame:
         cols["num_chains"] = np.full(size, int(post.extras["num_chains"]))
     hist = post.history
     if "resampled" in hist:
-        r = torch.as_tensor(_numpy(hist["resampled"])).reshape(-1, size)
+        r = torch.as_tensor(to_numpy(hist["resampled"])).reshape(-1, size)
         cols["num_resampled"] = r.long().sum(0).numpy()
     if "ess" in hist:
-        h = torch.as_tensor(_numpy(hist["ess"])).double().reshape(-1, size)
+        h = torch.as_tensor(to_numpy(hist["ess"])).double().reshape(-1, size)
         cols["min_ess_frac"] = (h.min(0).values / n).numpy()
     index = (pd.MultiIndex.from_tuples(list(np.ndindex(*batch)), names=[
         f"batch_{i}" for i in range(len(batch))]) if len(batch) > 1
@@ -79,7 +79,7 @@ def _summary_posterior(post: WeightedPosterior, warn: bool) -> pd.DataFrame:
 
 
 def _summary_history(history: list) -> pd.DataFrame:
-    ds = _arviz.get_group(_from_history(history), "training")
+    ds = _arviz.get_group(history_to_inference_data(history), "training")
     rows = {}
     for name, var in ds.data_vars.items():
         a = var.values.reshape(var.shape[0], -1)

@@ -46,10 +46,10 @@ from pyro_lm._validation import as_real_tensor
 from pyro_lm.distributions.prefix import counted_mask, prefix_length
 from pyro_lm.rewards.incremental import active_states
 
-__all__ = ["Reward", "Callable", "as_values", "decode_counted"]
+__all__ = ["Reward", "Callable", "as_values", "decode_counted", "special_ids"]
 
 
-def _special_ids(tokenizer_or_lm, name: str = "tokenizer"):
+def special_ids(tokenizer_or_lm, name: str = "tokenizer"):
     """``(tokenizer, eos, pad)`` from a tokenizer or a :class:`~pyro_lm.CausalLM`; ``eos``
     is the tuple of every id that ends a completion (the first is ``eos_token_id``)."""
     if hasattr(tokenizer_or_lm, "tokenizer") and hasattr(tokenizer_or_lm, "eos_token_id"):

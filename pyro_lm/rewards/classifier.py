@@ -6,7 +6,7 @@ import torch
 
 from pyro_lm.distributions.prefix import is_complete
 from pyro_lm.lm.causal_lm import eval_mode
-from pyro_lm.rewards.base import Reward, _special_ids, decode_counted
+from pyro_lm.rewards.base import Reward, decode_counted, special_ids
 
 __all__ = ["Classifier"]
 
@@ -56,7 +56,7 @@ class Classifier(Reward):
             raise ValueError("classifier_tokenizer: needs a pad token to batch texts; set "
                              "classifier_tokenizer.pad_token (e.g. to its eos_token)")
         self.label = label
-        self.lm_tokenizer, self.eos, _ = _special_ids(lm_tokenizer, "lm_tokenizer")
+        self.lm_tokenizer, self.eos, _ = special_ids(lm_tokenizer, "lm_tokenizer")
         self.on_prefix = on_prefix
         self.batch_size = batch_size
         self.max_length = max_length

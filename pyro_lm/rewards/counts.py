@@ -7,7 +7,7 @@ import math
 import torch
 
 from pyro_lm.distributions.prefix import counted_mask, is_eos
-from pyro_lm.rewards.base import Reward, _special_ids
+from pyro_lm.rewards.base import Reward, special_ids
 
 __all__ = ["TokenCounts"]
 
@@ -38,7 +38,7 @@ class TokenCounts(Reward):
 
     def __init__(self, tokenizer, weights: dict, name: str | None = None):
         super().__init__(name)
-        self.tokenizer, self.eos, self.pad = _special_ids(tokenizer)
+        self.tokenizer, self.eos, self.pad = special_ids(tokenizer)
         if not isinstance(weights, dict) or not weights:
             raise ValueError("weights: expected a non-empty dict token → weight")
         size = len(self.tokenizer)

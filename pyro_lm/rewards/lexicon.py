@@ -8,7 +8,7 @@ import math
 import torch
 
 from pyro_lm.distributions.prefix import counted_mask, is_complete
-from pyro_lm.rewards.base import Reward, _special_ids
+from pyro_lm.rewards.base import Reward, special_ids
 from pyro_lm.rewards.word_stream import WordStream
 from pyro_lm.rewards.words import (
     OTHER_CHAR,
@@ -115,7 +115,7 @@ class Lexicon(Reward):
                              "word → weight")
         if mode not in ("tokens", "text"):
             raise ValueError(f"mode: expected 'tokens' or 'text', got {mode!r}")
-        self.tokenizer, self.eos, self.pad = _special_ids(tokenizer)
+        self.tokenizer, self.eos, self.pad = special_ids(tokenizer)
         self.mode, self.case_sensitive = mode, bool(case_sensitive)
         self.phrases = self._phrases(weights)
         #: the normalised lexicon: each key's words joined by one space → weight

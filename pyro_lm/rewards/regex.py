@@ -8,7 +8,7 @@ import re
 import torch
 
 from pyro_lm.distributions.prefix import is_complete
-from pyro_lm.rewards.base import Reward, _special_ids
+from pyro_lm.rewards.base import Reward, special_ids
 from pyro_lm.rewards.words import TokenText, decode_rows, settled_text
 
 __all__ = ["Regex"]
@@ -77,7 +77,7 @@ class Regex(Reward):
             raise ValueError("prefix_value: must be finite: -inf on every undecided prefix would "
                              "drop completions that are allowed (use monotone=True with "
                              "match=-inf to prune prefixes that already match)")
-        self.tokenizer, self.eos, self.pad = _special_ids(tokenizer)
+        self.tokenizer, self.eos, self.pad = special_ids(tokenizer)
         self.match, self.no_match = values["match"], values["no_match"]
         self.monotone, self.prefix_value = bool(monotone), values["prefix_value"]
         self._table, self._can_extend = None, True
