@@ -74,12 +74,16 @@ class AutoLMGuide(nn.Module):
         self.lm = lm
         self.name = name
         self.constraints = check_constraints(constraints, "AutoLMGuide")
+        self._training = False  # set by register_params
         for key, constraint in self.constraints.items():
             constraint.check_lm(lm, f"constraints[{key!r}]")
 
     def register_params(self) -> None:
         """Register the guide LM's trainable parameters with ``pyro.module`` (none for a
-        frozen LM, e.g. a fixed proposal)."""
+        frozen LM, e.g. a fixed proposal). Every loss that trains the guide calls it; from
+        then on the guide refuses to draw a site whose model LM is its own trainable LM
+        (training would move the prior with the guide)."""
+        self._training = True
         first = next(((n, p) for n, p in self.lm.named_parameters() if p.requires_grad), None)
         if first is None:
             return
@@ -113,7 +117,7 @@ class AutoLMGuide(nn.Module):
         drawn = None
         if self.latent_guide is not None:
             drawn = poutine.trace(self.latent_guide).get_trace(*args, **kwargs)
-        run = GuideLMMessenger(self.lm, drawn)(self.model)
+        run = GuideLMMessenger(self.lm, drawn, training=self._training)(self.model)
         if self.constraints:
             run = MaskLMMessenger(self.constraints)(run)
         try:

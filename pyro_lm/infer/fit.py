@@ -109,7 +109,9 @@ def fit(svi, *args, num_steps: int, checkpoint=None, every: int | None = None,
     :raises ValueError: for a negative ``num_steps`` or ``every < 1``, a checkpoint whose
         folder does not exist, or a checkpoint that cannot be read, does not fit the guide
         (another shape, or none of its parameters) or was written with another optimiser or
-        other optimiser settings.
+        other optimiser settings; and when there is nothing to train (a first step that
+        reached no trainable parameter, e.g. a guide over a frozen LM, or an ``optimizer``
+        none of whose parameters requires a gradient).
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(f"num_steps: expected an int >= 0, got {num_steps!r}")
@@ -193,6 +195,7 @@ class _SVITrainer:
         # SVI keeps the bound methods of its loss object: svi.loss is elbo.loss
         self.elbo = getattr(svi.loss, "__self__", svi.loss)
         self.registered = []  # the guide's param names, once registered
+        self._checked = False  # whether a step has been seen to train something
 
     def register(self, args, kwargs) -> None:
         """Run the guide once without decoding, so that its parameters (e.g. an LM
@@ -209,10 +212,16 @@ class _SVITrainer:
 
     def step(self, args, kwargs, shard):
         if not distributed.is_distributed():
-            return self.svi.step(*args, **kwargs)
+            if self._checked:
+                return self.svi.step(*args, **kwargs)
+            with poutine.trace(param_only=True) as capture:
+                loss = self.svi.step(*args, **kwargs)
+            self._check_trains(capture.trace)
+            return loss
         svi = self.svi  # SVI.step with the gradients all-reduced before the optimiser step
         with poutine.trace(param_only=True) as capture:
             loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
+        self._check_trains(capture.trace)
         params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
         names = {id(p): n for n, p in pyro.get_param_store().named_parameters()}
         ordered = sorted(params, key=lambda p: names.get(id(p), ""))
@@ -220,6 +229,18 @@ class _SVITrainer:
         svi.optim(params)
         zero_grads(params)
         return loss
+
+    def _check_trains(self, trace) -> None:
+        """Refuse a step that reached no trainable parameter: every later one would train
+        nothing as well."""
+        if not any(site["value"].unconstrained().requires_grad
+                   for site in trace.nodes.values()):
+            raise ValueError(
+                "svi: the step reached no trainable parameter, so fit would train nothing; "
+                "an AutoLMGuide over a frozen LM (e.g. the prior itself) has none. Build the "
+                "guide on a trainable copy, AutoLMGuide(model, prior_lm.trainable_copy()) "
+                "(or .trainable_copy(lora=...))")
+        self._checked = True
 
     def state(self) -> tuple:
         return pyro.get_param_store().get_state(), self.svi.optim.get_state()
@@ -378,6 +399,11 @@ def _trainer(svi, optimizer):
                 or not hasattr(optimizer, "zero_grad"):
             raise TypeError(f"optimizer: a loss module ({type(svi).__name__}) needs a torch "
                             f"optimiser over its parameters, got {type(optimizer).__name__}")
+        if not any(p.requires_grad for group in optimizer.param_groups
+                   for p in group["params"]):
+            raise ValueError("optimizer: none of its parameters requires a gradient, so fit "
+                             "would train nothing; pass the trainable guide's parameters "
+                             "(e.g. of prior_lm.trainable_copy())")
         return _ModuleTrainer(svi, optimizer)
     raise TypeError(f"svi: expected a pyro.infer.SVI or a loss module (e.g. "
                     f"SequenceELBO(...)(model, guide)), got {type(svi).__name__}")

@@ -35,6 +35,10 @@ class GuideLMMessenger(Messenger):
 
     :param lm: the guide's :class:`~pyro_lm.CausalLM` (sharing the model's tokenizer).
     :param trace: a trace whose sample sites are replayed and hidden, or ``None``.
+    :param bool training: the guide is being trained (``AutoLMGuide.forward``, which SVI
+        runs): refuse an LM site whose model LM *is* ``lm`` with trainable parameters, since
+        each step would move the prior with the guide (samplers may propose from the prior
+        itself).
 
     >>> import pyro, pyro.poutine as poutine
     >>> from pyro_lm import LMDistribution
@@ -50,10 +54,11 @@ class GuideLMMessenger(Messenger):
     True
     """
 
-    def __init__(self, lm, trace=None):
+    def __init__(self, lm, trace=None, training: bool = False):
         super().__init__()
         self.lm = lm
         self.trace = trace
+        self.training = training
         self._checked = set()
 
     def _pyro_sample(self, msg):
@@ -72,5 +77,12 @@ class GuideLMMessenger(Messenger):
         if dist is not None:
             if id(dist.lm) not in self._checked:
                 dist.lm.check_compatible(self.lm, "lm")
+                if self.training and dist.lm is self.lm \
+                        and any(p.requires_grad for p in self.lm.parameters()):
+                    raise ValueError(
+                        f"lm: the guide's LM is the model's own LM at site {msg['name']!r}, "
+                        "and it is trainable, so every step would move the prior with the "
+                        "guide (their KL stays 0); build the guide on a copy, "
+                        "AutoLMGuide(model, prior_lm.trainable_copy())")
                 self._checked.add(id(dist.lm))
             msg["fn"] = dist.with_lm(self.lm).expand(fn.batch_shape)

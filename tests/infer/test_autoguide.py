@@ -210,3 +210,35 @@ def test_a_second_guide_of_the_same_name_is_refused():
         AutoLMGuide(model, prior.trainable_copy())("t1")
     AutoLMGuide(model, prior.trainable_copy(), name="other")("t1")
     pyro.clear_param_store()
+
+
+@pytest.mark.parametrize("loss", ["SequenceELBO", "TrajectoryBalance", "DPG"])
+def test_the_trainable_prior_as_its_own_guide_is_refused_in_training(loss):
+    """A guide whose LM is the model's own trainable LM: each step moves the prior with the
+    guide (SequenceELBO's KL is 0, TB's log q - log p0 is 0). Refused in every loss that
+    trains the guide, naming ``lm``; a sampler may still propose from the prior itself."""
+    from pyro_lm.infer import DPG, SMC, TrajectoryBalance
+
+    pyro.clear_param_store()
+    prior = toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=1).trainable_copy()
+
+    def model(prompt):
+        x = pyro.sample("x", LMDistribution(prior, prompt, 2))
+        pyro.factor("r", (x == 1).sum(-1).float())
+
+    objective = {"SequenceELBO": SequenceELBO, "TrajectoryBalance": TrajectoryBalance,
+                 "DPG": DPG}[loss](num_particles=4)
+    before = [p.detach().clone() for p in prior.parameters()]
+    svi = pyro.infer.SVI(model, AutoLMGuide(model, prior), pyro.optim.Adam({"lr": 0.1}),
+                         objective)
+    with pytest.raises(ValueError, match="lm: the guide's LM is the model's own LM at site 'x'"):
+        svi.step("t1")
+    assert all(torch.equal(a, b) for a, b in zip(before, prior.parameters(), strict=True))
+    pyro.clear_param_store()
+    # as a proposal it is the prior: log Z of SMC is exact against enumeration
+    pyro.set_rng_seed(0)
+    post = SMC(model, num_particles=2000, guide=AutoLMGuide(model, prior)).run("t1")
+    with torch.no_grad():
+        exact = enumerate_model(model, "t1").log_Z
+    se = float(post.log_normalizer_stderr())
+    assert abs(float(post.log_normalizer()) - float(exact)) < 4 * se + 1e-3

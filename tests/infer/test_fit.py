@@ -9,7 +9,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_lm.infer import SequenceELBO, fit
+from pyro_lm.infer import AutoLMGuide, SequenceELBO, fit
 
 fit_module = importlib.import_module("pyro_lm.infer.fit")  # the module, not the function
 
@@ -275,4 +275,25 @@ def test_resuming_with_another_optimiser_is_a_clear_error(script, tmp_path, opti
     svi = pyro.infer.SVI(svi.model, svi.guide, optim(), SequenceELBO(num_particles=4))
     with pytest.raises(ValueError, match=f"checkpoint: .*{message}"):
         fit(svi, script.PROMPTS, num_steps=2, checkpoint=checkpoint, progress=False)
+    pyro.clear_param_store()
+
+
+def test_a_guide_with_nothing_to_train_is_refused(script):
+    """An AutoLMGuide over a frozen LM (the prior itself, not its trainable copy) registers
+    no parameter: every step trained nothing, silently. fit refuses after the first step,
+    and a loss module whose optimiser holds only frozen parameters before any step."""
+    svi, _ = script.build()
+    frozen = pyro.infer.SVI(svi.model, AutoLMGuide(svi.model, script.toy_lm(
+        vocab_size=4, n_layer=1, n_embd=16, seed=1, init_std=0.2)), pyro.optim.Adam({"lr": 0.1}),
+        SequenceELBO(num_particles=4))
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="svi: the step reached no trainable parameter"):
+        fit(frozen, script.PROMPTS, num_steps=3, progress=False)
+    pyro.clear_param_store()
+    lm = script.toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=1)
+    module = SequenceELBO(num_particles=4)(svi.model, AutoLMGuide(svi.model, lm))
+    with pytest.raises(ValueError, match="optimizer: none of its parameters requires"):
+        fit(module, script.PROMPTS, num_steps=1, progress=False,
+            optimizer=torch.optim.SGD(lm.parameters(), lr=0.1))
+    assert len(fit(svi, script.PROMPTS, num_steps=2, progress=False)) == 2  # trainable: runs
     pyro.clear_param_store()
