@@ -17,6 +17,9 @@ holds the param store (or the loss module's ``state_dict``), the optimiser state
 Python / NumPy / torch RNG states of every rank, the loss object's ``state_dict()`` of
 every rank if it has one, the step and the history; resuming from
 it continues the run bit for bit (on the same device, software and number of ranks).
+It also records the loss's class and scalar settings (e.g. ``num_particles``) and a
+digest of the arguments the steps are called with (the prompts): a resume with another
+loss, other settings or other prompts is refused, since it would not continue that run.
 
 **Data parallel.** When :mod:`torch.distributed` is initialised
 (:func:`pyro_lm.distributed.init`), the first argument, a batch of prompts, is split
@@ -60,6 +63,7 @@ the checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -122,6 +126,7 @@ def fit(svi, *args, num_steps: int, checkpoint=None, every: int | None = None,
     trainer = _trainer(svi, optimizer)
     if seed is not None:
         distributed.set_rng_seed(seed)
+    inputs = (args, kwargs)  # whole, before this rank takes its shard
     shard = distributed.shard_args(args)
     args, world = shard.args, distributed.world_size()
     start, history = 0, []
@@ -142,6 +147,7 @@ def fit(svi, *args, num_steps: int, checkpoint=None, every: int | None = None,
             state = load_checkpoint(checkpoint) if distributed.is_main_process() else None
             if world > 1:
                 state = distributed.broadcast_object(state)
+            _check_config(state, trainer.elbo, inputs, checkpoint)
             trainer.restore(state, checkpoint)
             _restore_rng(state)
             _restore_loss(trainer.elbo, state)
@@ -172,9 +178,10 @@ def fit(svi, *args, num_steps: int, checkpoint=None, every: int | None = None,
                 bar.set_postfix(_postfix(record), refresh=False)
             if checkpoint is not None and every is not None and (step + 1) % every == 0 \
                     and step + 1 < num_steps:
-                save_checkpoint(checkpoint, svi, step + 1, history, optimizer)
+                save_checkpoint(checkpoint, svi, step + 1, history, optimizer, inputs)
         if checkpoint is not None and (start < num_steps or not _exists(checkpoint)):
-            save_checkpoint(checkpoint, svi, max(start, num_steps), history, optimizer)
+            save_checkpoint(checkpoint, svi, max(start, num_steps), history, optimizer,
+                            inputs)
     finally:
         if bar is not None:
             bar.close()
@@ -452,9 +459,13 @@ def _postfix(record: dict) -> dict:
 
 
 # ------------------------------------------------------------------ checkpoints
-def save_checkpoint(path, svi, step: int, history: list[dict], optimizer=None) -> None:
+def save_checkpoint(path, svi, step: int, history: list[dict], optimizer=None,
+                    inputs=None) -> None:
     """Write the full training state of ``svi`` (an SVI, or a loss module with its
     ``optimizer``) to ``path`` atomically.
+
+    :param inputs: ``(args, kwargs)`` the steps are called with, recorded as a digest
+        (:func:`fit` refuses to resume with others), or ``None`` (not recorded).
 
     Under :mod:`torch.distributed` every rank calls it (it gathers the ranks' RNG states)
     and rank 0 writes the file; the others wait until it is in place.
@@ -469,8 +480,69 @@ def save_checkpoint(path, svi, step: int, history: list[dict], optimizer=None) -
     if distributed.is_main_process():
         _write(path, {"format": _FORMAT, "step": int(step), "history": history,
                       "params": params, "optim": optim, "rng": [r["rng"] for r in ranks],
-                      "loss": [r["loss"] for r in ranks]})
+                      "loss": [r["loss"] for r in ranks],
+                      "config": {"loss": loss_settings(trainer.elbo),
+                                 "inputs": None if inputs is None else digest(*inputs)}})
     distributed.barrier()
+
+
+def loss_settings(elbo) -> dict:
+    """The loss's class and its public scalar settings (``num_particles``, ``divergence``,
+    ...): what a resumed run must share. Left out: ``max_plate_nesting`` (losses infer it
+    at their first step) and what the loss's ``state_dict()`` holds (it is restored)."""
+    settings = {"class": f"{type(elbo).__module__}.{type(elbo).__qualname__}"}
+    state = _loss_state(elbo)
+    kept = set(state) if isinstance(state, dict) else set()
+    for key, value in sorted(vars(elbo).items()):
+        if key.startswith("_") or key in kept or key in ("max_plate_nesting", "training"):
+            continue
+        if value is None or isinstance(value, (bool, int, float, str)):
+            settings[key] = value
+    return settings
+
+
+def digest(args, kwargs) -> dict:
+    """A digest of a step's arguments: tensors by shape, dtype and a SHA-1 of their bytes,
+    strings and numbers as they are, containers element by element, any other object by
+    its type only."""
+    def one(value):
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous().reshape(-1)
+            raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+            return ("tensor", tuple(value.shape), str(value.dtype),
+                    hashlib.sha1(raw).hexdigest())
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, (list, tuple)):
+            return [one(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): one(v) for k, v in value.items()}
+        return ("object", type(value).__qualname__)
+
+    return {"args": one(list(args)), "kwargs": one(dict(kwargs))}
+
+
+def _check_config(state: dict, elbo, inputs, path: str) -> None:
+    """Refuse to resume a checkpoint written by another loss, with other loss settings or
+    for other arguments (checkpoints of an earlier format record none: not checked)."""
+    saved = state.get("config")
+    if saved is None:
+        return
+    now = loss_settings(elbo)
+    then = saved["loss"]
+    if then["class"] != now["class"]:
+        raise ValueError(f"checkpoint: {path!r} was written by loss {then['class']}, this run "
+                         f"has {now['class']}; resume with the same loss or pass another path")
+    changed = [f"{k}={then.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(then) | set(now))
+               if repr(then.get(k)) != repr(now.get(k))]
+    if changed:
+        raise ValueError(f"checkpoint: {path!r} was written with other loss settings "
+                         f"({', '.join(changed)}); resume with the settings of that run or "
+                         "pass another path")
+    if saved["inputs"] is not None and saved["inputs"] != digest(*inputs):
+        raise ValueError(f"checkpoint: {path!r} was written for other arguments (prompts) "
+                         "than this run's; resume with the same arguments or pass another "
+                         "path")
 
 
 def _loss_state(elbo):

@@ -117,9 +117,9 @@ def test_checkpoint_every_and_at_the_end(script, tmp_path, monkeypatch):
     saved = []
     real = fit_module.save_checkpoint
 
-    def spy(path, svi, step, history, *rest):
+    def spy(path, svi, step, history, *rest, **kw):
         saved.append((step, len(history)))
-        real(path, svi, step, history, *rest)
+        real(path, svi, step, history, *rest, **kw)
 
     monkeypatch.setattr(fit_module, "save_checkpoint", spy)
     script.run(5, checkpoint=tmp_path / "c.ckpt", every=2)
@@ -296,4 +296,29 @@ def test_a_guide_with_nothing_to_train_is_refused(script):
         fit(module, script.PROMPTS, num_steps=1, progress=False,
             optimizer=torch.optim.SGD(lm.parameters(), lr=0.1))
     assert len(fit(svi, script.PROMPTS, num_steps=2, progress=False)) == 2  # trainable: runs
+    pyro.clear_param_store()
+
+
+@pytest.mark.parametrize("change, message", [
+    ("num_particles", r"other loss settings \(num_particles=4 -> 8\)"),
+    ("loss", "was written by loss pyro_lm.infer.elbo.SequenceELBO, this run has "
+             "pyro.infer.trace_elbo.Trace_ELBO"),
+    ("prompts", r"other arguments \(prompts\)"),
+])
+def test_resuming_with_another_loss_or_other_prompts_is_a_clear_error(script, tmp_path, change,
+                                                                      message):
+    """A checkpoint continues one run: with another num_particles, another loss or other
+    prompts the resumed steps ran on silently, mixing two runs in one history. Refused
+    before anything is loaded; the same run still resumes (the tests above)."""
+    checkpoint = tmp_path / "c.ckpt"
+    script.run(1, checkpoint=checkpoint)
+    svi, policy = script.build()
+    before = [p.detach().clone() for p in policy.parameters()]
+    loss = {"num_particles": SequenceELBO(num_particles=8), "loss": pyro.infer.Trace_ELBO(),
+            "prompts": SequenceELBO(num_particles=4)}[change]
+    svi = pyro.infer.SVI(svi.model, svi.guide, pyro.optim.Adam({"lr": 1e-2}), loss)
+    prompts = script.PROMPTS.flip(0) if change == "prompts" else script.PROMPTS
+    with pytest.raises(ValueError, match=f"checkpoint: .*{message}"):
+        fit(svi, prompts, num_steps=2, checkpoint=checkpoint, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters(), strict=True))
     pyro.clear_param_store()
