@@ -465,8 +465,23 @@ def test_summary_columns(tiny_lm, arviz_backend):
     df = diag.summary(imh, warn=False)
     assert df["acceptance_rate"].tolist() == [0.5, 0.25] and (df["num_chains"] == 2).all()
     h = diag.summary(_history())
-    assert list(h.columns) == ["num_steps", "first", "last", "mean", "sd", "min", "max"]
+    assert list(h.columns) == ["num_steps", "num_nan", "first", "last", "mean", "sd", "min",
+                               "max"]
     assert h.loc["ess", "num_steps"] == 3 and h.loc["reward", "last"] == pytest.approx(1.0)
+    assert (h["num_nan"] == 0).all()
+
+
+def test_summary_of_a_history_that_diverged_shows_the_nan():
+    """A run whose loss became NaN: the summary said last = the last finite loss. Now
+    ``last`` is NaN and ``num_nan`` counts the NaN steps; a metric that some steps do not
+    record is not counted as NaN there."""
+    history = [{"step": 0, "loss": 2.0, "kl": 0.5}, {"step": 1, "loss": 1.0},
+               {"step": 2, "loss": float("nan"), "kl": 0.25}]
+    h = diag.summary(history)
+    assert np.isnan(h.loc["loss", "last"]) and h.loc["loss", "num_nan"] == 1
+    assert h.loc["loss", "num_steps"] == 3 and h.loc["loss", "mean"] == pytest.approx(1.5)
+    assert h.loc["kl", "num_steps"] == 2 and h.loc["kl", "num_nan"] == 0
+    assert h.loc["kl", "last"] == pytest.approx(0.25)
 
 
 def _is_png(path):

@@ -27,8 +27,10 @@ def summary(result, warn: bool = True) -> pd.DataFrame:
     their ``ess`` is ``N`` and says nothing about autocorrelation.
 
     For a ``fit`` history the columns are ``num_steps`` (steps that report the
-    metric), ``first``, ``last``, ``mean``, ``sd``, ``min``, ``max``; metrics
-    with a batch dimension are averaged over it first.
+    metric), ``num_nan`` (of them, the NaN ones: a diverged run), ``first``,
+    ``last`` (NaN if the last step was), and ``mean``, ``sd``, ``min``, ``max``
+    over the finite values; metrics with a batch dimension are averaged over it
+    first.
 
     :param result: a :class:`~pyro_lm.infer.WeightedPosterior` or a history.
     :param bool warn: warn (via :func:`~pyro_lm.diagnostics.psis_khat`) when
@@ -85,10 +87,18 @@ def _summary_history(history: list) -> pd.DataFrame:
         a = var.values.reshape(var.shape[0], -1)
         with np.errstate(all="ignore"):
             a = np.nanmean(a, axis=1) if a.shape[1] > 1 else a[:, 0]
-        ok = a[~np.isnan(a)]
-        if ok.size == 0:
+        # steps that recorded the metric (a step without it reads NaN in ``a``)
+        present = np.array([row.get(name) is not None for row in history])
+        if present.shape != a.shape:  # not a per-step metric (e.g. the step itself)
+            present = np.ones(a.shape, dtype=bool)
+        seen = a[present]
+        ok = seen[~np.isnan(seen)]
+        if seen.size == 0:
             continue
-        rows[name] = {"num_steps": ok.size, "first": ok[0], "last": ok[-1], "mean": ok.mean(),
-                      "sd": ok.std(ddof=1) if ok.size > 1 else np.nan, "min": ok.min(),
-                      "max": ok.max()}
+        rows[name] = {"num_steps": seen.size, "num_nan": int(seen.size - ok.size),
+                      "first": seen[0], "last": seen[-1],
+                      "mean": ok.mean() if ok.size else np.nan,
+                      "sd": ok.std(ddof=1) if ok.size > 1 else np.nan,
+                      "min": ok.min() if ok.size else np.nan,
+                      "max": ok.max() if ok.size else np.nan}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("metric")
