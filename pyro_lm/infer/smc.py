@@ -259,6 +259,9 @@ class SMC:
             return self._run_program(args, kwargs)
         site, prior, batch = single_lm_site(self.model, args, kwargs, owner="SMC", trace=trace)
         check_sites(self.constraints, {site: prior.lm}, "SMC")
+        check_twist = getattr(self.twist, "check_site", None)  # e.g. ValueTwist's
+        if callable(check_twist):
+            check_twist(prior, "SMC")
         proposal = prior if self.guide is None else prior.with_lm(self.guide.lm)
         potential = _Potential(self.model, site, batch, self.twist, args, kwargs)
         with torch.inference_mode():  # the loop: less overhead per tensor operation

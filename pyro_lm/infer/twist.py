@@ -101,6 +101,26 @@ class ValueTwist(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
+    def check_site(self, prior: LMDistribution, owner: str) -> None:
+        """Refuse the model's LM site ``prior`` if it is not the one the twist was built
+        from: another length, or other prompts (the twist would read each prefix after the
+        wrong prompt, and steer or learn with it silently).
+
+        :param str owner: the caller, named in the error.
+        """
+        if prior.max_new_tokens != self.dist.max_new_tokens:
+            raise ValueError(f"twist: built for max_new_tokens={self.dist.max_new_tokens}, "
+                             f"the model's site has {prior.max_new_tokens} ({owner}); build it "
+                             "from the model's LMDistribution")
+        same = (prior.prompt_ids.shape == self.dist.prompt_ids.shape
+                and torch.equal(prior.prompt_ids, self.dist.prompt_ids.to(prior.prompt_ids))
+                and torch.equal(prior.prompt_mask, self.dist.prompt_mask.to(prior.prompt_mask)))
+        if not same:
+            raise ValueError(f"twist: built for other prompts than the model's LM site has "
+                             f"({tuple(self.dist.prompt_ids.shape)} prompt ids, the site "
+                             f"{tuple(prior.prompt_ids.shape)}; {owner}); build the twist from "
+                             "the LMDistribution of the prompts it will be run on")
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         r"""Features after each generated token, ``(*shape, T', 2 d)`` float32 for ``x``
         ``(*shape, T')``: entry ``s`` is :math:`[h_s;\ \bar h_s]`, the last hidden state
@@ -194,10 +214,11 @@ def fit_twist(twist: ValueTwist, model, *args, num_samples: int = 128, num_steps
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
     site, prior, batch = single_lm_site(model, args, kwargs, owner="fit_twist")
-    if prior.max_new_tokens != twist.dist.max_new_tokens:
-        raise ValueError(f"twist: built for max_new_tokens={twist.dist.max_new_tokens}, the "
-                         f"model's site has {prior.max_new_tokens}; build it from the model's "
-                         "LMDistribution")
+    twist.check_site(prior, "fit_twist")
+    if prior.max_new_tokens < 2:
+        raise ValueError("model: its LM site has max_new_tokens=1, so there is no prefix "
+                         "shorter than the completion to train the twist on (SMC needs no "
+                         "twist there: the factor itself is exact on one token)")
     lead = batch[: len(batch) - len(prior.batch_shape)]
     factors = LogFactorsMessenger(model, site, batch, owner="fit_twist")
     big_t = prior.max_new_tokens
@@ -212,6 +233,9 @@ def fit_twist(twist: ValueTwist, model, *args, num_samples: int = 128, num_steps
                                         device=x.device).expand(x.shape[:-1])
                 if torch.isnan(log_f).any():
                     raise ValueError("model: a factor is NaN on some completion")
+                if torch.isposinf(log_f).any():
+                    raise ValueError("model: a factor is +inf on some completion; a factor "
+                                     "must be a real number or -inf (hard constraint)")
                 if torch.isneginf(log_f).all(0).any():
                     raise ValueError(
                         f"model: every one of the {num_samples} prior completions of some "

@@ -208,3 +208,35 @@ def test_bad_arguments_are_clear_errors(trained):
 
     with pytest.raises(ValueError, match="raise num_samples"):
         fit_twist(twist, impossible, prompts, num_steps=1)
+
+
+def test_a_twist_of_other_prompts_and_bad_programs_are_refused(trained):
+    """A twist built on other prompts read every prefix after the wrong prompt, in
+    fit_twist and in SMC, silently; a one-token site failed in a reshape; a +inf factor
+    gave NaN losses. Each is now a clear error before any step."""
+    prior, model, prompts, _, twist, _, _ = trained
+    swapped = ValueTwist(pyro_lm.LMDistribution(prior, prompts.flip(0), T))
+    head = [p.detach().clone() for p in swapped.head.parameters()]
+    with pytest.raises(ValueError, match="twist: built for other prompts .*fit_twist"):
+        fit_twist(swapped, model, prompts, num_steps=1)
+    with pytest.raises(ValueError, match="twist: built for other prompts .*SMC"):
+        SMC(model, num_particles=8, twist=swapped).run(prompts)
+    assert all(torch.equal(a, b) for a, b in zip(head, swapped.head.parameters(), strict=True))
+    SMC(model, num_particles=8, twist=twist).run(prompts)  # its own prompts: runs
+
+    def one_token(prompts):
+        with pyro.plate("prompts", prompts.shape[0]):
+            x = pyro.sample("x", pyro_lm.LMDistribution(prior, prompts, 1))
+            pyro.factor("reward", first_token_reward(x))
+
+    with pytest.raises(ValueError, match="max_new_tokens=1"):
+        fit_twist(ValueTwist(pyro_lm.LMDistribution(prior, prompts, 1)), one_token, prompts)
+
+    def infinite(prompts):
+        with pyro.plate("prompts", prompts.shape[0]):
+            x = pyro.sample("x", pyro_lm.LMDistribution(prior, prompts, T))
+            pyro.factor("bad", torch.where(x[..., 0] == 3, math.inf, 0.0))
+
+    with pytest.raises(ValueError, match=r"model: a factor is \+inf"):
+        fit_twist(ValueTwist(pyro_lm.LMDistribution(prior, prompts, T)), infinite, prompts,
+                  num_steps=1)
