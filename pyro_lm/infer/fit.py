@@ -228,7 +228,8 @@ class _SVITrainer:
         svi = self.svi  # SVI.step with the gradients all-reduced before the optimiser step
         with poutine.trace(param_only=True) as capture:
             loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
-        self._check_trains(capture.trace)
+        if not self._checked:
+            self._check_trains(capture.trace)
         params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
         names = {id(p): n for n, p in pyro.get_param_store().named_parameters()}
         ordered = sorted(params, key=lambda p: names.get(id(p), ""))

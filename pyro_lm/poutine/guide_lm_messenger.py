@@ -35,10 +35,10 @@ class GuideLMMessenger(Messenger):
 
     :param lm: the guide's :class:`~pyro_lm.CausalLM` (sharing the model's tokenizer).
     :param trace: a trace whose sample sites are replayed and hidden, or ``None``.
-    :param bool training: the guide is being trained (``AutoLMGuide.forward``, which SVI
-        runs): refuse an LM site whose model LM *is* ``lm`` with trainable parameters, since
-        each step would move the prior with the guide (samplers may propose from the prior
-        itself).
+    :param bool training: the guide is being trained (an AutoLMGuide once a loss has
+        called its ``register_params``): refuse an LM site whose model LM *is* ``lm`` with
+        trainable parameters, since each step would move the prior with the guide (samplers
+        may propose from the prior itself).
 
     >>> import pyro, pyro.poutine as poutine
     >>> from pyro_lm import LMDistribution
