@@ -54,8 +54,13 @@ def prompt_cache():
     since, or equal strings, with the same LM; and :meth:`LMDistribution.prompt_with`
     returns the prompts it built last for the same distribution and completion objects,
     none of them changed since. Inference that re-runs a model many times on the same
-    arguments (token-level SMC evaluates it once per token) uses it. It holds at most
-    :data:`PROMPT_CACHE_SIZE` entries, the least recently used dropped first."""
+    arguments (token-level SMC evaluates it once per token) uses it. Without gradients,
+    :meth:`LMDistribution.token_log_probs` (and :meth:`~LMDistribution.log_prob`) score
+    each distinct row (prompt and completion, compared by content) once, while the LM
+    is unchanged (its training mode, autocast state and parameter versions): SMC scores
+    an observed text once per run rather than after every token and on every copy of a
+    resampled particle. It holds at most :data:`PROMPT_CACHE_SIZE` entries, the least
+    recently used dropped first, and at most :data:`ROW_SCORES_LIMIT` scored rows each."""
     token = _PROMPT_CACHE.set({})
     try:
         yield
@@ -95,6 +100,55 @@ def _prompt_key(lm, prompts, attention_mask):
             return None
         key = (key, id(attention_mask), attention_mask._version)
     return id(lm), key
+
+
+#: The most scored rows a :func:`prompt_cache` keeps per LM and shape (then it starts over;
+#: 0: it keeps none, and every row is scored at every call).
+ROW_SCORES_LIMIT = 1 << 14
+
+
+def _lm_state(lm) -> tuple:
+    """What the LM's scores depend on besides its inputs: its training mode (dropout), the
+    version counters of its parameters (an optimiser step bumps them) and autocast."""
+    device = lm.device.type
+    return (lm.model.training, torch.is_autocast_enabled(device),
+            tuple(p._version for p in lm.model.parameters()))
+
+
+class _RowScores:
+    """The token log-probs of the distinct rows (prompt and completion) that
+    :meth:`LMDistribution.token_log_probs` scored without gradients inside one
+    :func:`prompt_cache`, for one LM, length and chunking; valid while the LM's
+    :func:`_lm_state` is the one they were computed in."""
+
+    def __init__(self, lm):
+        self.state = _lm_state(lm)
+        self.positions: dict = {}  # (prompt row, completion row) -> row of table
+        self.table = None  # (K, T) float32
+
+    def lookup(self, dist, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``(R, T)``: the scores of the rows ``x`` ``(R, T)`` after prompt rows ``index``;
+        only the rows not seen before are scored (each distinct one once)."""
+        state = _lm_state(dist.lm)
+        if state != self.state or len(self.positions) + x.shape[0] > ROW_SCORES_LIMIT:
+            self.__init__(dist.lm)
+        prompts = torch.cat([dist.prompt_ids, dist.prompt_mask], -1).tolist()
+        keys = [(tuple(prompts[j]), tuple(row))
+                for j, row in zip(index.tolist(), x.tolist(), strict=True)]
+        positions, fresh = self.positions, {}
+        known = 0 if self.table is None else self.table.shape[0]
+        for i, key in enumerate(keys):
+            if key not in positions and key not in fresh:
+                fresh[key] = i
+        if fresh:
+            rows = torch.tensor(list(fresh.values()), device=x.device)
+            new = dist._score_rows(x.index_select(0, rows), index.index_select(0, rows.to(
+                index.device)))
+            for k, key in enumerate(fresh):
+                positions[key] = known + k
+            self.table = new if self.table is None else torch.cat([self.table, new])
+        at = torch.tensor([positions[key] for key in keys], device=self.table.device)
+        return self.table.index_select(0, at)
 
 
 def _snapshot(t: torch.Tensor):
@@ -576,6 +630,24 @@ class LMDistribution(TorchDistribution):
         index = self._prompt_index(shape)
         if x.shape[0] == 0:
             return torch.zeros(shape + self.event_shape, dtype=torch.float32, device=value.device)
+        cache = _PROMPT_CACHE.get()
+        if cache is not None and not torch.is_grad_enabled() and ROW_SCORES_LIMIT > 0:
+            # SMC re-runs a program after every token and scores its observed text again
+            # each time, on rows that resampling copies: score each distinct row once
+            key = ("scores", id(self.lm), self.max_new_tokens, self.chunk_size,
+                   self.memory_budget, self.prompt_ids.shape[-1], x.device)
+            scores = cache.get(key)
+            if scores is None:
+                scores = _RowScores(self.lm)
+            _store(cache, key, scores)  # the most recently used goes last
+            out = scores.lookup(self, x, index)
+        else:
+            out = self._score_rows(x, index)
+        return out.reshape(shape + self.event_shape)
+
+    def _score_rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``(R, T)`` token log-probs of the rows ``x`` ``(R, T)`` after the prompt rows
+        ``index`` ``(R,)``, in chunks within the memory budget."""
         rows, t = x.shape[0], self.max_new_tokens
         lengths = self.prompt_ids.shape[-1] + t
         vocab = self.lm.vocab_size
@@ -596,7 +668,7 @@ class LMDistribution(TorchDistribution):
         parts = [self._token_log_probs_rows(x[i:i + chunk], index[i:i + chunk], recompute,
                                             checkpoint)
                  for i in range(0, rows, chunk)]
-        return torch.cat(parts).reshape(shape + self.event_shape)
+        return torch.cat(parts)
 
     def _token_log_probs_rows(self, x: torch.Tensor, index: torch.Tensor,
                               recompute: bool = False, checkpoint: bool = False

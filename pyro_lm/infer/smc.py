@@ -256,7 +256,7 @@ class SMC:
         # the first run of the model (params, reward caches) is outside inference mode
         trace, _ = structure_trace(self.model, None, args, kwargs)
         if not _one_lm_site(trace):
-            return self._run_program(args, kwargs)
+            return self._run_program(args, kwargs, trace)
         site, prior, batch = single_lm_site(self.model, args, kwargs, owner="SMC", trace=trace)
         check_sites(self.constraints, {site: prior.lm}, "SMC")
         check_twist = getattr(self.twist, "check_site", None)  # e.g. ValueTwist's
@@ -312,7 +312,7 @@ class SMC:
                 f"use lookahead=k with a small k (e.g. lookahead=32: the proposal's top-k "
                 f"next tokens, still exact), fewer particles, or raise lookahead_budget")
 
-    def _run_program(self, args, kwargs) -> WeightedPosterior:
+    def _run_program(self, args, kwargs, trace) -> WeightedPosterior:
         """SMC over a whole program (:mod:`pyro_lm.infer.smc_program`)."""
         if self.constraints:
             raise ValueError("constraints: SMC masks the tokens of a program with one LM site "
@@ -325,7 +325,7 @@ class SMC:
                              "sites) uses the bootstrap proposal and the model's factors; pass "
                              "twist=None and lookahead=None")
         with torch.inference_mode():
-            values, log_w, hists, lms, batch = run_program(self, args, kwargs)
+            values, log_w, hists, lms, batch = run_program(self, args, kwargs, trace)
         # inference tensors must not escape (autograd refuses them): copy them out, outside
         # inference mode (a clone inside it is an inference tensor too)
         values = {k: v.clone() for k, v in values.items()}

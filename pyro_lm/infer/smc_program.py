@@ -51,6 +51,7 @@ from pyro_lm.infer.smc_proposals import BootstrapProposal
 from pyro_lm.infer.smc_steps import StepEnds, gated_potential
 from pyro_lm.lm.decoding import make_decoder
 from pyro_lm.poutine import LogFactorsMessenger
+from pyro_lm.rewards.incremental import active_states
 
 __all__ = ["run_program"]
 
@@ -98,15 +99,19 @@ def _rows(value: torch.Tensor, shape: torch.Size, event: int) -> torch.Tensor:
     return lead.expand(tuple(shape) + tuple(tail)).reshape((shape.numel(),) + tuple(tail))
 
 
-def run_program(smc, args, kwargs):
+def run_program(smc, args, kwargs, trace=None):
     """Run SMC ``smc`` (its particles, threshold, resampling, guide) over a whole program.
+
+    :param trace: the program's :func:`~pyro_lm.infer.program.structure_trace` if the
+        caller has it (else it is run).
 
     :returns: ``(values, log_w, history, lms, batch)``: every latent site's values with the
         leading particle dim, the final log-weights ``(N, *batch)``, the concatenated
         per-step history, the LM sites' prior LMs and the weights' batch shape.
     """
     model, n = smc.model, smc.num_particles
-    trace, _ = structure_trace(model, None, args, kwargs)
+    if trace is None:
+        trace, _ = structure_trace(model, None, args, kwargs)
     nesting = trace_nesting(trace)
     check_whole_plates("SMC", trace)
     batch = Execution(trace, None, 1, nesting).batch_shape
@@ -115,8 +120,11 @@ def run_program(smc, args, kwargs):
     values, lms, history = {}, {}, []
     log_w = phi = None
     vectorized = vectorize(model, n, -(nesting + 1))
+    states = active_states()
     while True:
         advance = _Advance(values)
+        if states is not None:  # a new evaluation: its reward calls are numbered anew
+            states.begin()
         with poutine.block():
             try:
                 advance(vectorized)(*args, **kwargs)

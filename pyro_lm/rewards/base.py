@@ -117,8 +117,10 @@ class Reward:
     :meth:`advance`, :meth:`state_value`; :mod:`pyro_lm.rewards.incremental`): the same
     prefix values, updated per token from a state instead of recomputed from the whole
     prefix. Inside a :class:`~pyro_lm.rewards.incremental.RewardStates` (SMC opens one
-    per run) prefixes are scored that way where the state applies, and the NaN / ``+inf``
-    check is deferred to the end of the run.
+    per run) prefixes are scored that way where the state applies, complete rows equal to
+    those of the last call at the same place are not scored again (a reward is a function
+    of its rows: :meth:`~pyro_lm.rewards.incremental.RewardStates.complete`), and the NaN /
+    ``+inf`` check is deferred to the end of the run.
 
     :param str name: used in error messages (default: the class name).
     """
@@ -156,6 +158,9 @@ class Reward:
         r = None
         if states is not None and t is not None:
             r = states.evaluate(self, flat, t)
+        if r is None and states is not None and t is None:  # complete rows, maybe seen
+            r = states.complete(self, flat, lambda rows: as_values(self.forward(rows), rows,
+                                                                    self.name))
         if r is None:
             r = as_values(self.forward(flat), flat, self.name)
         if states is not None:  # checked once per run, on the weights' way out

@@ -30,7 +30,11 @@ read as ``C`` candidate next tokens of each row (block ``c`` of the rows holding
 ``c``), as SMC's lookahead proposal scores them: the rows' state is copied ``C`` times and
 advanced by the candidates; a call on other rows (a subset, at step ends) reads its
 prefixes whole. On resampling, the algorithm calls :meth:`RewardStates.reorder` so
-that the states follow their rows. The same object defers the rewards' NaN / ``+inf``
+that the states follow their rows. Outside a prefix context (complete rows: an earlier LM
+site's completion, scored again in every evaluation while a later site is decoded) a call
+whose rows equal those of the last call at the same place of an evaluation returns its
+values (:meth:`RewardStates.complete`: a reward is a function of its rows). The same
+object defers the rewards' NaN / ``+inf``
 checks to :meth:`RewardStates.check` (one per reward and run, rather than a host sync
 per call); the error still names the reward.
 
@@ -93,10 +97,14 @@ class RewardStates:
     def __init__(self):
         self._entries: dict = {}
         self._calls: dict = {}
+        self._complete: dict = {}  # call site -> (rows, values) of its last complete call
+        self._complete_calls: dict = {}
         self._flags: dict = {}
         self._token = None
         #: reward calls answered from a state (a count, for tests and benchmarks)
         self.hits = 0
+        #: calls on complete rows answered by the values of an earlier call (a count)
+        self.recalled = 0
         #: the number of rows whose prefixes grow (set by the algorithm, e.g. SMC's
         #: particles x prompts): a call on a multiple of them is read as candidate
         #: extensions of those rows by one token (the lookahead proposal's)
@@ -113,6 +121,25 @@ class RewardStates:
     def begin(self) -> None:
         """A new evaluation of the model starts: number its reward calls from 0."""
         self._calls.clear()
+        self._complete_calls.clear()
+
+    def complete(self, reward, x: torch.Tensor, compute) -> torch.Tensor:
+        """``reward``'s values ``(R,)`` on the complete rows ``x`` ``(R, T)``: those of the
+        last complete call at the same place of an evaluation if its rows were equal (the
+        rows follow :meth:`reorder`), else ``compute(x)``. A program with several LM sites
+        scores an earlier site's completion in every evaluation while a later site is
+        decoded: a reward is a function of its rows, so it is computed once."""
+        occurrence = self._complete_calls.get(id(reward), 0)
+        self._complete_calls[id(reward)] = occurrence + 1
+        key = (id(reward), occurrence)
+        seen = self._complete.get(key)
+        if seen is not None and seen[0].shape == x.shape and seen[0].device == x.device \
+                and torch.equal(seen[0], x):
+            self.recalled += 1
+            return seen[1].clone()
+        values = compute(x)
+        self._complete[key] = (x.clone(), values.clone())
+        return values
 
     def evaluate(self, reward, x: torch.Tensor, t: int):
         """``reward``'s value ``(R,)`` on the prefixes ``x`` ``(R, T)`` of length ``t``
@@ -183,14 +210,20 @@ class RewardStates:
         return entry
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Rows follow their ancestors ``index`` ``(R,)`` (after resampling); states of
-        another number of rows (a subset, candidates) are dropped."""
+        """Rows follow their ancestors ``index`` ``(R,)`` (after resampling), and so do the
+        rows and values that :meth:`complete` keeps; those of another number of rows (a
+        subset, candidates) are dropped."""
         for key, entry in list(self._entries.items()):
             if entry.tokens.shape[0] != index.numel():
                 del self._entries[key]
                 continue
             entry.tokens = entry.tokens.index_select(0, index)
             entry.state = {k: v.index_select(0, index) for k, v in entry.state.items()}
+        for key, (rows, values) in list(self._complete.items()):
+            if rows.shape[0] != index.numel():
+                del self._complete[key]
+                continue
+            self._complete[key] = (rows.index_select(0, index), values.index_select(0, index))
 
     def flag(self, name: str, values: torch.Tensor) -> None:
         """Record, without a host sync, whether ``values`` hold NaN or ``+inf`` (their

@@ -460,6 +460,105 @@ def test_prompt_cache_reuses_prompt_with_only_while_nothing_changed(tiny_lm, inf
     assert outside[0].tolist() == [[0, 1, 2, 3, 2]]
 
 
+@pytest.fixture
+def scored_rows(monkeypatch):
+    """The number of rows each LM forward pass of ``token_log_probs`` scores, in order."""
+    from pyro_lm.distributions.lm_distribution import LMDistribution
+
+    seen, score = [], LMDistribution._token_log_probs_rows
+
+    def counting(self, x, *args, **kwargs):
+        seen.append(x.shape[0])
+        return score(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(LMDistribution, "_token_log_probs_rows", counting)
+    return seen
+
+
+def test_prompt_cache_scores_each_distinct_row_once(tiny_lm, scored_rows):
+    """Without gradients, inside the cache, a row (prompt and completion) is scored once:
+    duplicates, a permutation of the rows (resampling) and a second call reuse the scores,
+    which equal those computed outside the cache; a new row alone is scored."""
+    from pyro_lm.distributions.lm_distribution import prompt_cache
+
+    d = pyro_lm.LMDistribution(tiny_lm, torch.tensor([[1], [2]]), T)
+    value = torch.tensor([[[1, 2, 0], [3, 0, 0]], [[1, 2, 0], [3, 0, 0]],
+                          [[2, 2, 2], [3, 0, 0]]])  # (3, 2, T): 3 distinct rows
+    with torch.no_grad():
+        expected = d.token_log_probs(value)
+        permuted = value.flip(0)
+        expected_permuted = d.token_log_probs(permuted)
+        del scored_rows[:]
+        with prompt_cache():
+            torch.testing.assert_close(d.token_log_probs(value), expected)
+            assert sum(scored_rows) == 3
+            torch.testing.assert_close(d.token_log_probs(permuted), expected_permuted)
+            torch.testing.assert_close(d.log_prob(value), expected.sum(-1))
+            assert sum(scored_rows) == 3
+            again = pyro_lm.LMDistribution(tiny_lm, torch.tensor([[1], [2]]), T)
+            fresh = value.clone()
+            fresh[0, 0] = torch.tensor([1, 1, 0])  # one new row
+            torch.testing.assert_close(again.token_log_probs(fresh), d.token_log_probs(fresh))
+            assert sum(scored_rows) == 4
+    assert d.token_log_probs(value).requires_grad is False
+
+
+def test_prompt_cache_scores_again_when_the_lm_changes(scored_rows):
+    """The scores follow the LM: a parameter changed in place (an optimiser step), the
+    training mode (dropout) and gradients (a graph to keep) each score the rows anew."""
+    from pyro_lm.distributions.lm_distribution import prompt_cache
+
+    lm = toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=1, init_std=0.5)
+    d = pyro_lm.LMDistribution(lm, torch.tensor([[1]]), T)
+    value = torch.tensor([[1, 2, 0], [3, 0, 0]])
+    with prompt_cache():
+        with torch.no_grad():
+            before = d.log_prob(value)
+            d.log_prob(value)
+            assert sum(scored_rows) == 2
+            weight = next(lm.model.parameters())
+            weight.add_(torch.randn_like(weight))  # in place, as an optimiser step does
+            after = d.log_prob(value)
+            assert sum(scored_rows) == 4 and not torch.allclose(after, before)
+            lm.model.train()
+            d.log_prob(value)
+            assert sum(scored_rows) == 6
+            lm.model.eval()
+        lm.requires_grad_(True)
+        with_grad = d.log_prob(value)
+        assert with_grad.requires_grad and sum(scored_rows) == 8
+        torch.testing.assert_close(with_grad.detach(), after)
+
+
+def test_smc_scores_an_observed_text_once_per_distinct_prompt(tiny_lm, scored_rows):
+    """SMC over a program whose observed text tells which latent prompt it came from
+    re-runs the program after every token, on resampled particles: the text is scored once
+    per distinct prompt, and the run is the one whose scores are all computed afresh
+    (the cache emptied at every call)."""
+    from pyro_lm.distributions import lm_distribution
+
+    prompts, text = torch.tensor([[1], [2], [3]]), torch.tensor([3, 1, 0])
+
+    def model():
+        z = pyro.sample("z", pyro.distributions.Categorical(logits=torch.zeros(3)))
+        pyro.sample("obs", pyro_lm.LMDistribution(tiny_lm, prompts[z], T), obs=text)
+        x = pyro.sample("x", pyro_lm.LMDistribution(tiny_lm, prompts[z], T))
+        pyro.factor("r", (x == 2).sum(-1).float())
+
+    smc = SMC(model, num_particles=64, ess_threshold=1.0)
+    pyro.set_rng_seed(3)
+    post = smc.run()
+    assert sum(scored_rows) <= 3
+    assert post.history["resampled"].any()  # the particles were copied
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(lm_distribution, "ROW_SCORES_LIMIT", 0)  # keep none: score every row
+        pyro.set_rng_seed(3)
+        fresh = smc.run()
+    assert sum(scored_rows) > 64 * T
+    torch.testing.assert_close(post.log_normalizer(), fresh.log_normalizer())
+    torch.testing.assert_close(post.log_weights, fresh.log_weights)
+
+
 def test_prompt_cache_keeps_a_bounded_number_of_entries(tiny_lm):
     """Prompts new at every token (a program's second prompt built from the prefix) do not
     pile up: the least recently used entries go, and a kept one is still reused."""

@@ -194,3 +194,75 @@ def test_a_value_shorter_than_the_prefix_length_is_read_whole(bpe):
             with prefix_context(t):
                 assert torch.equal(reward(plan), reward.forward(plan))
     assert states.hits == 2  # t = 4, 5
+
+
+class _Counted(Reward):
+    """Counts of token 2, recording the rows of each call on complete rows."""
+
+    def __init__(self):
+        super().__init__("counted")
+        self.complete_rows = []
+
+    def forward(self, x):
+        if pyro_lm.distributions.prefix_length() is None:
+            self.complete_rows.append(x.shape[0])
+        return (x == 2).sum(-1).float()
+
+
+def test_complete_rows_are_scored_once_and_follow_their_rows():
+    """Inside RewardStates a call on complete rows equal to the last call's at the same
+    place of an evaluation returns its values (also after the rows were reordered with
+    the states); other rows, or another place, are scored."""
+    reward = _Counted()
+    x = torch.tensor([[2, 2, 1], [1, 2, 0], [3, 3, 3]])
+    with RewardStates() as states:
+        states.rows = 3
+        states.begin()
+        first = reward(x)
+        states.begin()
+        assert torch.equal(reward(x), first) and reward.complete_rows == [3]
+        second_place = reward(x)  # the second call of this evaluation: its own place
+        assert torch.equal(second_place, first) and reward.complete_rows == [3, 3]
+        index = torch.tensor([2, 0, 0])
+        states.reorder(index)
+        states.begin()
+        assert torch.equal(reward(x[index]), first[index])
+        assert reward.complete_rows == [3, 3] and states.recalled == 2
+        changed = x[index].clone()
+        changed[1, 0] = 3
+        assert reward(changed).tolist() == [0.0, 1.0, 2.0]  # scored again
+        assert reward.complete_rows == [3, 3, 3]
+    reward(x)  # outside: always scored
+    assert reward.complete_rows == [3, 3, 3, 3]
+
+
+def test_smc_over_a_program_scores_each_completion_once(monkeypatch):
+    """Two LM sites and a factor on each: the first site's completion is scored once (not
+    in every evaluation while the second is decoded), and the run is bitwise the one that
+    scores every complete call afresh."""
+    lm = toy_lm(vocab_size=4, n_layer=1, n_embd=16, seed=1, init_std=0.5)
+    reward = _Counted()
+
+    def model():
+        first = pyro_lm.LMDistribution(lm, "t1", 3)
+        x1 = pyro.sample("x1", first)
+        pyro.factor("r1", reward(x1))
+        ids, mask = first.prompt_with(x1)
+        x2 = pyro.sample("x2", pyro_lm.LMDistribution(lm, ids, 3, attention_mask=mask))
+        pyro.factor("r2", reward(x2))
+
+    runs = []
+    for recall in (True, False):
+        if not recall:
+            monkeypatch.setattr(RewardStates, "complete",
+                                lambda self, reward, x, compute: compute(x))
+        reward.complete_rows.clear()
+        pyro.set_rng_seed(5)
+        post = SMC(model, num_particles=32, ess_threshold=1.0).run()
+        # (calls on one row read the program's structure, with placeholder values)
+        runs.append((post.samples["x1"], post.samples["x2"], post.log_weights,
+                     reward.complete_rows.count(32)))
+    assert runs[0][3] == 2  # the end of each site
+    assert runs[1][3] > 2
+    for a, b in zip(runs[0][:3], runs[1][:3], strict=True):
+        assert torch.equal(a, b)
