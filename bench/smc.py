@@ -130,6 +130,7 @@ def main(args):
     step_rows = steps_ratios(args, device, model, prompt[0], dist, n)
     length_rows = length_overheads(args, device)
     incremental_rows = incremental_ratios(args, device, lm, prompt[0], dist, n)
+    scores_rows = scores_ratios(args, device)
     rows = [row("plain sampling (LMDistribution.sample)", "sample"),
             row("plain sampling inside torch.inference_mode()", "sample_im"),
             row("pyro_lm SMC, bootstrap proposal", "smc"),
@@ -172,7 +173,8 @@ def main(args):
             + two_site_section(args, two_site)
             + "\n\n" + steps_section(args, step_rows)
             + ("\n\n" + lengths_section(args, length_rows) if length_rows else "")
-            + "\n\n" + incremental_section(args, incremental_rows))
+            + "\n\n" + incremental_section(args, incremental_rows)
+            + "\n\n" + scores_section(args, scores_rows))
     if not args.quick:
         # a GPU run gets its own section: the CPU figures stay
         write_section("smc" if device.type == "cpu" else f"smc-{device.type}", body)
@@ -515,14 +517,122 @@ def two_site_section(args, rows):
             "Where the program path's excess goes (cProfile, bundled LM and peers' model, 64 "
             "particles): the decoder's work (prefill and steps) is about plain sampling's; the "
             "excess is mostly the potential, which re-runs the whole program after every token "
-            "under `LogFactorsMessenger(partial=True)`: while `x2` is decoded that rebuilds `x1`'s "
-            "`LMDistribution`, redoes `first.prompt_with(x1)` (cat, argsort, gather over N rows) "
-            "and re-scores `r(x1)`, all fixed during the stage, before building `x2`'s "
-            "distribution and scoring its prefix; then resampling (the KV reorder), as on the "
-            "one-site path. Caching the finished stages (their factors' sum, and the prompts "
-            "built from their values, reordered with the particles on resampling) or a "
-            "stage-local potential that scores only the factors after the current site would "
-            "bring the program path's per-token excess down toward the one-site path's.")
+            "under `LogFactorsMessenger(partial=True)`. While `x1` is decoded the run ends after "
+            "`r(x1)` (`stop_early`: it does not build `x2`'s prompt from `x1`'s prefix and "
+            "its `LMDistribution`, the next site being undrawn); while `x2` is decoded it "
+            "rebuilds `x1`'s `LMDistribution`, takes "
+            "`first.prompt_with(x1)` from `prompt_cache` (built again after each resampling, "
+            "which replaces `x1`) and `r(x1)` from `RewardStates.complete`, before building "
+            "`x2`'s distribution and scoring its prefix; then resampling (the KV reorder), as "
+            "on the one-site path.")
+
+
+class rescoring:
+    """Within this context SMC scores an observed text and a finished site's completion
+    again in every evaluation of the program, every row (``prompt_cache`` keeps no row
+    scores, and ``RewardStates`` recalls no complete rows): the "before" of the scores
+    table."""
+
+    def __enter__(self):
+        from pyro_lm.distributions import lm_distribution
+        from pyro_lm.rewards.incremental import RewardStates
+
+        self.saved = lm_distribution.ROW_SCORES_LIMIT, RewardStates.__dict__["complete"]
+        lm_distribution.ROW_SCORES_LIMIT = 0
+        RewardStates.complete = lambda self, reward, x, compute: compute(x)
+
+    def __exit__(self, *exc):
+        from pyro_lm.distributions import lm_distribution
+        from pyro_lm.rewards.incremental import RewardStates
+
+        lm_distribution.ROW_SCORES_LIMIT, RewardStates.complete = self.saved
+
+
+def scores_ratios(args, device):
+    """``[(label, {contender: s})]``: SMC over two programs whose potential scores
+    something fixed in every evaluation, against their plain sampling, with the scores kept
+    (``prompt_cache``'s row scores, ``RewardStates.complete``) and recomputed."""
+    import pyro.distributions as dist
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from sentiment import train_classifier
+
+    from pyro_lm.programs import REVIEW_PROMPT, positive_reviews_reward
+    from pyro_lm.rewards import Classifier
+
+    t, n = args.max_new_tokens, args.num_particles
+    lm = pyro_lm.CausalLM.from_pretrained(pyro_lm.bundled_model_path(), device=device)
+    lexicon = positive_reviews_reward(lm.tokenizer)
+    ids, mask = lm.encode(["Review:", "A review of a film:", "Rating:"])
+    text = lm.encode("the film was good and I liked it a lot")[0][0]
+
+    def observed(prompts=ids):
+        z = pyro.sample("z", dist.Categorical(logits=torch.zeros(3, device=device)))
+        pyro.sample("obs", pyro_lm.LMDistribution(lm, prompts[z], text.shape[-1],
+                                                  attention_mask=mask[z]), obs=text)
+        x = pyro.sample("x", pyro_lm.LMDistribution(lm, prompts[z], t, attention_mask=mask[z]))
+        pyro.factor("r", lexicon(x) / 0.5)
+
+    def observed_plain():  # z and x drawn, the text scored once: importance sampling's work
+        z = torch.randint(3, (n,), device=device)
+        obs = pyro_lm.LMDistribution(lm, ids[z], text.shape[-1], attention_mask=mask[z])
+        x = pyro_lm.LMDistribution(lm, ids[z], t, attention_mask=mask[z]).sample()
+        return x, lexicon(x), obs.log_prob(text)
+
+    clf, _ = train_classifier(lm.tokenizer, 200, 5, lm.device)
+    judge = Classifier(clf, lm.tokenizer, 1, lm.tokenizer, on_prefix="zero")
+    two_sites, plain = two_site_program(lm, REVIEW_PROMPT, judge, 0.5, t)
+
+    def two_sites_plain():  # both sites drawn, each completion scored once
+        x1, x2 = plain(n)
+        return judge(x1), judge(x2)
+
+    out = []
+    for label, model, base, arg in (
+            ("latent prompt, observed text, one LM site, Lexicon", observed, observed_plain,
+             ()),
+            ("two LM sites, a classifier on each", two_sites, two_sites_plain,
+             (REVIEW_PROMPT,))):
+        smc = SMC(model, num_particles=n)
+
+        def before(smc=smc, arg=arg):
+            with rescoring():
+                return smc.run(*arg)
+
+        med = interleaved({"plain": base, "smc": lambda smc=smc, arg=arg: smc.run(*arg),
+                           "before": before}, repeats=args.repeats, device=device)
+        out.append((label, med))
+        print(label, {c: f"{v * 1e3:.1f} ms" for c, v in med.items()}, flush=True)
+    return out
+
+
+def scores_section(args, rows):
+    """The "scores computed once" part of the section."""
+    cells = [[label, f"{m['plain'] * 1e3:.1f}", f"{m['smc'] * 1e3:.1f}",
+              f"{m['smc'] / m['plain']:.2f}", f"{m['before'] * 1e3:.1f}",
+              f"{m['before'] / m['plain']:.2f}", f"{m['before'] / m['smc']:.2f}"]
+             for label, m in rows]
+    return ("### SMC over programs that score something fixed in every evaluation\n\n"
+            "SMC over a program re-runs it after every token. An observed text is scored by "
+            "its LM in every run, and a finished site's completion by its reward while the "
+            "next site is decoded. Within one SMC run, `prompt_cache` scores each distinct "
+            "row (prompt and completion) of `LMDistribution.token_log_probs` once, without "
+            "gradients and while the LM is unchanged (`pyro_lm/distributions/lm_distribution.py`"
+            ": the observed text once per distinct latent prompt, not once per token and "
+            "particle). A reward called on complete rows equal to those of the last call at "
+            "the same place returns that call's values (`RewardStates.complete`, rows "
+            "reordered with the particles). The \"recomputed\" columns run the same SMC with "
+            "both switched off (how it ran before). Bundled LM, "
+            f"{args.num_particles} particles, {args.max_new_tokens} new tokens per site, "
+            "beta 0.5. Program 1: `z` uniform over 3 prompts, an 11-token observed review "
+            "from `prompts[z]`, `x` from `prompts[z]`, the positive-reviews Lexicon on `x`; "
+            "plain = `z` and `x` drawn and the text scored once (importance sampling's work, "
+            "no Pyro). Program 2: the two-site program above with a 1-layer GPT-2 sentiment "
+            "classifier (`Classifier(..., on_prefix='zero')`, trained as in "
+            "`examples/sentiment.py`) as the reward of each site; plain = both sites drawn "
+            f"and each completion scored once. Medians of {args.repeats} interleaved calls.\n\n"
+            + table(["program", "plain, ms", "SMC, ms", "÷ plain", "SMC, scores recomputed, ms",
+                     "÷ plain", "speed-up"], cells))
 
 
 def parse_args(argv=None):

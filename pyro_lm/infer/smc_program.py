@@ -17,7 +17,12 @@ nothing past the next undrawn latent site,
         + \Phi_{k,t} - \Phi_{\text{before}} .
 
 The potentials telescope to the program's full log-factor, so the final weights target
-the posterior exactly and :math:`\log \hat Z` is unbiased for :math:`Z`. Resampling
+the posterior exactly and :math:`\log \hat Z` is unbiased for :math:`Z`. Since the
+intermediate potentials only steer, a partial run ends at the observed site after which
+the last one with the same held sites found nothing else before its end
+(``LogFactorsMessenger.evaluate_values(stop_early=True)``): the code that follows, such
+as the next site's prompt built from the current prefix, is not run; the final weights
+come from one complete run. Resampling
 reorders every particle's earlier values with its KV cache. With ``steps`` (step-level
 SMC, :mod:`pyro_lm.infer.smc_steps`) a stage's potential is applied only at the step
 ends of its site's completion, and the last token of each stage is a step end of
@@ -175,7 +180,8 @@ def _decode(smc, name, prior, proposal, shape, values, factors, args, kwargs, lo
         held[name] = x
         # a prefix from this site's sample statement on: the earlier sites' factors see
         # their whole completions
-        total = factors.evaluate_values(held, args, kwargs, None if final else (name, t))
+        total = factors.evaluate_values(held, args, kwargs, None if final else (name, t),
+                                        stop_early=True)
         return torch.as_tensor(total, dtype=torch.float32).expand(shape).reshape(-1)
 
     def follow(index):  # the earlier sites and latents follow their particles

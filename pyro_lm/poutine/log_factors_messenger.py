@@ -58,6 +58,8 @@ class LogFactorsMessenger(Messenger):
         self.site, self.batch_shape, self.owner, self.partial = site, batch_shape, owner, partial
         self.values, self.total = None, 0.0
         self._prefix = self._context = None
+        self._stops: dict = {}  # held sites -> the last observed site before a partial end
+        self._early = self._last = None
         self._run = self(model)
 
     def evaluate(self, value: torch.Tensor, args=(), kwargs=None):
@@ -66,16 +68,25 @@ class LogFactorsMessenger(Messenger):
         has none)."""
         return self.evaluate_values({self.site: value}, args, kwargs)
 
-    def evaluate_values(self, values: dict, args=(), kwargs=None, prefix=None):
+    def evaluate_values(self, values: dict, args=(), kwargs=None, prefix=None,
+                        stop_early: bool = False):
         """:meth:`evaluate` with several latent sites held: ``values`` site → value, each
         with the leading particle dim.
 
         :param prefix: ``None``, or ``(site, t)``: ``values[site]`` is a prefix of ``t``
             tokens, and the model runs inside :func:`~pyro_lm.distributions.prefix_context`
             from that site's sample statement on; before it the held values are complete
-            (an earlier site's factor sees its whole completion)."""
+            (an earlier site's factor sees its whole completion).
+        :param bool stop_early: a partial run may end at the observed site after which the
+            last partial run with the same held sites found no other before its end (what
+            follows it, e.g. the next site's prompt built from this prefix, is not run);
+            for potentials whose value only steers (SMC's intermediate ones), never for a
+            run that must see every site."""
         self.values, self.total = values, 0.0
         self._prefix, self._context = prefix, None
+        self._early = (frozenset(values), prefix is None) if stop_early and self.partial \
+            else None
+        self._last = None
         states = active_states()
         if states is not None:  # a new evaluation: its reward calls are numbered anew
             states.begin()
@@ -121,7 +132,12 @@ class LogFactorsMessenger(Messenger):
                         "give such programs one joint weight per sample)")
             first = isinstance(self.total, float) and self.total == 0.0
             self.total = term if first else self.total + term
+            self._last = msg["name"]
+            if self._early is not None and self._stops.get(self._early) == msg["name"]:
+                raise _PartialEnd  # nothing observed after it, the last time
         elif self.partial:
+            if self._early is not None:
+                self._stops[self._early] = self._last
             raise _PartialEnd
         else:
             raise ValueError(f"{self.owner}: latent site {msg['name']!r} besides the LM site "

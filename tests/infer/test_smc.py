@@ -559,6 +559,35 @@ def test_smc_scores_an_observed_text_once_per_distinct_prompt(tiny_lm, scored_ro
     torch.testing.assert_close(post.log_weights, fresh.log_weights)
 
 
+def test_a_partial_run_may_stop_after_its_last_observed_site(tiny_lm):
+    """With stop_early, a partial run ends at the observed site after which the last
+    partial run with the same held sites found nothing else before its end: the work
+    after it (the next site's prompt) is skipped, the sum is the same; without it, or in
+    a complete run, the model runs to its end."""
+    from pyro_lm.poutine import LogFactorsMessenger
+
+    built = []
+
+    def model():
+        first = pyro_lm.LMDistribution(tiny_lm, "t1", T)
+        x1 = pyro.sample("x1", first)
+        pyro.factor("r1", (x1 == 2).sum(-1).float())
+        built.append(1)  # the next site's prompt, built from x1
+        ids, mask = first.prompt_with(x1)
+        x2 = pyro.sample("x2", pyro_lm.LMDistribution(tiny_lm, ids, T, attention_mask=mask))
+        pyro.factor("r2", (x2 == 3).sum(-1).float())
+
+    factors = LogFactorsMessenger(model, None, torch.Size(()), owner="SMC", partial=True)
+    x1, x2 = torch.tensor([[2, 2, 0], [1, 0, 0]]), torch.tensor([[3, 0, 0], [3, 3, 3]])
+    totals = [factors.evaluate_values({"x1": x1}, stop_early=True) for _ in range(3)]
+    assert len(built) == 1 and all(torch.equal(t, totals[0]) for t in totals)
+    assert totals[0].tolist() == [2.0, 0.0]
+    factors.evaluate_values({"x1": x1})
+    assert len(built) == 2
+    complete = factors.evaluate_values({"x1": x1, "x2": x2}, stop_early=True)
+    assert len(built) == 3 and complete.tolist() == [3.0, 3.0]
+
+
 def test_prompt_cache_keeps_a_bounded_number_of_entries(tiny_lm):
     """Prompts new at every token (a program's second prompt built from the prefix) do not
     pile up: the least recently used entries go, and a kept one is still reused."""
