@@ -22,20 +22,21 @@ one per run; :func:`~pyro_lm.infer.prefix_elbo.prefix_factors` one per call). In
 a reward called on a prefix looks up its state (keyed by the reward and by its place
 among the reward calls of one evaluation of the model), checks that the rows' tokens
 before the state's length are the ones the state was built from, advances it over the
-new columns and returns its value. Whenever that check fails (other rows, a shorter
-prefix, tokens that changed) the reward's :meth:`~pyro_lm.rewards.Reward.forward` is
-used and the state is left as it was, so the result is exact whatever the model does
-with its values. With :attr:`RewardStates.rows` set, a call on ``C`` times as many rows is
-read as ``C`` candidate next tokens of each row (block ``c`` of the rows holding candidate
-``c``), as SMC's lookahead proposal scores them: the rows' state is copied ``C`` times and
-advanced by the candidates; a call on other rows (a subset, at step ends) reads its
-prefixes whole. On resampling, the algorithm calls :meth:`RewardStates.reorder` so
-that the states follow their rows. Outside a prefix context (complete rows: an earlier LM
-site's completion, scored again in every evaluation while a later site is decoded) a call
-whose rows equal those of the last call at the same place of an evaluation returns its
-values (:meth:`RewardStates.complete`: a reward is a function of its rows). The same
-object defers the rewards' NaN / ``+inf``
-checks to :meth:`RewardStates.check` (one per reward and run, rather than a host sync
+new columns and returns its value. Whenever that check fails (other rows, tokens that
+changed) the reward's :meth:`~pyro_lm.rewards.Reward.forward` is used and the state is left
+as it was; on a prefix shorter than the state's, or of one token (the next LM site of a
+program, read at the same place), the state starts over from the new rows. Either way the
+result is exact whatever the model does with its values. With :attr:`RewardStates.rows`
+set, a call on ``C`` times as many rows is read as ``C`` candidate next tokens of each row
+(block ``c`` of the rows holding candidate ``c``), as SMC's lookahead proposal scores them:
+the rows' state is copied ``C`` times and advanced by the candidates; a call on other rows
+(a subset, at step ends) reads its prefixes whole. On resampling, the algorithm calls
+:meth:`RewardStates.reorder` so that the states follow their rows. Outside a prefix context
+(complete rows: an earlier LM site's completion, scored again in every evaluation while a
+later site is decoded) a call whose rows equal those of the last call at the same place of
+an evaluation returns its values (:meth:`RewardStates.complete`: a reward is a function of
+its rows). The same object defers the rewards' NaN / ``+inf`` checks to
+:meth:`RewardStates.check` (one per reward and run, rather than a host sync
 per call); the error still names the reward.
 
 A state is a dict of tensors whose first dim is the row.
@@ -161,7 +162,13 @@ class RewardStates:
             return None
         if tokens.shape != x.shape or tokens.device != x.device or t < start \
                 or not torch.equal(tokens[:, :start], x[:, :start]):
-            return None
+            if t >= start and t > 1:
+                return None
+            # a shorter prefix of other rows (the next LM site of a program, read at the
+            # same place): the state starts over from them
+            del self._entries[key]
+            entry = self._entry(reward, key, x)
+            tokens, start = entry.tokens, 0
         for column in range(start, t):
             entry.state = reward.advance(entry.state, x[:, column], column)
         tokens[:, start:t] = x[:, start:t]

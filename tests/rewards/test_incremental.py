@@ -58,14 +58,22 @@ def test_states_follow_resampled_rows_and_fall_back_when_rows_change(bpe, which)
                 x = x.index_select(0, index)
                 states.reorder(index)
         assert states.hits == 25
-        # another prefix of other tokens, or a shorter one: forward, the state untouched
+        # another prefix of other tokens: forward, the state untouched
         changed = x.clone()
         changed[:, 0] = (changed[:, 0] + 1) % 500
-        for t, prefix in [(24, changed), (3, x.masked_fill(torch.arange(24) >= 3, 0))]:
+        states.begin()
+        with prefix_context(24):
+            assert torch.equal(reward(changed), reward.forward(changed))
+        assert states.hits == 25
+        # a shorter prefix (the next site of a program, at the same place): the state
+        # starts over from its rows, and follows them on
+        other = pyro_lm.LMDistribution(bpe, "The", 24).sample((32,))
+        for t in (3, 4, 5):
+            prefix = other.masked_fill(torch.arange(24) >= t, bpe.pad_token_id)
             states.begin()
             with prefix_context(t):
-                assert torch.equal(reward(prefix), reward.forward(prefix))
-        assert states.hits == 25
+                assert torch.equal(reward(prefix), reward.forward(prefix)), t
+        assert states.hits == 28
 
 
 def test_reward_calls_are_numbered_within_an_evaluation(bpe):
