@@ -354,9 +354,19 @@ class LMDistribution(TorchDistribution):
                              "for this LM; were they made by another tokenizer?")
         return ids, mask, batch
 
-    def _prompt_index(self, shape: torch.Size) -> torch.Tensor:
-        """Index into the prompt rows for every element of ``shape`` (a shape
-        ``self.batch_shape`` broadcasts to), flattened."""
+    @property
+    def prompt_batch_shape(self) -> torch.Size:
+        """The batch shape of the prompts themselves (``batch_shape`` before any
+        :meth:`expand`): ``prompt_ids`` holds one row per element of it."""
+        return self._prompt_batch_shape
+
+    def prompt_index(self, shape) -> torch.Tensor:
+        """The row of ``prompt_ids`` / ``prompt_mask`` for every element of ``shape``,
+        flattened, ``(shape.numel(),)``.
+
+        :param shape: a shape that :attr:`prompt_batch_shape` broadcasts to (e.g. a
+            value's ``shape[:-1]``).
+        :raises RuntimeError: if it does not broadcast."""
         base = torch.arange(self.prompt_ids.shape[0], device=self.prompt_ids.device)
         base = base.reshape(self._prompt_batch_shape)
         return base.expand(shape).reshape(-1)
@@ -366,7 +376,7 @@ class LMDistribution(TorchDistribution):
 
         :returns: ``(input_ids, attention_mask)``, each ``(N, L)``.
         """
-        index = self._prompt_index(torch.Size(shape) + self.batch_shape)
+        index = self.prompt_index(torch.Size(shape) + self.batch_shape)
         return self.prompt_ids.index_select(0, index), self.prompt_mask.index_select(0, index)
 
     def _sampled_prompts(self, shape: torch.Size):
@@ -627,7 +637,7 @@ class LMDistribution(TorchDistribution):
             self._validate_sample(value)
         shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
         x = value.expand(shape + self.event_shape).reshape(-1, self.max_new_tokens)
-        index = self._prompt_index(shape)
+        index = self.prompt_index(shape)
         if x.shape[0] == 0:
             return torch.zeros(shape + self.event_shape, dtype=torch.float32, device=value.device)
         cache = _PROMPT_CACHE.get()

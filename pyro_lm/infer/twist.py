@@ -136,10 +136,10 @@ class ValueTwist(nn.Module):
                              f"{self.dist.max_new_tokens} of the twist's dist")
         shape = x.shape[:-1]
         try:
-            index = self.dist._prompt_index(shape)
+            index = self.dist.prompt_index(shape)
         except RuntimeError:
             raise ValueError(f"x: batch shape {tuple(shape)} does not end with the twist's "
-                             f"prompts {tuple(self.dist._prompt_batch_shape)}; build the "
+                             f"prompts {tuple(self.dist.prompt_batch_shape)}; build the "
                              "twist from the model's own LMDistribution") from None
         rows = x.reshape(-1, length).to(self.dist.prompt_ids.device)
         ids = self.dist.prompt_ids.index_select(0, index)

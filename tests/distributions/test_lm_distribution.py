@@ -311,3 +311,15 @@ def test_encode_value_gives_the_observed_completion(tiny_lm):
     assert tiny_lm.decode(value) == ["t2 t3", "t1 t2 t3", ""]
     with pytest.raises(ValueError, match=r"texts\[0\].*more than max_new_tokens=3"):
         d.encode_value("t1 t2 t3 t1")
+
+
+def test_prompt_index_maps_each_element_to_its_prompt_row(tiny_lm):
+    """One row of prompt_ids per element of prompt_batch_shape, whatever the expanded
+    batch shape; a shape the prompts do not broadcast to is refused."""
+    d = LMDistribution(tiny_lm, torch.tensor([[1], [2], [3]]), 2).expand((4, 3))
+    assert d.prompt_batch_shape == torch.Size((3,)) and d.batch_shape == torch.Size((4, 3))
+    assert d.prompt_index((2, 4, 3)).tolist() == [0, 1, 2] * 8
+    ids, _ = d.prompts_for((2,))
+    assert ids[:, 0].tolist() == [1, 2, 3] * 8
+    with pytest.raises(RuntimeError):
+        d.prompt_index((4, 2))
