@@ -122,6 +122,7 @@ class _RowScores:
     :func:`_lm_state` is the one they were computed in."""
 
     def __init__(self, lm):
+        self.lm = lm  # held: its id, in the cache key, names no other LM meanwhile
         self.state = _lm_state(lm)
         self.positions: dict = {}  # (prompt row, completion row) -> row of table
         self.table = None  # (K, T) float32

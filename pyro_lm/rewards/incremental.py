@@ -59,14 +59,20 @@ def active_states() -> RewardStates | None:
     return _ACTIVE.get()
 
 
+#: The complete calls whose rows and values :meth:`RewardStates.complete` keeps (the least
+#: recently used go first: a reward made anew in every evaluation does not pile up).
+COMPLETE_CALLS_KEPT = 64
+
+
 class _Entry:
     """One reward call site's state: ``state`` (tensors with a leading row dim), the
-    ``tokens`` ``(R, T)`` it was built from, valid in columns ``< length``."""
+    ``tokens`` ``(R, T)`` it was built from, valid in columns ``< length``; it holds its
+    ``reward``, so that the reward's id, in the key, names no other reward meanwhile."""
 
-    __slots__ = ("state", "tokens", "length")
+    __slots__ = ("reward", "state", "tokens", "length")
 
-    def __init__(self, state, tokens):
-        self.state, self.tokens, self.length = state, tokens, 0
+    def __init__(self, reward, state, tokens):
+        self.reward, self.state, self.tokens, self.length = reward, state, tokens, 0
 
 
 class RewardStates:
@@ -133,13 +139,17 @@ class RewardStates:
         occurrence = self._complete_calls.get(id(reward), 0)
         self._complete_calls[id(reward)] = occurrence + 1
         key = (id(reward), occurrence)
-        seen = self._complete.get(key)
+        seen = self._complete.pop(key, None)
         if seen is not None and seen[0].shape == x.shape and seen[0].device == x.device \
                 and torch.equal(seen[0], x):
             self.recalled += 1
-            return seen[1].clone()
-        values = compute(x)
-        self._complete[key] = (x.clone(), values.clone())
+            values = seen[1].clone()
+        else:
+            values = compute(x)
+            seen = (x.clone(), values.clone(), reward)  # (holding the reward keeps its id)
+        self._complete[key] = seen  # the most recently used goes last
+        if len(self._complete) > COMPLETE_CALLS_KEPT:
+            del self._complete[next(iter(self._complete))]
         return values
 
     def evaluate(self, reward, x: torch.Tensor, t: int):
@@ -213,7 +223,7 @@ class RewardStates:
             state = reward.initial_state(x.shape[0], x.device)
             if state is None:
                 return None
-            entry = self._entries[key] = _Entry(state, torch.empty_like(x))
+            entry = self._entries[key] = _Entry(reward, state, torch.empty_like(x))
         return entry
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -226,11 +236,12 @@ class RewardStates:
                 continue
             entry.tokens = entry.tokens.index_select(0, index)
             entry.state = {k: v.index_select(0, index) for k, v in entry.state.items()}
-        for key, (rows, values) in list(self._complete.items()):
+        for key, (rows, values, reward) in list(self._complete.items()):
             if rows.shape[0] != index.numel():
                 del self._complete[key]
                 continue
-            self._complete[key] = (rows.index_select(0, index), values.index_select(0, index))
+            self._complete[key] = (rows.index_select(0, index), values.index_select(0, index),
+                                   reward)
 
     def flag(self, name: str, values: torch.Tensor) -> None:
         """Record, without a host sync, whether ``values`` hold NaN or ``+inf`` (their

@@ -274,3 +274,23 @@ def test_smc_over_a_program_scores_each_completion_once(monkeypatch):
     assert runs[1][3] > 2
     for a, b in zip(runs[0][:3], runs[1][:3], strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_reward_made_anew_in_every_evaluation_is_scored_anew():
+    """A reward object built inside the model at every evaluation is a new reward each
+    time, even where Python would give it the id of the last one (freed): its complete
+    rows and prefixes are scored by itself."""
+    from pyro_lm.rewards.incremental import COMPLETE_CALLS_KEPT
+
+    lm = toy_lm(vocab_size=4)
+    x = torch.tensor([[2, 2, 1], [1, 2, 0]])
+    with RewardStates() as states:
+        for i in range(2 * COMPLETE_CALLS_KEPT):
+            states.begin()
+            reward = Callable(lambda x, i=i: torch.full(x.shape[:-1], float(i)))
+            assert reward(x).tolist() == [i, i]
+            counts = TokenCounts(lm, {2: float(i)})
+            with prefix_context(2):
+                assert counts(x).tolist() == [2.0 * i, i]
+            del reward, counts
+        assert states.recalled == 0
