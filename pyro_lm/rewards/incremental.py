@@ -62,6 +62,9 @@ def active_states() -> RewardStates | None:
 #: The complete calls whose rows and values :meth:`RewardStates.complete` keeps (the least
 #: recently used go first: a reward made anew in every evaluation does not pile up).
 COMPLETE_CALLS_KEPT = 64
+#: The reward call sites whose states a :class:`RewardStates` keeps (the oldest made go
+#: first; a call whose state went reads its prefix whole, or starts a state over).
+CALL_SITES_KEPT = 64
 
 
 class _Entry:
@@ -224,6 +227,8 @@ class RewardStates:
             if state is None:
                 return None
             entry = self._entries[key] = _Entry(reward, state, torch.empty_like(x))
+            if len(self._entries) > CALL_SITES_KEPT:  # the oldest state goes
+                del self._entries[next(iter(self._entries))]
         return entry
 
     def reorder(self, index: torch.Tensor) -> None:

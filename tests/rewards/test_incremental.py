@@ -294,3 +294,4 @@ def test_a_reward_made_anew_in_every_evaluation_is_scored_anew():
                 assert counts(x).tolist() == [2.0 * i, i]
             del reward, counts
         assert states.recalled == 0
+        assert states.hits > 0  # a new state for each new reward (the oldest dropped)
