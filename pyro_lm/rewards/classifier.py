@@ -71,6 +71,19 @@ class Classifier(Reward):
         return next(self.model.parameters()).device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_prefix == "zero":  # classify the complete rows alone; prefixes score 0
+            complete = is_complete(x, self.eos)
+            r = torch.zeros(x.shape[0], device=x.device)
+            if bool(complete.all()):
+                return self._classify(x)
+            if bool(complete.any()):
+                rows = complete.nonzero().squeeze(-1)
+                r[rows] = self._classify(x.index_select(0, rows))
+            return r
+        return self._classify(x)
+
+    def _classify(self, x: torch.Tensor) -> torch.Tensor:
+        """The label's log-probability for each row of ``x`` ``(N, T)``, read as text."""
         texts = [self.prefix_text + t for t in decode_counted(self.lm_tokenizer, x, self.eos)]
         texts = [t if t.strip() else self.empty_text for t in texts]
         out = []
@@ -82,7 +95,4 @@ class Classifier(Reward):
                 enc = {k: v.to(self.device) for k, v in enc.items()}
                 logits = self.model(**enc).logits.float()
                 out.append(logits.log_softmax(-1)[:, self.label])
-        r = torch.cat(out).to(x.device) if out else torch.zeros(0, device=x.device)
-        if self.on_prefix == "zero":
-            r = torch.where(is_complete(x, self.eos), r, torch.zeros_like(r))
-        return r
+        return torch.cat(out).to(x.device) if out else torch.zeros(0, device=x.device)

@@ -132,6 +132,31 @@ def test_classifier_reward_is_log_prob_of_label(tiny_lm, device):
         Classifier(clf, tok, "meh", tiny_lm.tokenizer)
 
 
+def test_classifier_on_prefix_zero_classifies_complete_rows_only(tiny_lm, monkeypatch):
+    """On prefixes, ``on_prefix="zero"`` gives 0 to the rows still being written and the
+    label's log-probability to those that ended, classifying only those."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=4, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                        num_labels=2, pad_token_id=0)
+    clf = GPT2ForSequenceClassification(config).eval()
+    tok = pyro_lm.lm.toy_tokenizer(4)
+    zero = Classifier(clf, tok, 1, tiny_lm.tokenizer, on_prefix="zero")
+    full = Classifier(clf, tok, 1, tiny_lm.tokenizer)
+    x = torch.tensor([[1, 0, 0], [3, 2, 0], [2, 2, 0]])  # at t = 2 only row 0 has ended
+    texts = []
+    encode = tok.__call__
+    monkeypatch.setattr(type(tok), "__call__",
+                        lambda self, t, **kw: (texts.append(list(t)), encode(t, **kw))[1])
+    with prefix_context(2):
+        out = zero(x)
+    assert texts == [["t1"]]
+    assert out[1:].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(out[0], full(x)[0])
+    torch.testing.assert_close(zero(x), full(x))  # complete rows: all classified
+
+
 def test_regex_undecided_prefixes_score_prefix_value(tiny_lm):
     """A required pattern is not required of a prefix; a monotone match is final at once."""
     need = Regex(tiny_lm.tokenizer, r"t2", match=0.0, no_match=-math.inf, monotone=True,
