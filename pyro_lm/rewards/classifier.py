@@ -25,7 +25,9 @@ class Classifier(Reward):
     :param lm_tokenizer: the LM's tokenizer (or a :class:`~pyro_lm.CausalLM`),
         used to decode ``x``.
     :param str on_prefix: ``"evaluate"`` scores incomplete prefixes as text
-        (a heuristic twist for SMC), ``"zero"`` gives them 0.
+        (a heuristic twist for SMC), ``"zero"`` gives them 0. With ``"zero"`` the reward
+        has an incremental form (:mod:`pyro_lm.rewards.incremental`): a row is classified
+        once, at the first prefix where it has ended, and keeps that value.
     :param int batch_size: sequences per classifier forward pass.
     :param str prefix_text: text prepended to each completion before
         classification (e.g. the prompt).
@@ -81,6 +83,26 @@ class Classifier(Reward):
                 r[rows] = self._classify(x.index_select(0, rows))
             return r
         return self._classify(x)
+
+    # -- the incremental form (on_prefix="zero"): each ended row classified once ----------
+
+    def initial_state(self, rows: int, device: torch.device) -> dict | None:
+        if self.on_prefix != "zero":
+            return None
+        return {"value": torch.zeros(rows, device=device),
+                "known": torch.zeros(rows, dtype=torch.bool, device=device)}
+
+    def advance(self, state: dict, token: torch.Tensor, t: int) -> dict:
+        return state  # an ended row's text no longer changes; the others score 0
+
+    def state_value(self, state: dict, x: torch.Tensor) -> torch.Tensor:
+        complete = is_complete(x, self.eos)
+        new = complete & ~state["known"]
+        if bool(new.any()):
+            rows = new.nonzero().squeeze(-1)
+            state["value"][rows] = self._classify(x.index_select(0, rows))
+            state["known"] |= new
+        return torch.where(complete, state["value"], torch.zeros_like(state["value"]))
 
     def _classify(self, x: torch.Tensor) -> torch.Tensor:
         """The label's log-probability for each row of ``x`` ``(N, T)``, read as text."""

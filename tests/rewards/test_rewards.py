@@ -1,5 +1,6 @@
 import math
 
+import pyro
 import pytest
 import torch
 
@@ -155,6 +156,48 @@ def test_classifier_on_prefix_zero_classifies_complete_rows_only(tiny_lm, monkey
     assert out[1:].tolist() == [0.0, 0.0]
     torch.testing.assert_close(out[0], full(x)[0])
     torch.testing.assert_close(zero(x), full(x))  # complete rows: all classified
+
+
+def test_classifier_on_prefix_zero_classifies_each_ended_row_once_in_smc():
+    """Its incremental form agrees with forward on every prefix, and in SMC each row is
+    classified once on prefixes (when it ends), not at every later token; the run is
+    bitwise the one that reads every prefix whole."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from pyro_lm.infer import SMC
+    from pyro_lm.rewards import check_prefix_contract
+
+    lm = toy_lm(vocab_size=4)  # ends often
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=4, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                        num_labels=2, pad_token_id=0)
+    clf = GPT2ForSequenceClassification(config).eval()
+    reward = Classifier(clf, pyro_lm.lm.toy_tokenizer(4), 1, lm.tokenizer,
+                        on_prefix="zero")
+    assert check_prefix_contract(reward, lm=lm, prompts="t1", max_new_tokens=6) > 0
+    classified = []
+    forward = clf.forward
+
+    def counting(input_ids=None, **kwargs):  # the rows the classifier reads
+        classified.append(input_ids.shape[0])
+        return forward(input_ids=input_ids, **kwargs)
+
+    clf.forward = counting
+
+    def model():
+        x = pyro.sample("x", pyro_lm.LMDistribution(lm, "t1", 6))
+        pyro.factor("r", reward(x))
+
+    runs = []
+    for incremental in (True, False):
+        if not incremental:
+            reward.initial_state = lambda rows, device: None
+        classified.clear()
+        pyro.set_rng_seed(1)
+        post = SMC(model, num_particles=16, ess_threshold=1.0).run()
+        runs.append((post.samples["x"], post.log_weights, sum(classified)))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert runs[0][2] < runs[1][2]
 
 
 def test_regex_undecided_prefixes_score_prefix_value(tiny_lm):
