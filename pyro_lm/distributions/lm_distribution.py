@@ -123,7 +123,11 @@ class _RowScores:
 
     def __init__(self, lm):
         self.lm = lm  # held: its id, in the cache key, names no other LM meanwhile
-        self.state = _lm_state(lm)
+        self._forget(_lm_state(lm))
+
+    def _forget(self, state: tuple) -> None:
+        """Keep no scores: the LM is now in ``state``."""
+        self.state = state
         self.positions: dict = {}  # (prompt row, completion row) -> row of table
         self.table = None  # (K, T) float32
 
@@ -132,7 +136,7 @@ class _RowScores:
         only the rows not seen before are scored (each distinct one once)."""
         state = _lm_state(dist.lm)
         if state != self.state or len(self.positions) + x.shape[0] > ROW_SCORES_LIMIT:
-            self.__init__(dist.lm)
+            self._forget(state)
         prompts = torch.cat([dist.prompt_ids, dist.prompt_mask], -1).tolist()
         keys = [(tuple(prompts[j]), tuple(row))
                 for j, row in zip(index.tolist(), x.tolist(), strict=True)]

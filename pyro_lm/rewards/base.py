@@ -159,10 +159,9 @@ class Reward:
         if states is not None and t is not None:
             r = states.evaluate(self, flat, t)
         if r is None and states is not None and t is None:  # complete rows, maybe seen
-            r = states.complete(self, flat, lambda rows: as_values(self.forward(rows), rows,
-                                                                    self.name))
+            r = states.complete(self, flat, self._checked_forward)
         if r is None:
-            r = as_values(self.forward(flat), flat, self.name)
+            r = self._checked_forward(flat)
         if states is not None:  # checked once per run, on the weights' way out
             states.flag(self.name, r)
         else:
@@ -181,6 +180,9 @@ class Reward:
         # keep x's provenance, by which TraceGraph_ELBO finds the costs downstream of x
         provenance = get_provenance(x)
         return track_provenance(r, provenance) if provenance else r
+
+    def _checked_forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return as_values(self.forward(rows), rows, self.name)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
