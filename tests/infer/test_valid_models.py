@@ -173,6 +173,23 @@ def observed_text(lm, factor=True, valid=None):
     return model, (prompts,), {"latent", "no_lm"}
 
 
+def observed_text_then_completion(lm, factor=True, valid=None):
+    """A latent prompt, observed text that tells which one produced it, then a completion
+    from the same prompt (SMC over the program scores the text once per distinct prompt,
+    not after every token)."""
+    prompts = torch.tensor([[1], [2], [3]])
+    text = torch.tensor([3, 1])
+
+    def model(prompts):
+        z = pyro.sample("z", dist.Categorical(logits=torch.tensor([0.0, 1.0, -1.0])))
+        pyro.sample("review", LMDistribution(lm, prompts[z], T), obs=text)
+        x = pyro.sample("x", LMDistribution(lm, prompts[z], T))
+        constrain(valid, "x", x)
+        if factor:
+            pyro.factor("reward", reward(x))
+    return model, (prompts,), {"latent", "observed"}
+
+
 def latent_and_chain_in_plate(lm, factor=True, valid=None):
     """Per prompt: a latent choosing the first prompt, then a completion continuing it."""
     prompts = torch.tensor([[1], [2], [3]])
@@ -244,8 +261,9 @@ def scalar_style(lm, factor=True, valid=None):
 
 
 SHAPES = [one_site, plate, nested_plates, factor_outside, factor_outside_no_keepdim,
-          latent_prompt, chained, observed_text, latent_and_chain_in_plate, subsample, scaled,
-          masked, conditioned, blocked, scalar_style]
+          latent_prompt, chained, observed_text, observed_text_then_completion,
+          latent_and_chain_in_plate, subsample, scaled, masked, conditioned, blocked,
+          scalar_style]
 ERRORS = {  # what an algorithm that cannot take a program must say
     "scalar": "run vectorised",
     "shape": "keepdim",
@@ -620,9 +638,9 @@ CONSTRAINED = {
                  "latent": MASK_OVER_PROGRAM, "chain": MASK_OVER_PROGRAM,
                  "no_lm": MASK_OVER_PROGRAM},
     "SMC-factor": {"subsample": None, "coupled": None, "scaled": None},
-    "Importance-mask": {"subsample": None, "no_lm": NO_SITE},
+    "Importance-mask": {"subsample": None, "no_lm": NO_SITE, "observed": NO_SITE},
     "Importance-factor": {"subsample": None},
-    "AutoLMGuide-mask": {"no_lm": NO_SITE},
+    "AutoLMGuide-mask": {"no_lm": NO_SITE, "observed": NO_SITE},
 }
 SAMPLERS = {
     "SMC": lambda model, guide, num, constraints: SMC(model, guide=guide, num_particles=num,
@@ -797,8 +815,8 @@ def test_constrained_guide(bpe, shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.__name__)
 def test_guide_equal_to_prior_gives_zero_weights_and_zero_kl(prior, exacts, shape):
     model, args, kinds = shape(prior, factor=False)
-    if "no_lm" in kinds:  # observed text is evidence: each weight is its likelihood
-        return
+    if "no_lm" in kinds or "observed" in kinds:  # observed text is evidence: each weight
+        return  # is its likelihood
     guide = AutoLMGuide(model, prior)
     if "subsample" in kinds:  # only SVI takes it: a fresh subsample, scaled, each step
         elbo = SequenceELBO(num_particles=8)
