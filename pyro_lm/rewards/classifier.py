@@ -75,13 +75,9 @@ class Classifier(Reward):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.on_prefix == "zero":  # classify the complete rows alone; prefixes score 0
             complete = is_complete(x, self.eos)
-            r = torch.zeros(x.shape[0], device=x.device)
-            if bool(complete.all()):
-                return self._classify(x)
-            if bool(complete.any()):
-                rows = complete.nonzero().squeeze(-1)
-                r[rows] = self._classify(x.index_select(0, rows))
-            return r
+            if not bool(complete.all()):
+                return self._classify_where(x, complete, torch.zeros(x.shape[0],
+                                                                     device=x.device))
         return self._classify(x)
 
     # -- the incremental form (on_prefix="zero"): each ended row classified once ----------
@@ -98,11 +94,18 @@ class Classifier(Reward):
     def state_value(self, state: dict, x: torch.Tensor) -> torch.Tensor:
         complete = is_complete(x, self.eos)
         new = complete & ~state["known"]
-        if bool(new.any()):
-            rows = new.nonzero().squeeze(-1)
-            state["value"][rows] = self._classify(x.index_select(0, rows))
-            state["known"] |= new
+        self._classify_where(x, new, state["value"])
+        state["known"] |= new
         return torch.where(complete, state["value"], torch.zeros_like(state["value"]))
+
+    def _classify_where(self, x: torch.Tensor, rows: torch.Tensor,
+                        out: torch.Tensor) -> torch.Tensor:
+        """``out`` ``(N,)`` with the rows of ``x`` where ``rows`` (bool ``(N,)``) holds set to
+        their classification, in place."""
+        if bool(rows.any()):
+            index = rows.nonzero().squeeze(-1)
+            out[index] = self._classify(x.index_select(0, index))
+        return out
 
     def _classify(self, x: torch.Tensor) -> torch.Tensor:
         """The label's log-probability for each row of ``x`` ``(N, T)``, read as text."""
